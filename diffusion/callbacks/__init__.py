@@ -1,0 +1,1 @@
+"""Training callbacks: sample grids (and, as they are added, EMA weights and FID)."""

@@ -1,0 +1,92 @@
+"""Train a diffusion model: python train.py [model=... data=... schedule=... trainer.max_steps=...].
+
+Composes the Hydra config in conf/, builds the datamodule, network, schedule, LightningModule, callbacks,
+loggers and Trainer from it, and fits. Every run writes into its own folder (the resolved config in
+.hydra/, checkpoints/, samples/, logs). Returns the metric named by `optimized_metric` for sweepers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion.errors import user_error_message
+
+
+def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str) -> str | None:
+    """ckpt_path as given: a .ckpt file, a run folder (its checkpoints/last.ckpt), or "last" (newest under runs_dir)."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        found = sorted(Path(runs_dir).rglob("checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs_dir}")
+        return str(found[-1])
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: {path} does not exist")
+    return str(path)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged)."""
+    import lightning as L
+
+    from diffusion.checkpoint import read_checkpoint
+
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir)
+    if ckpt_path is not None:
+        read_checkpoint(ckpt_path)  # a clear error now beats one from deep inside Lightning
+    elif any((output_dir / "checkpoints").glob("*.ckpt")):
+        raise FileExistsError(
+            f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={output_dir} "
+            "or choose another hydra.run.dir"
+        )
+
+    datamodule = instantiate(cfg.data)
+    schedule = instantiate(cfg.schedule)
+    net = instantiate(cfg.model)
+    module = instantiate(cfg.module, net=net, schedule=schedule, optimizer=instantiate(cfg.optim.optimizer))
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    n_params = sum(p.numel() for p in net.parameters())
+    if trainer.is_global_zero:
+        print(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    if trainer.is_global_zero:
+        print(f"done at step {trainer.global_step}; run folder: {output_dir}")
+    metric = cfg.get("optimized_metric")
+    value = trainer.callback_metrics.get(metric) if metric else None
+    return float(value) if value is not None else None
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
