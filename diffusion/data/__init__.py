@@ -1,0 +1,27 @@
+"""Datasets for training: every DataModule yields `(images, labels)` batches, images float in [-1, 1] (B, C, H, W),
+labels long (-1 when unlabeled), and exposes `image_size`, `channels` and `num_classes` (None when unlabeled).
+
+- `DigitsDataModule` (`data=digits`): scikit-learn's bundled 8x8 digits, no files needed.
+- `ImageFolderDataModule` (`data=folder`): any folder tree of images, optionally cached as a uint8 memmap.
+- `CelebADataModule` (`data=celeba`): aligned CelebA, center crop then resize (the standard 64x64 recipe).
+- `CIFAR10DataModule` (`data=cifar10`), `MNISTDataModule` (`data=mnist`): the standard sets, in memory.
+"""
+
+from diffusion.data.base import DigitsDataModule, split_indices, to_model_range, to_unit_range
+from diffusion.data.folder import CelebADataModule, ImageFolderDataModule
+from diffusion.data.images import IMAGE_EXTENSIONS, load_image, scan_images
+from diffusion.data.standard import CIFAR10DataModule, MNISTDataModule
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CIFAR10DataModule",
+    "CelebADataModule",
+    "DigitsDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+    "load_image",
+    "scan_images",
+    "split_indices",
+    "to_model_range",
+    "to_unit_range",
+]

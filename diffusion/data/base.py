@@ -1,0 +1,231 @@
+"""What every DataModule shares: value ranges, the fixed-seed split, loader settings, the uint8 batch collate.
+
+Image datasets here hand out uint8 pixels (C, H, W) and build whole batches at once (`__getitems__`); the
+`Uint8Batch` collate flips the batch and converts it to float in [-1, 1], so a uint8 cache, an in-memory
+array and a decoded file all reach the model through the same few lines. Also holds the built-in
+`DigitsDataModule` (scikit-learn's 8x8 digits, no files needed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1]."""
+    return x * 2 - 1
+
+
+def to_unit_range(x: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+def default_num_workers(*, decoding: bool) -> int:
+    """Loader workers when data.num_workers=null: up to 8 to decode files, 2 to slice arrays already in memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8 if decoding else 2, cpus)
+
+
+class Uint8Batch:
+    """Collate for datasets whose `__getitems__` returns a whole batch `(uint8 (B, C, H, W), long (B,))`.
+
+    Flips each image left-right with probability 1/2 (when `flip`), then scales to float in [-1, 1]. Runs in the
+    loader workers, so the main process receives ready batches. A class, not a closure, so spawned workers can
+    pickle it.
+    """
+
+    def __init__(self, flip: bool) -> None:
+        self.flip = flip
+
+    def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, y = batch  # (B, C, H, W) uint8, (B,) long
+        if self.flip:
+            idx = (torch.rand(x.shape[0]) < 0.5).nonzero().squeeze(1)
+            x[idx] = x[idx].flip(-1)  # x is this batch's own copy
+        return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0), y  # one float buffer: [0, 255] -> [-1, 1]
+
+
+class ArrayImages(Dataset):
+    """uint8 images (N, C, H, W) with long labels (N,), in memory (a tensor) or memory-mapped (an .npy path).
+
+    A memmap is opened lazily in each process: pickling an open np.memmap to a worker would copy the array.
+    """
+
+    uint8_batches = True  # batches need the Uint8Batch collate
+
+    def __init__(self, images: Tensor | str | Path, labels: Tensor, rows: list[int] | None = None) -> None:
+        self.images = images
+        self.labels = labels
+        self.rows = torch.arange(len(labels)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        self._array = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _images(self):
+        if self._array is None:
+            if isinstance(self.images, Tensor):
+                self._array = self.images
+            else:
+                import numpy as np
+
+                self._array = np.load(self.images, mmap_mode="r")
+        return self._array
+
+    def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
+        rows = self.rows[index]
+        array = self._images()
+        if isinstance(array, Tensor):
+            return array[rows], self.labels[rows]
+        order = rows.argsort()  # memmaps read fastest in ascending order
+        x = torch.empty((len(rows), *array.shape[1:]), dtype=torch.uint8)
+        x[order] = torch.from_numpy(array[rows[order].numpy()])
+        return x, self.labels[rows]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed-seed shuffle of range(n) split into (train, val); val gets round(n * val_fraction) items."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(n * val_fraction)
+    if n_val == 0 and val_fraction > 0 and n > 1:
+        n_val = 1
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+class _SplitDataModule(L.LightningDataModule):
+    """Shared loader settings and the train/val split; subclasses build `self.dataset` in `setup`."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        channels: int,
+        batch_size: int,
+        val_fraction: float,
+        seed: int,
+        num_workers: int | None,
+        flip: bool,
+        decoding: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels={channels} must be 1 (grayscale) or 3 (RGB)")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (or null for automatic)")
+        if image_size < 1:
+            raise ValueError(f"data.image_size={image_size} must be >= 1")
+        split_indices(0, val_fraction, seed)  # validates val_fraction early
+        self.image_size = image_size
+        self.channels = channels
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.flip = flip
+        self.num_workers = default_num_workers(decoding=decoding) if num_workers is None else num_workers
+        self.num_classes: int | None = None
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _split(self, dataset: Dataset) -> None:
+        train_idx, val_idx = split_indices(len(dataset), self.val_fraction, self.seed)
+        self.train_set = Subset(dataset, train_idx)
+        self.val_set = Subset(dataset, val_idx)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, flip: bool = False) -> DataLoader:
+        # Shuffled loaders are what Lightning swaps a DistributedSampler into under DDP (each rank its shard).
+        uint8 = getattr(dataset, "uint8_batches", False)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=Uint8Batch(flip) if uint8 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True, flip=self.flip)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class _FlipBatch(Dataset):
+    """Random horizontal flips on an in-memory (image, label) dataset."""
+
+    def __init__(self, dataset: Dataset, flip: bool) -> None:
+        self.dataset, self.flip = dataset, flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, y
+
+
+class DigitsDataModule(_SplitDataModule):
+    """scikit-learn's bundled 8x8 digits (values 0..16), upscaled to `image_size` with bilinear filtering.
+
+    `channels=3` repeats the gray channel, for models that expect RGB.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 16,
+        channels: int = 1,
+        batch_size: int = 128,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int | None = 0,
+        flip: bool = False,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            channels=channels,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            flip=flip,
+        )
+        self.num_classes = 10
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """All 1797 digits as ((N, 1, S, S) in [-1, 1], (N,) labels)."""
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+        if self.image_size != 8:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        x = to_model_range(x.clamp(0, 1)).expand(-1, self.channels, -1, -1).contiguous()
+        return x, torch.from_numpy(digits.target).long()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        x, y = self.load()
+        self._split(TensorDataset(x, y))
+        self.train_set = _FlipBatch(self.train_set, self.flip)

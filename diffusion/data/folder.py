@@ -1,0 +1,403 @@
+"""Image folders at scale (`data=folder`) and aligned CelebA (`data=celeba`), decoded per step or from a cache.
+
+Setup scans the tree (os.scandir, sorted), then checks every file before training starts: its header by default
+(catches non-images, unknown formats and too-small images; cheap, run in the loader workers), or a full decode
+with `data.verify=full` (also catches truncated files). Bad files stop the run with an error naming the file, or
+with `data.skip_bad=true` are skipped, counted and reported once. A truncated file that slips past the header
+check fails at the step it is read, with the same message (or is replaced by another image under skip_bad).
+
+`data.cache=true` decodes and preprocesses everything once into a uint8 (N, C, S, S) .npy in
+`<data.path>/.diffusion-cache/` (or `data.cache_dir`), keyed by a hash of the file list (relative paths, sizes,
+mtimes) and the preprocessing; training then slices that memmap, with flips done on the batch. A cache whose key
+no longer matches is never reused: a new one is built (written to a temp file, then renamed, so an interrupted
+build leaves nothing half-written) and the stale one is deleted. Under DDP rank zero builds it in prepare_data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion.data.base import ArrayImages, _SplitDataModule, split_indices
+from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
+
+CACHE_VERSION = 1
+
+
+def _rank_zero_print(message: str) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(message, flush=True)
+
+
+class ImageFiles(Dataset):
+    """Decodes files per item to uint8 (C, S, S); batches go through the `Uint8Batch` collate."""
+
+    uint8_batches = True
+
+    def __init__(self, files: list[Path], labels: list[int], prep: Preprocess, *, skip_bad: bool = False) -> None:
+        self.files, self.prep, self.skip_bad = files, prep, skip_bad
+        self.labels = torch.tensor(labels, dtype=torch.long)
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _load(self, i: int) -> np.ndarray:
+        try:
+            return load_image(self.files[i], self.prep)
+        except OSError as e:
+            if not self.skip_bad:
+                raise OSError(
+                    f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
+                ) from e
+            if i not in self._warned:
+                self._warned.add(i)
+                _rank_zero_print(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
+            return self._load(int(torch.randint(len(self.files), ())))
+
+    def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
+        x = torch.from_numpy(np.stack([self._load(i) for i in index]))  # (B, C, S, S) uint8
+        return x, self.labels[index]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy(self._load(i)), self.labels[i]
+
+
+class _Inspect(Dataset):
+    """For setup: (index, problem or None, uint8 image when decoding) per file, computed in loader workers."""
+
+    def __init__(self, files: list[Path], problem, prep: Preprocess | None) -> None:
+        self.files, self.problem, self.prep = files, problem, prep
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        problem = self.problem(self.files[i])
+        if problem is not None or self.prep is None:
+            return i, problem, None
+        try:
+            return i, None, load_image(self.files[i], self.prep)
+        except OSError as e:
+            return i, str(e), None
+
+
+def _as_list(batch):
+    return batch
+
+
+class ImageFolderDataModule(_SplitDataModule):
+    """A folder of images, e.g. `data=folder data.path=~/photos`.
+
+    Args:
+        path: the folder; scanned recursively for .png/.jpg/.jpeg/.webp/.bmp/.gif files (hidden ones skipped).
+        image_size: output side length.
+        channels: 3 for RGB, 1 for grayscale.
+        crop: "center", or "random" (a random square along the long side each time; not with cache=true).
+        crop_size: crop a square of this side (before resizing) instead of the short side; e.g. CelebA's 140.
+        labels: class labels from the first-level subfolder names (sorted); else labels are -1.
+        allow_upscale: accept images smaller than the crop (they are upscaled); else that is an error.
+        skip_bad: skip files that cannot be read (count and report them once) instead of stopping with an error.
+        verify: "header" reads each file's header at setup; "full" decodes every file (finds truncated files).
+        cache: decode once into a uint8 memmap and train from it (see the module docstring).
+        cache_dir: where the cache goes; default `<path>/.diffusion-cache`.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 64,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        num_workers: int | None = None,
+        flip: bool = True,
+        crop: Literal["center", "random"] = "center",
+        crop_size: int | None = None,
+        labels: bool = False,
+        allow_upscale: bool = False,
+        skip_bad: bool = False,
+        verify: Literal["header", "full"] = "header",
+        cache: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            channels=channels,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            flip=flip,
+            decoding=not cache,
+        )
+        if path is None or str(path) in ("", "???"):
+            raise ValueError("data.path is not set: pass data.path=/path/to/images")
+        if crop not in ("center", "random"):
+            raise ValueError(f"data.crop={crop!r} is not one of 'center', 'random'")
+        if verify not in ("header", "full"):
+            raise ValueError(f"data.verify={verify!r} is not one of 'header', 'full'")
+        if crop_size is not None and crop_size < 1:
+            raise ValueError(f"data.crop_size={crop_size} must be >= 1 (or null for the short side)")
+        if cache and crop == "random":
+            raise ValueError(
+                "data.crop=random cannot be used with data.cache=true (the cache holds one crop per image)"
+            )
+        self.path = Path(path).expanduser()
+        self.prep = Preprocess(image_size=image_size, channels=channels, crop=crop, crop_size=crop_size)
+        self.labels = labels
+        self.allow_upscale = allow_upscale
+        self.skip_bad = skip_bad
+        self.verify = verify
+        self.cache = cache
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.path / ".diffusion-cache"
+        self.num_skipped = 0
+        self.cache_file: Path | None = None
+        if labels:
+            self.classes = self._classes()
+            self.num_classes = len(self.classes)
+
+    # --- scanning and checking -------------------------------------------------------------------------
+    def _classes(self) -> list[str]:
+        self._check_root()
+        classes = sorted(e.name for e in os.scandir(self.path) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise ValueError(f"data.labels=true but data.path={self.path} has no subfolders to use as classes")
+        return classes
+
+    def _check_root(self) -> None:
+        if not self.path.exists():
+            raise FileNotFoundError(f"data.path={self.path} does not exist")
+        if not self.path.is_dir():
+            raise NotADirectoryError(f"data.path={self.path} is not a folder")
+
+    def _scan(self) -> tuple[list[Path], list[int]]:
+        """All image files (stable order) and their labels."""
+        self._check_root()
+        files = scan_images(self.path)
+        if not files:
+            raise ValueError(f"data.path={self.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        if not self.labels:
+            return files, [-1] * len(files)
+        index = {c: i for i, c in enumerate(self.classes)}
+        labels = [index.get(f.relative_to(self.path).parts[0], -1) for f in files]
+        stray = [f for f, y in zip(files, labels) if y < 0]
+        if stray:
+            raise ValueError(f"data.labels=true but {stray[0]} is not inside a class subfolder")
+        return files, labels
+
+    def _problem(self, path: Path) -> str | None:
+        """Why `path` cannot be used, or None. Reads only the header."""
+        try:
+            w, h = read_size(path)
+        except Exception as e:
+            return f"cannot read image {path}: {e}"
+        need, key = (self.image_size, "data.image_size")
+        if self.prep.crop_size:
+            need, key = (self.prep.crop_size, "data.crop_size")
+        if min(w, h) < need and not self.allow_upscale:
+            return f"image {path} is {w}x{h}, smaller than {key}={need} (set data.allow_upscale=true to upscale it)"
+        return None
+
+    def _inspect(self, files: list[Path], decode: bool, on_image=None) -> list[str | None]:
+        """Check (and with `decode`, decode) every file in the loader workers; returns each file's problem."""
+        loader = DataLoader(
+            _Inspect(files, self._problem, self.prep if decode else None),
+            batch_size=64,
+            # worker start-up costs more than it saves on small folders
+            num_workers=self.num_workers if len(files) > (200 if decode else 2000) else 0,
+            collate_fn=_as_list,
+        )
+        problems: list[str | None] = [None] * len(files)
+        for batch in loader:
+            for i, problem, image in batch:
+                problems[i] = problem
+                if problem is not None and not self.skip_bad:
+                    raise ValueError(f"{problem}; set data.skip_bad=true to skip such files")
+                if image is not None and on_image is not None:
+                    on_image(i, image)
+        return problems
+
+    def _report(self, files: list[Path], problems: list[str | None]) -> list[int]:
+        """Indices of usable files; prints one line about the skipped ones."""
+        good = [i for i, p in enumerate(problems) if p is None]
+        self.num_skipped = len(files) - len(good)
+        if self.num_skipped:
+            first = next(p for p in problems if p is not None)
+            _rank_zero_print(f"data: skipped {self.num_skipped} of {len(files)} files in {self.path} (first: {first})")
+        if not good:
+            raise ValueError(f"data.path={self.path} holds no usable images")
+        return good
+
+    # --- the cache -------------------------------------------------------------------------------------
+    def _cache_key(self, files: list[Path]) -> tuple[str, str]:
+        """(tag naming the dataset and preprocessing, hash of the file list and preprocessing)."""
+        prep = {**self.prep.key(), "allow_upscale": self.allow_upscale, "version": CACHE_VERSION}
+        root = str(self.path.resolve())
+        h = hashlib.sha256(json.dumps([root, prep], sort_keys=True).encode())
+        tag_hash = h.hexdigest()[:8]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        crop = self.prep.crop_size or "short"
+        tag = f"{self.path.name or 'data'}-{tag_hash}-{self.image_size}px-{self.channels}ch-crop{crop}"
+        return tag, h.hexdigest()[:20]
+
+    def _cached(self, files: list[Path]) -> tuple[Path, list[int]]:
+        """The cache for `files` (built now if missing or stale) and the indices of the files it holds."""
+        tag, digest = self._cache_key(files)
+        npy = self.cache_dir / f"{tag}-{digest}.npy"
+        meta_path = npy.with_suffix(".json")
+        if meta_path.exists() and npy.exists():
+            meta = json.loads(meta_path.read_text())
+            problems = [None] * len(files)
+            for i, problem in meta["skipped"]:
+                problems[i] = problem
+                if not self.skip_bad:
+                    raise ValueError(f"{problem}; set data.skip_bad=true to skip such files")
+            return npy, self._report(files, problems)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
+        _rank_zero_print(f"data: building the cache {npy} from {len(files)} files (once)")
+        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *self._shape()))
+
+            problems = self._inspect(files, decode=True, on_image=array.__setitem__)
+            array.flush()
+            del array
+            os.replace(tmp, npy)
+        finally:
+            tmp.unlink(missing_ok=True)
+        meta = {
+            "version": CACHE_VERSION,
+            "root": str(self.path.resolve()),
+            "preprocess": self.prep.key(),
+            "files": [str(f.relative_to(self.path)) for f in files],
+            "skipped": [[i, p] for i, p in enumerate(problems) if p is not None],
+        }
+        tmp_meta = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex}.tmp")
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
+        for stale in self.cache_dir.glob(f"{tag}-*"):
+            if stale.stem != npy.stem:
+                stale.unlink(missing_ok=True)
+        return npy, self._report(files, problems)
+
+    def _shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    # --- Lightning hooks -------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Rank zero (per node) builds the cache, so the other ranks find it in setup."""
+        if self.cache:
+            self.cache_file, _ = self._cached(self._scan()[0])
+
+    def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:
+        """(train, val) positions into `good`: a fixed-seed fraction."""
+        return split_indices(len(good), self.val_fraction, self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        files, labels = self._scan()
+        if self.cache:
+            self.cache_file, good = self._cached(files)
+        else:
+            good = self._report(files, self._inspect(files, decode=self.verify == "full"))
+        train_rows, val_rows = self._split_rows(files, good)
+        labels_t = torch.tensor(labels, dtype=torch.long)
+
+        def subset(rows: list[int], train: bool) -> Dataset:
+            idx = [good[r] for r in rows]
+            if self.cache:
+                return ArrayImages(str(self.cache_file), labels_t, rows=idx)
+            prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
+            return ImageFiles([files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad)
+
+        self.train_set = subset(train_rows, train=True)
+        self.val_set = subset(val_rows, train=False)
+
+
+class CelebADataModule(ImageFolderDataModule):
+    """Aligned CelebA (178x218 faces): center crop `crop_size` (140, or 148), resize to `image_size` (64).
+
+    `path` is the `img_align_celeba` folder, a folder holding it, or torchvision's CelebA root (`<path>/celeba/
+    img_align_celeba`). When torchvision's `list_eval_partition.txt` sits next to the images, its official split
+    is used (train = partition 0, val = partition 1); otherwise a fixed-seed `val_fraction`. Unlabeled.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        image_size: int = 64,
+        crop_size: int = 140,
+        channels: int = 3,
+        batch_size: int = 128,
+        val_fraction: float = 0.01,
+        seed: int = 0,
+        num_workers: int | None = None,
+        flip: bool = True,
+        skip_bad: bool = False,
+        verify: Literal["header", "full"] = "header",
+        cache: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        root = Path(str(path)).expanduser() if path not in (None, "", "???") else None
+        if root is not None and root.name != "img_align_celeba":
+            for candidate in (root / "img_align_celeba", root / "celeba" / "img_align_celeba"):
+                if candidate.is_dir():
+                    root = candidate
+                    break
+            else:
+                raise FileNotFoundError(
+                    f"data.path={path}: no img_align_celeba folder there; put CelebA's aligned images "
+                    f"(img_align_celeba.zip, unzipped) at {Path(str(path)).expanduser() / 'img_align_celeba'}"
+                )
+        super().__init__(
+            path=str(root) if root is not None else path,
+            image_size=image_size,
+            channels=channels,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            flip=flip,
+            crop="center",
+            crop_size=crop_size,
+            skip_bad=skip_bad,
+            verify=verify,
+            cache=cache,
+            cache_dir=cache_dir,
+        )
+
+    def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:
+        partition_file = self.path.parent / "list_eval_partition.txt"
+        if not partition_file.is_file():
+            return super()._split_rows(files, good)
+        partition = {}
+        for line in partition_file.read_text().split("\n"):
+            parts = line.split()
+            if len(parts) == 2:
+                partition[parts[0]] = parts[1]
+        names = [files[i].name for i in good]
+        return (
+            [r for r, n in enumerate(names) if partition.get(n) == "0"],
+            [r for r, n in enumerate(names) if partition.get(n) == "1"],
+        )
