@@ -7,31 +7,32 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.errors import user_error_message
+from diffusion.errors import exit_on_user_error
 
 
-def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str) -> str | None:
-    """ckpt_path as given: a .ckpt file, a run folder (its checkpoints/last.ckpt), or "last" (newest under runs_dir)."""
+def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_path") -> str | None:
+    """ckpt_path as given: a .ckpt file, a run folder (its checkpoints/last.ckpt), or "last" (newest under runs_dir).
+
+    `key` is the config key named in error messages (ckpt_path, init_from, ...).
+    """
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
         found = sorted(Path(runs_dir).rglob("checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"ckpt_path=last: no checkpoints/last.ckpt under {runs_dir}")
+            raise FileNotFoundError(f"{key}=last: no checkpoints/last.ckpt under {runs_dir}")
         return str(found[-1])
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: {path} does not exist")
+        raise FileNotFoundError(f"{key}={ckpt_path}: {path} does not exist")
     return str(path)
 
 
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> float | None:
     import lightning as L
 
     from diffusion.checkpoint import read_checkpoint
+    from diffusion.finetune import init_from_checkpoint
 
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -51,11 +53,33 @@ def train(cfg: DictConfig) -> float | None:
             f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={output_dir} "
             "or choose another hydra.run.dir"
         )
+    init_path = resolve_ckpt_path(cfg.get("init_from"), cfg.paths.runs_dir, key="init_from")
+    init = cfg.get("init") or {}
+    if init.get("required") and init_path is None:
+        raise ValueError("init_from is required (init.required=true, e.g. experiment=finetune): init_from=PATH")
+    if init_path is not None:
+        if ckpt_path is not None:
+            raise ValueError(
+                "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
+                "init_from starts a new one from a checkpoint's weights"
+            )
+        read_checkpoint(init_path)
 
     datamodule = instantiate(cfg.data)
     schedule = instantiate(cfg.schedule)
     net = instantiate(cfg.model)
+    if init_path is not None:  # weights only: the optimizer and the step count start fresh
+        report = init_from_checkpoint(
+            net,
+            init_path,
+            ignore_keys=list(init.get("ignore_keys") or []),
+            strict=init.get("strict", True),
+            use_ema=init.get("use_ema", True),
+        )
+        print(report.summary())
     module = instantiate(cfg.module, net=net, schedule=schedule, optimizer=instantiate(cfg.optim.optimizer))
+    if init_path is not None and init.get("ema_from_init", True):
+        module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -78,14 +102,7 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        return train(cfg)
-    except Exception as e:
-        message = user_error_message(e)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    return exit_on_user_error(train, cfg)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class DiffusionModule(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_buckets))
         self._last_batch_time: float | None = None
+        # Set by train.py for init_from runs (init.ema_from_init): the net's weights right after loading,
+        # for an EMA callback to start its average from (when it is not resuming its own state).
+        self.ema_init_state: dict[str, Tensor] | None = None
 
     # --- the objective ---------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:

@@ -1,0 +1,143 @@
+"""Export a trained checkpoint for use outside this project: a diffusers pipeline folder or plain safetensors.
+
+- `diffusers`: for diffusers-backed networks (`model=diffusers_unet`), a `DDPMPipeline` folder (unet/ with
+  config.json and weights, scheduler/ with a `DDPMScheduler` config that reproduces our schedule exactly:
+  `trained_betas`, the prediction type, x0 clipping, beta-tilde posterior variance). It loads with
+  `DDPMPipeline.from_pretrained(DIR)`; run it with `num_inference_steps` = the schedule's num_steps to get
+  our DDPM sampler (Ho et al. 2020, Algorithm 2).
+- `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
+  has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, schedule,
+  which weights, step). `load_export` rebuilds the network from such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+
+from diffusion.checkpoint import FORMAT, LoadedModel, build_net, load_model
+from diffusion.schedule import NoiseSchedule, make_betas
+
+ExportFormat = Literal["diffusers", "safetensors"]
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def scheduler_config(schedule: NoiseSchedule) -> dict:
+    """DDPMScheduler kwargs equivalent to `schedule` with our DDPM sampler's defaults (beta-tilde, clipped x0).
+
+    The betas go in as `trained_betas` (float64 from the schedule's own formula), so every schedule kind and
+    length is exact; `beta_schedule` names the equivalent built-in for readers but is not used by diffusers.
+    """
+    cfg = schedule.config
+    betas = make_betas(
+        cfg["kind"],
+        cfg["num_steps"],
+        **{k: cfg[k] for k in ("beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau")},
+    )
+    scale = 1000.0 / cfg["num_steps"]  # our linear betas are rescaled for T != 1000
+    return dict(
+        num_train_timesteps=cfg["num_steps"],
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}[cfg["kind"]],
+        beta_start=cfg["beta_start"] * scale,
+        beta_end=cfg["beta_end"] * scale,
+        trained_betas=betas.tolist(),
+        variance_type="fixed_small",  # beta-tilde_t, DDPM eq. 7
+        clip_sample=True,
+        clip_sample_range=1.0,
+        prediction_type=PREDICTION_TYPES[cfg["prediction"]],
+        timestep_spacing="leading",
+        steps_offset=0,
+    )
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"out={out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"out={out} is not empty; choose another folder or set overwrite=true")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_diffusers_exportable(model: LoadedModel) -> None:
+    """A ValueError unless DDPMPipeline can run this network: a diffusers U-Net without class labels."""
+    from diffusion.diffusers_unet import DiffusersUNet
+
+    if not isinstance(model.net, DiffusersUNet):
+        raise ValueError(
+            f"format=diffusers needs a diffusers-backed model (model=diffusers_unet); this checkpoint holds "
+            f"{type(model.net).__name__}: use format=safetensors"
+        )
+    if model.net.num_classes:
+        raise ValueError(
+            f"format=diffusers: DDPMPipeline cannot pass class labels, and this model is class-conditional "
+            f"(num_classes={model.net.num_classes}); use format=safetensors"
+        )
+
+
+def export_diffusers(model: LoadedModel, out: Path) -> None:
+    """Write a DDPMPipeline folder for a diffusers-backed network."""
+    from diffusion.diffusers_unet import import_diffusers
+
+    check_diffusers_exportable(model)
+    diffusers = import_diffusers()
+    scheduler = diffusers.DDPMScheduler(**scheduler_config(model.schedule))
+    diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained(str(out))
+
+
+def export_safetensors(model: LoadedModel, out: Path) -> None:
+    """Write model.safetensors (the loaded weights) and config.json (how to rebuild network and schedule)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
+    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "weights": model.weights})
+    config = {**model.description, "weights": model.weights, "global_step": model.global_step}
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    format: ExportFormat = "diffusers",
+    use_ema: bool = True,
+    overwrite: bool = False,
+) -> LoadedModel:
+    """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written."""
+    if format not in get_args(ExportFormat):
+        raise ValueError(f"format={format!r} is not one of 'diffusers', 'safetensors'")
+    out = Path(out).expanduser()
+    model = load_model(ckpt, use_ema=use_ema)
+    if format == "diffusers":
+        check_diffusers_exportable(model)  # before touching `out`
+    _prepare_out(out, overwrite)
+    (export_diffusers if format == "diffusers" else export_safetensors)(model, out)
+    return model
+
+
+def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild network and schedule from a folder written by `export(format="safetensors")`."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder).expanduser()
+    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder / CONFIG_NAME} has format {config.get('format')}, expected {FORMAT}")
+    net = build_net(config["net"])
+    net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    schedule = NoiseSchedule(**config["schedule"])
+    net.eval().to(map_location)
+    schedule.to(map_location)
+    return LoadedModel(
+        net=net,
+        schedule=schedule,
+        weights=config["weights"],
+        global_step=config["global_step"],
+        description={k: config[k] for k in ("format", "net", "schedule")},
+    )

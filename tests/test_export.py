@@ -1,0 +1,111 @@
+"""export.py: a fine-tuned diffusers U-Net as a DDPMPipeline folder that reproduces our sampler; safetensors."""
+
+import json
+
+import pytest
+import torch
+
+from diffusion.checkpoint import LoadedModel, load_model, net_state_dict, read_checkpoint
+from diffusion.export import check_diffusers_exportable, export, load_export, scheduler_config
+from diffusion.samplers import ddpm_sample
+from diffusion.schedule import NoiseSchedule
+from tests.conftest import run_cli, run_train
+
+QUIET = ["callbacks.sample_grid.every_n_steps=0", "trainer.max_steps=2", "logger=none", "+trainer.limit_val_batches=1"]
+
+
+@pytest.mark.parametrize(
+    "kind, steps, prediction", [("cosine", 1000, "eps"), ("linear", 50, "v"), ("sigmoid", 20, "x0")]
+)
+def test_scheduler_config_reproduces_our_schedule(kind, steps, prediction):
+    diffusers = pytest.importorskip("diffusers")
+    ours = NoiseSchedule(kind=kind, num_steps=steps, prediction=prediction)
+    config = scheduler_config(ours)
+    theirs = diffusers.DDPMScheduler(**config)
+    assert theirs.config.prediction_type == {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction]
+    torch.testing.assert_close(theirs.betas, ours.betas, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(theirs.alphas_cumprod, ours.alpha_bar, rtol=1e-5, atol=1e-7)
+    if kind != "sigmoid":  # the named built-in is the same schedule (diffusers' sigmoid is a different one)
+        named = diffusers.DDPMScheduler(**{**config, "trained_betas": None})
+        torch.testing.assert_close(named.alphas_cumprod, ours.alpha_bar, rtol=1e-5, atol=1e-6)
+
+
+def test_finetuned_diffusers_unet_exports_to_a_ddpm_pipeline(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from tests.test_diffusers_unet import save_tiny_unet
+
+    save_tiny_unet(tmp_path / "pretrained")  # 1 channel, 16x16: the built-in digits
+    run = tmp_path / "run"
+    run_train(
+        run,
+        [
+            "model=diffusers_unet",
+            f"model.pretrained={tmp_path / 'pretrained'}",
+            *QUIET,
+            "schedule.num_steps=20",
+            "data.batch_size=4",
+            "callbacks.sample_grid.num_images=1",
+        ],
+    )
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(ckpt)["diffusion"]["net"]["target"] == "diffusion.diffusers_unet.DiffusersUNet"
+    ours = load_model(ckpt)  # rebuilt from the checkpoint alone: no pretrained folder needed
+    out = tmp_path / "exported"
+    export(ckpt, out, format="diffusers")
+    pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
+    assert (out / "scheduler" / "scheduler_config.json").exists() and (out / "model_index.json").exists()
+
+    # 1. the network: same output for the same (x_t, t)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 7, 19])
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t).sample, ours.net(x, t), rtol=0, atol=0)
+    # 2. the whole DDPM trajectory: DDPMPipeline draws x_T and then one z per step t > 0 from the generator,
+    # exactly as ddpm_sample does after we draw x_T from it; tables differ only in float32 vs float64 rounding.
+    T = ours.schedule.num_steps
+    images = pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=T, output_type="np")
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn((1, 1, 16, 16), generator=g)
+    x0 = ddpm_sample(lambda x, t: ours.net(x, t), ours.schedule, noise, generator=g)
+    expected = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(images.images - expected).max() < 1e-4
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(ckpt, out, format="diffusers")
+
+
+def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, QUIET)
+    out = tmp_path / "st"
+    result = run_cli("export.py", f"ckpt={run}", f"out={out}", "format=safetensors")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["net"]["target"] == "diffusion.unet.UNet" and config["weights"] == "raw"
+    assert config["schedule"]["num_steps"] == 50 and config["global_step"] == 2
+    loaded = load_export(out)
+    raw, _ = net_state_dict(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    for k, v in raw.items():
+        torch.testing.assert_close(loaded.net.state_dict()[k], v, rtol=0, atol=0)
+    # EMA weights are preferred when the checkpoint has them
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    ckpt["ema_state_dict"] = {k: v * 0.5 for k, v in raw.items()}
+    torch.save(ckpt, tmp_path / "ema.ckpt")
+    export(tmp_path / "ema.ckpt", tmp_path / "st_ema", format="safetensors")
+    loaded = load_export(tmp_path / "st_ema")
+    assert loaded.weights == "ema"
+    torch.testing.assert_close(loaded.net.conv_in.weight, raw["conv_in.weight"] * 0.5, rtol=0, atol=0)
+    # our own U-Net has no diffusers pipeline
+    with pytest.raises(ValueError, match="format=diffusers needs a diffusers-backed model"):
+        export(tmp_path / "ema.ckpt", tmp_path / "none", format="diffusers")
+    assert not (tmp_path / "none").exists()
+
+
+def test_conditional_diffusers_unet_has_no_pipeline():
+    pytest.importorskip("diffusers")
+    from diffusion.diffusers_unet import DiffusersUNet
+    from tests.test_diffusers_unet import TINY_UNET
+
+    net = DiffusersUNet(image_size=16, in_channels=1, num_classes=2, unet=TINY_UNET)
+    model = LoadedModel(net=net, schedule=NoiseSchedule(num_steps=10), weights="raw", global_step=0, description={})
+    with pytest.raises(ValueError, match="class-conditional"):
+        check_diffusers_exportable(model)
