@@ -128,7 +128,6 @@ DET = [
     "+trainer.limit_val_batches=0",
     "callbacks.model_checkpoint.every_n_train_steps=4",
     "callbacks.sample_grid=null",
-    "callbacks.lr_monitor=null",
     "callbacks.ema.decay=0.9",
     "+callbacks.reseed._target_=tests.test_ema.Reseed",
     "logger=none",
