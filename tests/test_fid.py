@@ -166,3 +166,29 @@ def test_no_inception_weights_offline_disables_with_one_line(tmp_path, monkeypat
     assert fid.evaluate(SimpleNamespace(), SimpleNamespace()) is None
     with pytest.raises(FileNotFoundError, match="callbacks.fid.weights_path"):
         FID(sampler=ddim_sample, weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_bench_fid_on_npz_and_folder(tmp_path, capsys):
+    import importlib.util
+
+    import numpy as np
+
+    from tests.conftest import ROOT, write_image
+
+    spec = importlib.util.spec_from_file_location("bench_fid", ROOT / "bench" / "fid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, _ = DigitsDataModule(image_size=16).load()
+    digits = ((x[:300] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # NHWC uint8
+    np.savez(tmp_path / "digits.npz", images=digits)
+    np.savez(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, (300, 16, 16, 1), dtype=np.uint8))
+    common = ["--features", "random", "--cache-dir", str(tmp_path / "cache"), "--kid-subset-size", "100"]
+    close = bench.main([str(tmp_path / "digits.npz"), "digits", "--num-real", "600", *common])
+    far = bench.main([str(tmp_path / "noise.npz"), "digits", "--num-real", "600", *common])
+    assert close["num_samples"] == 300 and close["num_real"] == 600
+    assert close["fid"] < 0.1 * far["fid"] and close["reference_cache"] == far["reference_cache"]
+    for i in range(4):
+        write_image(tmp_path / "folder" / f"{i}.png", (20, 20), "RGB", seed=i)
+    folder = bench.main([str(tmp_path / "folder"), str(tmp_path / "folder"), "--image-size", "16", *common])
+    assert folder["fid"] == pytest.approx(0.0, abs=1e-6) and folder["num_samples"] == 4
+    assert '"fid"' in capsys.readouterr().out
