@@ -30,7 +30,9 @@ def test_train_writes_checkpoint_grid_and_config(tmp_path):
     assert loaded.global_step == 4 and loaded.schedule.num_steps == 50
     assert loaded.net.config["base_channels"] == cfg.model.base_channels
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
-    for k, v in loaded.net.state_dict().items():
+    assert loaded.weights == "ema"  # callbacks.ema is on by default; the raw weights are still in state_dict
+    raw = load_model(run / "checkpoints" / "last.ckpt", use_ema=False)
+    for k, v in raw.net.state_dict().items():
         torch.testing.assert_close(v, ckpt["state_dict"]["net." + k])
 
 

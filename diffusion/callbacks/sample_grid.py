@@ -1,14 +1,16 @@
 """SampleGrid: draw a grid of samples from fixed noise every N steps and at the end of training.
 
 The noise comes from fixed seeds (image i from seed + i), so grids from different steps, and from different
-runs with the same seed, show the same starting points and can be compared by eye. Grids are saved as
-`samples/step_XXXXXX.png` in the run folder and logged to each logger that takes images. Rank zero only.
+runs with the same seed, show the same starting points and can be compared by eye. When the trainer has an
+`EMA` callback the grid is drawn with the averaged weights. Grids are saved as `samples/step_XXXXXX.png` in
+the run folder and logged to every logger that takes images (W&B `log_image`, TensorBoard `add_image`).
+Rank zero only. `generate` (fixed-seed samples for any set of indices) is shared with the FID callback.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -16,12 +18,51 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from diffusion.callbacks.ema import ema_weights
 from diffusion.data import to_unit_range
 
 
-def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
-    """(n, *shape) standard normal noise where image i depends only on seed + i."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+def fixed_noise(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> Tensor:
+    """(n, *shape) standard normal noise where image i (counted from `start`) depends only on seed + i."""
+    gen = torch.Generator()
+    return torch.stack([torch.randn(shape, generator=gen.manual_seed(seed + i)) for i in range(start, start + n)])
+
+
+@torch.no_grad()
+def generate(
+    pl_module: L.LightningModule,
+    sampler: Callable[..., Tensor],
+    indices: Sequence[int],
+    *,
+    seed: int,
+    batch_size: int = 64,
+) -> Tensor:
+    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode.
+
+    Sample i starts from noise seeded seed + i and, for class-conditional nets, is conditioned on class
+    i mod num_classes; so which samples exist depends only on the indices, not on how they are split into
+    batches or across ranks (exactly so for deterministic samplers such as DDIM with eta=0).
+    """
+    net, schedule = pl_module.net, pl_module.schedule
+    cfg = getattr(net, "config", {})
+    shape = (cfg.get("in_channels", 3), cfg.get("image_size", 32), cfg.get("image_size", 32))
+    num_classes = getattr(net, "num_classes", None)
+    indices = list(indices)
+    was_training = net.training
+    net.eval()
+    out = []
+    try:
+        for lo in range(0, len(indices), batch_size):
+            chunk = indices[lo : lo + batch_size]
+            noise = torch.stack([fixed_noise(1, shape, seed, start=i)[0] for i in chunk]).to(pl_module.device)
+            y = None
+            if num_classes:
+                y = torch.tensor([i % num_classes for i in chunk], device=pl_module.device)
+            generator = torch.Generator().manual_seed(seed + 7_919 * (chunk[0] + 1))  # fresh noise of the sampler
+            out.append(sampler(lambda x, t, y=y: net(x, t, y), schedule, noise, generator=generator))
+    finally:
+        net.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, *shape)
 
 
 class SampleGrid(L.Callback):
@@ -33,7 +74,8 @@ class SampleGrid(L.Callback):
             generator=...); e.g. `functools.partial(diffusion.samplers.ddim_sample, steps=50)`.
         num_images: images in the grid; `nrow` per row (default: a square-ish grid).
         every_n_steps: period in optimizer steps; 0 or null for only the end of training.
-        seed: the noise seed; image i uses seed + i.
+        seed: the noise seed; image i uses seed + i (and class i mod num_classes for conditional nets).
+        use_ema: draw with the EMA callback's averaged weights when there is one.
     """
 
     def __init__(
@@ -45,6 +87,7 @@ class SampleGrid(L.Callback):
         nrow: int | None = None,
         every_n_steps: int | None = 1000,
         seed: int = 0,
+        use_ema: bool = True,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
@@ -54,41 +97,29 @@ class SampleGrid(L.Callback):
         self.nrow = nrow or math.ceil(math.sqrt(num_images))
         self.every_n_steps = every_n_steps or 0
         self.seed = seed
+        self.use_ema = use_ema
         self.last_saved_step: int | None = None
+        self.last_used_ema = False
 
     @torch.no_grad()
-    def sample(self, pl_module: L.LightningModule) -> Tensor:
-        """(num_images, C, H, W) samples in [-1, 1] from the module's current network."""
-        net, schedule = pl_module.net, pl_module.schedule
-        cfg = getattr(net, "config", {})
-        channels = cfg.get("in_channels", 3)
-        size = cfg.get("image_size", 32)
-        noise = fixed_noise(self.num_images, (channels, size, size), self.seed).to(pl_module.device)
-        was_training = net.training
-        net.eval()
-        try:
-            generator = torch.Generator().manual_seed(self.seed)
-            return self.sampler(lambda x, t: net(x, t), schedule, noise, generator=generator)
-        finally:
-            net.train(was_training)
+    def sample(self, pl_module: L.LightningModule, trainer: L.Trainer | None = None) -> Tensor:
+        """(num_images, C, H, W) samples in [-1, 1], with the EMA weights when `trainer` has an EMA callback."""
+        with ema_weights(trainer if self.use_ema else None, pl_module) as used_ema:
+            self.last_used_ema = used_ema
+            return generate(pl_module, self.sampler, range(self.num_images), seed=self.seed, batch_size=self.num_images)
 
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         from torchvision.utils import make_grid, save_image
 
         step = trainer.global_step
-        images = to_unit_range(self.sample(pl_module).float().cpu())
+        images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
         grid = make_grid(images, nrow=self.nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:06d}.png"
         save_image(grid, path)
         self.last_saved_step = step
-        for logger in trainer.loggers:
-            log_image = getattr(logger, "log_image", None)
-            if log_image is not None:  # W&B
-                log_image(key="samples", images=[grid], step=step)
-            elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-                logger.experiment.add_image("samples", grid, global_step=step)
+        log_grid(trainer, grid, step=step, caption=f"step {step}" + (" (EMA)" if self.last_used_ema else ""))
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -99,3 +130,14 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self.last_saved_step:
             self.save(trainer, pl_module)
+
+
+def log_grid(trainer: L.Trainer, grid: Tensor, *, step: int, key: str = "samples", caption: str | None = None) -> None:
+    """Log a (C, H, W) image in [0, 1] to every logger of `trainer` that takes images (CSV does not)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[grid], step=step, **({"caption": [caption]} if caption else {}))
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, grid, global_step=step)

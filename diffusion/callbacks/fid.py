@@ -1,0 +1,400 @@
+"""FID and KID during training: sample from the (EMA) model, compare with cached real-data features.
+
+FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium";
+KID: Binkowski et al. 2018, "Demystifying MMD GANs". Both compare feature statistics of generated and real
+images; the values are computed by torchmetrics' `FrechetInceptionDistance` / `KernelInceptionDistance` on
+features that are extracted once here (so one Inception pass serves both metrics).
+
+1. Real features are computed once per (dataset, preprocessing, feature extractor, count) and cached on disk as
+   `<cache_dir>/<hash>.pt`; a changed image size, split, crop or extractor gives another hash.
+2. Every N steps each DDP rank generates its contiguous share of `num_samples` images from fixed seeds (sample
+   i from noise seed + i, as in `SampleGrid`), so the set of samples does not depend on the number of ranks.
+3. Rank 0 feeds the real features, every rank its fake ones; torchmetrics sums (FID) or gathers (KID) the
+   states across ranks in `compute`, so the result equals a single-process evaluation of the same samples.
+
+The default extractor is the standard FID Inception-v3 (torch-fidelity's port, via torchmetrics), whose weights
+download on first use; `weights_path` points at a local copy for offline machines. Without either the callback
+says so in one line and turns itself off. Any `nn.Module` mapping images in [-1, 1] to (B, D) features can be
+injected instead (tests use `RandomFeatures`); its `cache_key` names it in the cache hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from diffusion.callbacks.ema import ema_weights
+from diffusion.callbacks.sample_grid import generate
+from diffusion.data import to_unit_range
+
+CACHE_FORMAT = 1
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
+RealSplit = Literal["train", "val"]
+
+
+class InceptionFeatures(nn.Module):
+    """The standard FID Inception-v3 (TF-ported weights) as a feature extractor for images in [-1, 1].
+
+    Images are quantised to uint8 (as when saved to PNG), grayscale is repeated to RGB, and torch-fidelity
+    resizes to 299x299 inside. `weights_path` is a local copy of the weights (the file torch-fidelity downloads,
+    `pt_inception-2015-12-05-6726825d.pth`); without it they are downloaded to the torch hub cache on first use.
+    """
+
+    def __init__(self, *, num_features: int = 2048, weights_path: str | None = None) -> None:
+        super().__init__()
+        if num_features not in (64, 192, 768, 2048):
+            raise ValueError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
+        if weights_path is not None and not Path(weights_path).expanduser().is_file():
+            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
+        from torchmetrics.image.fid import NoTrainInceptionV3
+
+        self.net = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=[str(num_features)],
+            feature_extractor_weights_path=str(Path(weights_path).expanduser()) if weights_path else None,
+        )
+        self.num_features = num_features
+        self.cache_key = f"inception-v3-compat-{num_features}"
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        x = (to_unit_range(x.float()) * 255).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+        return self.net(x).reshape(x.shape[0], -1).float()
+
+
+class RandomFeatures(nn.Module):
+    """A fixed, randomly initialised conv net (seeded) as a cheap feature extractor, for tests and smoke runs.
+
+    Its distances are not comparable with Inception FIDs; they do rise and fall with sample quality.
+    """
+
+    def __init__(self, *, num_features: int = 32, in_channels: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.num_features, self.in_channels = num_features, in_channels
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.Conv2d(32, num_features, 3)]
+        )
+        with torch.no_grad():
+            for conv in self.convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / (conv.weight[0].numel() ** 0.5))
+                conv.bias.zero_()
+        self.requires_grad_(False)
+        self.cache_key = f"random-features-{num_features}-seed{seed}"
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x.mean(dim=(2, 3))  # (B, D)
+
+
+class _Precomputed(nn.Module):
+    """Identity 'extractor' so torchmetrics' metrics take features computed elsewhere."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: Tensor) -> Tensor:
+        return features
+
+
+def fid_kid(
+    real: Tensor | None,
+    fake: Tensor,
+    *,
+    num_real: int,
+    num_fake: int,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
+    """FID and KID (mean, std) of two feature sets with torchmetrics, syncing across ranks when distributed.
+
+    Each rank passes its share: `real` on one rank only (None elsewhere), `fake` split in contiguous chunks;
+    `num_real`/`num_fake` are the totals. The KID subset size is capped at the smaller total.
+    """
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    dim = fake.shape[1]
+    subset = min(kid_subset_size, num_real, num_fake)
+    fid = FrechetInceptionDistance(feature=_Precomputed(dim)).to(fake.device)
+    with warnings.catch_warnings():  # "KID will save all extracted features": that is what it is for
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(dim), subset_size=subset, subsets=kid_subsets)
+    kid = kid.to(fake.device)
+    fid.orig_dtype = torch.float64
+    # Every rank updates both sides, if only with zero rows: torchmetrics skips empty list states when syncing.
+    real = real.to(fake.device) if real is not None else fake.new_zeros(0, dim)
+    for metric in (fid, kid):
+        metric.update(real, real=True)
+        metric.update(fake, real=False)
+    fid_value = fid.compute()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # KID's random subsets: the same on every rank and every run
+        kid_mean, kid_std = kid.compute()
+    return {"fid": float(fid_value), "kid": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def describe_dataset(datamodule: L.LightningDataModule, split: str) -> dict:
+    """What identifies the real images: the datamodule's class and settings, the split and, for file datasets,
+    every file's path, size and modification time (so edited folders get new statistics)."""
+    skip = {
+        "batch_size",
+        "num_workers",
+        "num_skipped",
+        "prepare_data_per_node",
+        "allow_zero_length_dataloader_with_multiple_devices",
+    }
+    plain = (int, float, str, bool, type(None), Path)
+    desc = {k: str(v) for k, v in sorted(vars(datamodule).items()) if isinstance(v, plain) and not k.startswith("_")}
+    desc = {k: v for k, v in desc.items() if k not in skip}
+    desc["class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+    desc["split"] = split
+    dataset = getattr(datamodule, f"{split}_set", None)
+    files = getattr(dataset, "files", None)
+    if files is not None:
+        h = hashlib.sha256()
+        for f in files:
+            st = os.stat(f)
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        desc["files"] = h.hexdigest()
+    return desc
+
+
+def cache_path(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cache_dir).expanduser() / f"real_{digest}.pt"
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: nn.Module, images: Dataset | Tensor, *, batch_size: int, device: torch.device, num_workers: int = 0
+) -> Tensor:
+    """(N, D) float32 CPU features of a dataset of (image, label) items or an (N, C, H, W) tensor in [-1, 1]."""
+    if isinstance(images, Tensor):
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    else:
+        batches = (x for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers))
+    out = [extractor(x.to(device)).float().cpu() for x in batches]
+    return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
+
+
+def load_or_compute_real_features(
+    extractor: nn.Module,
+    dataset: Dataset,
+    *,
+    key: dict,
+    cache_dir: str | Path,
+    num_real: int | None,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+) -> tuple[Tensor, Path, bool]:
+    """(features, cache file, computed_now). Up to `num_real` images (a seed-0 random subset) of `dataset`.
+
+    Random flips in the dataset's transform run under a fixed seed, so the statistics are reproducible.
+    """
+    n = len(dataset) if num_real is None else min(num_real, len(dataset))
+    key = {**key, "num_real": n, "features": getattr(extractor, "cache_key", type(extractor).__qualname__)}
+    key["format"] = CACHE_FORMAT
+    path = cache_path(cache_dir, key)
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        if cached.get("key") == json.loads(json.dumps(key, default=str)):
+            return cached["features"], path, False
+    if n < len(dataset):
+        dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        features = extract_features(extractor, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"features": features, "key": json.loads(json.dumps(key, default=str))}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    return features, path, True
+
+
+class FID(L.Callback):
+    """Logs `val/fid`, `val/kid` (and `val/kid_std`, `val/fid_num_samples`) every `every_n_steps` and at the end.
+
+    Args:
+        sampler: a sampler with its options bound (a fast one: the conf uses DDIM), as for `SampleGrid`.
+        feature_extractor: an `nn.Module`, or a zero-argument factory of one (so a failing download is caught
+            here, not at config time); default: `InceptionFeatures(weights_path=weights_path)`.
+        weights_path: a local copy of the Inception weights for the default extractor.
+        num_samples: generated images per evaluation, split across DDP ranks (10k-50k for numbers to publish).
+        num_real: real images for the statistics (null: the whole split); cached in `cache_dir`.
+        real_split: "train" or "val" images of the datamodule.
+        every_n_steps: period in optimizer steps (0 or null: only at the end when `at_end`).
+        batch_size: images per sampling / feature-extraction batch.
+        seed: sample i starts from noise seed + i; the same seed gives the same samples every evaluation.
+        kid_subset_size, kid_subsets: KID's subset sampling (the size is capped by the sample counts).
+        use_ema: sample with the EMA callback's weights when there is one.
+    """
+
+    def __init__(
+        self,
+        *,
+        sampler: Callable[..., Tensor],
+        feature_extractor: nn.Module | Callable[[], nn.Module] | None = None,
+        weights_path: str | None = None,
+        num_samples: int = 10_000,
+        num_real: int | None = 10_000,
+        real_split: RealSplit = "train",
+        every_n_steps: int | None = 10_000,
+        at_end: bool = True,
+        batch_size: int = 256,
+        seed: int = 0,
+        cache_dir: str = "~/.cache/diffusion/fid",
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 100,
+        use_ema: bool = True,
+    ) -> None:
+        if num_samples < 2:
+            raise ValueError(f"callbacks.fid.num_samples={num_samples} must be >= 2")
+        if num_real is not None and num_real < 2:
+            raise ValueError(f"callbacks.fid.num_real={num_real} must be >= 2 (or null for the whole split)")
+        if real_split not in ("train", "val"):
+            raise ValueError(f"callbacks.fid.real_split={real_split!r} is not one of 'train', 'val'")
+        if batch_size < 1:
+            raise ValueError(f"callbacks.fid.batch_size={batch_size} must be >= 1")
+        if weights_path is not None and not Path(weights_path).expanduser().is_file():
+            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
+        self.sampler = sampler
+        self.feature_extractor = feature_extractor
+        self.weights_path = weights_path
+        self.num_samples = num_samples
+        self.num_real = num_real
+        self.real_split = real_split
+        self.every_n_steps = every_n_steps or 0
+        self.at_end = at_end
+        self.batch_size = batch_size
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.kid_subset_size = kid_subset_size
+        self.kid_subsets = kid_subsets
+        self.use_ema = use_ema
+        self.extractor: nn.Module | None = None
+        self.real: Tensor | None = None
+        self.num_real_used = 0
+        self.cache_file: Path | None = None
+        self.real_computed = 0  # times the real statistics were computed (not read from the cache)
+        self.disabled_reason: str | None = None
+        self.last_step: int | None = None
+        self.history: list[dict] = []
+
+    def _build_extractor(self) -> nn.Module:
+        fx = self.feature_extractor
+        if fx is None:
+            return InceptionFeatures(weights_path=self.weights_path)
+        return fx if isinstance(fx, nn.Module) else fx()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.extractor is not None or self.disabled_reason:
+            return
+        try:
+            self.extractor = self._build_extractor().eval().to(pl_module.device)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # offline without weights (URLError, HTTPError, ...): report, do not crash the run
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.disabled_reason = first
+            rank_zero_info(
+                f"callbacks.fid: disabled, no feature extractor ({first}); for offline machines download "
+                f"{INCEPTION_WEIGHTS} once and pass callbacks.fid.weights_path=/path/to/it"
+            )
+
+    def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Rank 0 computes (or reads) the cached real features; the other ranks then read the file."""
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError("callbacks.fid needs a datamodule (trainer.fit(..., datamodule=...)) for real images")
+        dataset = getattr(dm, f"{self.real_split}_set", None)
+        if dataset is None or len(dataset) < 2:
+            raise ValueError(f"callbacks.fid.real_split={self.real_split}: the datamodule has fewer than 2 such images")
+        kwargs = dict(
+            key=describe_dataset(dm, self.real_split),
+            cache_dir=self.cache_dir,
+            num_real=self.num_real,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            num_workers=getattr(dm, "num_workers", 0),
+        )
+        if trainer.is_global_zero:
+            self.real, self.cache_file, computed = load_or_compute_real_features(self.extractor, dataset, **kwargs)
+            self.real_computed += computed
+            rank_zero_info(
+                f"callbacks.fid: {'computed' if computed else 'cached'} real features of {len(self.real)} "
+                f"{self.real_split} images: {self.cache_file}"
+            )
+        trainer.strategy.barrier("fid_real_features")
+        if not trainer.is_global_zero:
+            self.real, self.cache_file, _ = load_or_compute_real_features(self.extractor, dataset, **kwargs)
+        self.num_real_used = len(self.real)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """Generate this rank's share, compute FID/KID across ranks, log on rank 0; returns the metrics."""
+        if self.extractor is None:
+            return None
+        if self.real is None:
+            self._real_features(trainer, pl_module)
+        rank, world = trainer.global_rank, trainer.world_size
+        lo, hi = rank * self.num_samples // world, (rank + 1) * self.num_samples // world  # contiguous share
+        with ema_weights(trainer if self.use_ema else None, pl_module):
+            fake = generate(pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size)
+        fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
+        values = fid_kid(
+            self.real if rank == 0 else None,
+            fake_features.to(pl_module.device),
+            num_real=self.num_real_used,
+            num_fake=self.num_samples,
+            kid_subset_size=self.kid_subset_size,
+            kid_subsets=self.kid_subsets,
+            seed=self.seed,
+        )
+        metrics = {
+            "val/fid": values["fid"],
+            "val/kid": values["kid"],
+            "val/kid_std": values["kid_std"],
+            "val/fid_num_samples": float(self.num_samples),
+            "val/fid_num_real": float(self.num_real_used),
+        }
+        step = trainer.global_step
+        self.last_step = step
+        self.history.append({"step": step, **metrics})
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            rank_zero_info(
+                f"step {step}: val/fid {values['fid']:.3f}, val/kid {values['kid']:.5f} "
+                f"({self.num_samples} samples vs {self.num_real_used} real)"
+            )
+        return metrics
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.at_end and trainer.global_step != self.last_step:
+            self.evaluate(trainer, pl_module)

@@ -1,0 +1,93 @@
+"""Experiment loggers built for the run folder: W&B that never prompts or hangs without credentials.
+
+`wandb_logger` returns Lightning's `WandbLogger` writing into `<run folder>/wandb`. With credentials
+(`WANDB_API_KEY`, or an api.wandb.ai entry in ~/.netrc from `wandb login`) it runs online; with none, or with
+`WANDB_MODE=offline`, it runs offline and prints one line saying how to upload the run later with `wandb sync`.
+Metrics, the resolved config (train.py's `log_hyperparams`), sample grids and the paths of saved checkpoints
+(in the run summary, `checkpoint/last` and `checkpoint/latest`) go to W&B; checkpoints themselves are uploaded
+only with `log_model=true`.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def wandb_credentials_found() -> bool:
+    """Whether W&B could log in without asking: WANDB_API_KEY, or a ~/.netrc (NETRC) entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+class RunFolderWandbLogger(WandbLogger):
+    """WandbLogger that also records where checkpoints were saved (run summary `checkpoint/...`)."""
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        super().after_save_checkpoint(checkpoint_callback)
+        self._record_checkpoint_paths(checkpoint_callback)
+
+    @rank_zero_only
+    def _record_checkpoint_paths(self, checkpoint_callback) -> None:
+        paths = {
+            "checkpoint/last": getattr(checkpoint_callback, "last_model_path", ""),
+            "checkpoint/latest": getattr(checkpoint_callback, "_last_checkpoint_saved", ""),
+            "checkpoint/best": getattr(checkpoint_callback, "best_model_path", ""),
+        }
+        self.experiment.summary.update({k: str(v) for k, v in paths.items() if v})
+
+
+def wandb_logger(
+    *,
+    save_dir: str,
+    project: str = "diffusion",
+    name: str | None = None,
+    entity: str | None = None,
+    tags: list[str] | None = None,
+    log_model: bool | str = False,
+    offline: bool | None = None,
+    **kwargs,
+) -> WandbLogger:
+    """A WandbLogger in `save_dir` (the run folder); `offline=None` decides from the environment (see module doc)."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if offline is None:
+        offline = mode in ("offline", "dryrun") or (mode != "disabled" and not wandb_credentials_found())
+    if offline and log_model:
+        log_model = False  # nothing can be uploaded offline; `wandb sync` uploads the run (not the checkpoints)
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if offline:
+        os.environ["WANDB_MODE"] = "offline"  # also for anything else that calls wandb in this process
+        reason = (
+            "WANDB_MODE=offline"
+            if mode in ("offline", "dryrun")
+            else "no W&B credentials (WANDB_API_KEY / wandb login)"
+        )
+        _print_once(
+            f"wandb: {reason}: logging offline; upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
+        )
+    return RunFolderWandbLogger(
+        save_dir=save_dir,
+        project=project,
+        name=name,
+        entity=entity,
+        tags=tags,
+        log_model=log_model,
+        offline=offline,
+        **kwargs,
+    )
+
+
+@rank_zero_only
+def _print_once(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,194 @@
+"""FID/KID: sanity of the values, the real-feature cache, DDP gathering, the callback in a run, offline behaviour."""
+
+import functools
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from diffusion.callbacks.fid import (
+    FID,
+    RandomFeatures,
+    describe_dataset,
+    extract_features,
+    fid_kid,
+    load_or_compute_real_features,
+)
+from diffusion.data import DigitsDataModule
+from diffusion.samplers import ddim_sample
+from tests.conftest import run_train
+
+
+@functools.cache
+def digit_features() -> torch.Tensor:
+    x, _ = DigitsDataModule(image_size=16).load()
+    return extract_features(RandomFeatures(num_features=16), x, batch_size=512, device=torch.device("cpu"))
+
+
+def _metrics(real, fake, **kw):
+    return fid_kid(real, fake, num_real=len(real), num_fake=len(fake), kid_subset_size=200, kid_subsets=20, **kw)
+
+
+def test_real_halves_close_noise_far():
+    feats = digit_features()
+    halves = _metrics(feats[0::2], feats[1::2])
+    noise = extract_features(
+        RandomFeatures(num_features=16),
+        torch.randn(900, 1, 16, 16).clamp(-1, 1),
+        batch_size=512,
+        device=torch.device("cpu"),
+    )
+    far = _metrics(feats[0::2], noise)
+    assert 0 <= halves["fid"] < 0.05 * far["fid"]
+    assert abs(halves["kid"]) < 0.05 * far["kid"] and far["kid"] > 0
+    # identical sets: FID ~ 0
+    assert _metrics(feats[:500], feats[:500])["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+class Counting(RandomFeatures):
+    calls = 0
+
+    def forward(self, x):
+        Counting.calls += 1
+        return super().forward(x)
+
+
+def test_real_features_cached_and_invalidated(tmp_path):
+    dm = DigitsDataModule(image_size=16, batch_size=32)
+    dm.setup()
+    kw = dict(cache_dir=tmp_path, num_real=64, batch_size=32, device=torch.device("cpu"))
+    fx = Counting(num_features=8)
+    first, path, computed = load_or_compute_real_features(fx, dm.train_set, key=describe_dataset(dm, "train"), **kw)
+    assert computed and path.is_file() and first.shape == (64, 8) and Counting.calls == 2
+    mtime = path.stat().st_mtime_ns
+    again, path2, computed2 = load_or_compute_real_features(fx, dm.train_set, key=describe_dataset(dm, "train"), **kw)
+    assert not computed2 and path2 == path and path.stat().st_mtime_ns == mtime and Counting.calls == 2
+    assert torch.equal(again, first)
+    # other preprocessing (image size), split, count or extractor: another cache entry
+    dm24 = DigitsDataModule(image_size=24, batch_size=32)
+    dm24.setup()
+    _, p24, c24 = load_or_compute_real_features(fx, dm24.train_set, key=describe_dataset(dm24, "train"), **kw)
+    _, pval, cval = load_or_compute_real_features(fx, dm.val_set, key=describe_dataset(dm, "val"), **kw)
+    _, pfx, cfx = load_or_compute_real_features(
+        Counting(num_features=8, seed=1), dm.train_set, key=describe_dataset(dm, "train"), **kw
+    )
+    assert c24 and cval and cfx and len({path, p24, pval, pfx}) == 4
+
+
+def test_file_datasets_are_keyed_by_their_files(tmp_path, image_folder):
+    from diffusion.data import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(path=str(image_folder), image_size=16, num_workers=0, val_fraction=0.2)
+    dm.setup()
+    before = describe_dataset(dm, "train")
+    target = dm.train_set.files[0]
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # the file was edited
+    assert describe_dataset(dm, "train")["files"] != before["files"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, feats_path: str, out_path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        data = torch.load(feats_path, weights_only=True)
+        real, fake = data["real"], data["fake"]
+        n = len(fake)
+        share = fake[rank * n // world : (rank + 1) * n // world]  # the callback's contiguous split
+        values = fid_kid(
+            real if rank == 0 else None,
+            share,
+            num_real=len(real),
+            num_fake=n,
+            kid_subset_size=100,
+            kid_subsets=10,
+            seed=3,
+        )
+        torch.save(values, f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    feats = digit_features()
+    real, fake = feats[:300], feats[300:551] + 0.05  # an odd number of fakes: uneven shares
+    torch.save({"real": real, "fake": fake}, tmp_path / "feats.pt")
+    port = 29_500 + os.getpid() % 1000
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "feats.pt"), str(tmp_path / "out")), nprocs=2, join=True)
+    single = fid_kid(real, fake, num_real=300, num_fake=251, kid_subset_size=100, kid_subsets=10, seed=3)
+    for rank in (0, 1):
+        values = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert values["fid"] == pytest.approx(single["fid"], rel=1e-9)
+        assert values["kid"] == pytest.approx(single["kid"], rel=1e-9, abs=1e-12)
+        assert values["kid_std"] == pytest.approx(single["kid_std"], rel=1e-9, abs=1e-12)
+    assert single["fid"] > 0
+
+
+def test_callback_logs_fid_in_a_run(tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    overrides = [
+        "callbacks=[default,fid]",
+        "callbacks.ema.decay=0.9",
+        "callbacks.fid.feature_extractor={_target_:diffusion.callbacks.fid.RandomFeatures,_partial_:true,num_features:8}",
+        "callbacks.fid.num_samples=6",
+        "callbacks.fid.num_real=40",
+        "callbacks.fid.every_n_steps=2",
+        "callbacks.fid.batch_size=16",
+        "callbacks.fid.kid_subset_size=5",
+        f"callbacks.fid.cache_dir={cache}",
+        "callbacks.sample_grid=null",
+        "callbacks.lr_monitor=null",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=100",
+        "logger=csv",
+    ]
+    run_train(run, overrides)
+    import csv
+
+    rows = [r for r in csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")) if r.get("val/fid")]
+    assert [int(r["step"]) for r in rows] == [2, 3]  # every 2 steps, and at the end
+    assert all(float(r["val/fid"]) > 0 and float(r["val/fid_num_samples"]) == 6 for r in rows)
+    assert float(rows[0]["val/fid_num_real"]) == 40
+    assert len(list(cache.glob("real_*.pt"))) == 1
+
+
+def test_no_inception_weights_offline_disables_with_one_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no cached weights
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no way to download them, even if online
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    fid = FID(sampler=functools.partial(ddim_sample, steps=2), num_samples=4, num_real=4)
+    fid.setup(SimpleNamespace(), SimpleNamespace(device=torch.device("cpu")), "fit")
+    assert fid.extractor is None and fid.disabled_reason
+    lines = [r.getMessage() for r in caplog.records if "callbacks.fid" in r.getMessage()]
+    assert len(lines) == 1 and "weights_path" in lines[0]
+    assert fid.evaluate(SimpleNamespace(), SimpleNamespace()) is None
+    with pytest.raises(FileNotFoundError, match="callbacks.fid.weights_path"):
+        FID(sampler=ddim_sample, weights_path=str(tmp_path / "missing.pth"))
+
+
+def test_bench_fid_on_npz_and_folder(tmp_path, capsys):
+    import importlib.util
+
+    import numpy as np
+
+    from tests.conftest import ROOT, write_image
+
+    spec = importlib.util.spec_from_file_location("bench_fid", ROOT / "bench" / "fid.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x, _ = DigitsDataModule(image_size=16).load()
+    digits = ((x[:300] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # NHWC uint8
+    np.savez(tmp_path / "digits.npz", images=digits)
+    np.savez(tmp_path / "noise.npz", np.random.default_rng(0).integers(0, 256, (300, 16, 16, 1), dtype=np.uint8))
+    common = ["--features", "random", "--cache-dir", str(tmp_path / "cache"), "--kid-subset-size", "100"]
+    close = bench.main([str(tmp_path / "digits.npz"), "digits", "--num-real", "600", *common])
+    far = bench.main([str(tmp_path / "noise.npz"), "digits", "--num-real", "600", *common])
+    assert close["num_samples"] == 300 and close["num_real"] == 600
+    assert close["fid"] < 0.1 * far["fid"] and close["reference_cache"] == far["reference_cache"]
+    for i in range(4):
+        write_image(tmp_path / "folder" / f"{i}.png", (20, 20), "RGB", seed=i)
+    folder = bench.main([str(tmp_path / "folder"), str(tmp_path / "folder"), "--image-size", "16", *common])
+    assert folder["fid"] == pytest.approx(0.0, abs=1e-6) and folder["num_samples"] == 4
+    assert '"fid"' in capsys.readouterr().out
