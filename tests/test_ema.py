@@ -88,6 +88,22 @@ def test_updates_match_hand_computation():
     assert state["scale"].item() == 20.0 and state["count"].item() == 2 and state["count"].dtype == torch.long
 
 
+def test_starts_from_init_weights_without_warmup():
+    """Fine-tuning (init_from): the average starts at the loaded weights and updates at the full decay at once."""
+    net = Net()
+    _set(net, 2.0)
+    module = SimpleNamespace(net=net, ema_init_state={k: v.clone() for k, v in net.state_dict().items()})
+    ema = EMA(decay=0.9)
+    ema.on_fit_start(SimpleNamespace(), module)
+    assert ema.from_init and ema.decay_at(1) == 0.9
+    _set(net, 12.0)  # the weights after the first fine-tuning step
+    ema.maybe_update(SimpleNamespace(global_step=1), module)
+    torch.testing.assert_close(ema.state_dict_for_net(net)["lin.weight"], torch.full((1, 2), 0.9 * 2.0 + 0.1 * 12.0))
+    restored = EMA(decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.from_init and restored.decay_at(5) == 0.9
+
+
 def test_swap_restores_raw_weights_exactly_even_on_error():
     net = Net()
     _set(net, 1.0)

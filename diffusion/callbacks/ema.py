@@ -94,6 +94,7 @@ class EMA(L.Callback):
         self.num_updates = 0
         self.last_update_step = -1
         self.last_decay: float | None = None
+        self.from_init = False  # started from fine-tuning weights (init_from): no warm-up
         self._swapped = False
         self._val_swap: contextlib.ExitStack | None = None
 
@@ -101,6 +102,8 @@ class EMA(L.Callback):
     def decay_at(self, global_step: int) -> float:
         """Decay of the update made after optimizer step `global_step` (1-based: after the first step it is 1)."""
         step = global_step - self.start_step - 1
+        if self.from_init:  # the average already holds meaningful (pretrained) weights
+            return self.decay
         if not self.warmup:
             return 0.0 if self.num_updates == 0 else self.decay
         return ema_decay(step, decay=self.decay, inv_gamma=self.inv_gamma, power=self.power, min_decay=self.min_decay)
@@ -186,6 +189,12 @@ class EMA(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if not hasattr(pl_module, "net"):
             raise TypeError(f"the EMA callback needs a module with a `.net`; {type(pl_module).__name__} has none")
+        init = getattr(pl_module, "ema_init_state", None)
+        if init is not None and self.ema is None and self.num_updates == 0:
+            # Fine-tuning (init_from with init.ema_from_init): the average starts at the loaded weights, at full decay.
+            self.ema = {k: self._stored(v).clone() for k, v in init.items()}
+            self.num_updates, self.from_init = 1, True
+            rank_zero_info(f"EMA: starts from the init_from weights at decay {self.decay} (no warm-up)")
         self._to_device(pl_module.net)
         rank_zero_info(
             f"EMA: decay {self.decay} ({'warm-up' if self.warmup else 'constant'}), every "
@@ -228,11 +237,16 @@ class EMA(L.Callback):
         self.ema = {k: self._stored(v).clone() for k, v in state.items()}
 
     def state_dict(self) -> dict:
-        return {"num_updates": self.num_updates, "last_update_step": self.last_update_step}
+        return {
+            "num_updates": self.num_updates,
+            "last_update_step": self.last_update_step,
+            "from_init": self.from_init,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.num_updates = int(state_dict["num_updates"])
         self.last_update_step = int(state_dict["last_update_step"])
+        self.from_init = bool(state_dict.get("from_init", False))
 
 
 def find_ema(trainer: L.Trainer | None) -> EMA | None:
