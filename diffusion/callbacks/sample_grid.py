@@ -17,11 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion.data import to_unit_range
-
-
-def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
-    """(n, *shape) standard normal noise where image i depends only on seed + i."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)])
+from diffusion.samplers import fixed_noise
 
 
 class SampleGrid(L.Callback):
