@@ -10,16 +10,14 @@ with any `batch_size`.
 from __future__ import annotations
 
 import math
-import os
 import re
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion.errors import user_error_message
+from diffusion.errors import run_reporting_user_errors
 
 IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
@@ -170,14 +168,7 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        sample(cfg)
-    except Exception as e:
-        message = user_error_message(e)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    run_reporting_user_errors(sample, cfg)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,13 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.errors import user_error_message
+from diffusion.errors import run_reporting_user_errors
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str) -> str | None:
@@ -78,14 +76,7 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        return train(cfg)
-    except Exception as e:
-        message = user_error_message(e)
-        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
+    return run_reporting_user_errors(train, cfg)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ stderr and a non-zero exit, instead of a traceback; `HYDRA_FULL_ERROR=1` shows t
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
@@ -26,3 +33,18 @@ def user_error_message(exc: BaseException) -> str | None:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             return " ".join(str(msg).split())
     return None
+
+
+def run_reporting_user_errors(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs); a user error becomes one line `error: ...` on stderr and exit code 1.
+
+    Other exceptions, and every exception when HYDRA_FULL_ERROR=1, propagate with their traceback.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
