@@ -108,12 +108,13 @@ def guided_model(net: nn.Module, *, labels: Tensor | None = None, guidance: floa
 def sampling_timesteps(
     num_train_steps: int, steps: int, spacing: TimestepSpacing = "trailing", *, alpha_bar: Tensor | None = None
 ) -> list[int]:
-    """The (at most) `steps` training timesteps a strided sampler visits, in decreasing order.
+    """The `steps` training timesteps a strided sampler visits, in decreasing order (fewer only if rounding merges
+    two of "leading"/"linspace").
 
     Spacings follow Lin et al. 2024 (table 2): "leading" (DDIM's original, starts below T-1), "trailing" (ends at
     T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded); and
     "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma) from t = T-1 to t = 0, each
-    rounded to the nearest timestep, duplicates dropped), which needs the schedule's `alpha_bar`.
+    rounded to the nearest timestep, collisions pushed apart), which needs the schedule's `alpha_bar`.
     """
     if spacing not in get_args(TimestepSpacing):
         choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
@@ -126,7 +127,14 @@ def sampling_timesteps(
             raise ValueError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
         lam = 0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())  # (T,), decreasing in t
         targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
-        ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+        ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # decreasing t
+        # Where lambda jumps between neighbouring timesteps (the clipped end of the cosine schedule) several
+        # targets round to one timestep: push them apart so that exactly `steps` distinct timesteps remain.
+        for k in range(1, steps):
+            ts[k] = min(ts[k], ts[k - 1] - 1)
+        ts[-1] = max(ts[-1], 0)
+        for k in range(steps - 2, -1, -1):
+            ts[k] = max(ts[k], ts[k + 1] + 1)
     elif spacing == "leading":
         ts = [i * (T // steps) for i in range(steps)]
     elif spacing == "trailing":
@@ -238,7 +246,7 @@ def dpmpp_sample(
     *,
     steps: int = 20,
     order: int = 2,
-    spacing: TimestepSpacing = "trailing",
+    spacing: TimestepSpacing = "logsnr",
     generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
