@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -35,13 +35,13 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
-def exit_on_user_error(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) for a command-line entry point: a user error becomes one line `error: ...` and exit code 1.
+def exit_on_user_error(fn: Callable[..., T], *args, **kwargs) -> T:
+    """fn(*args, **kwargs); a user error becomes one line `error: ...` on stderr and exit code 1.
 
     Other exceptions, and every exception when HYDRA_FULL_ERROR=1, propagate with their traceback.
     """
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except Exception as e:
         message = user_error_message(e)
         if message is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

@@ -1,22 +1,64 @@
 """Samplers: run the learned reverse process from pure noise to images.
 
-A sampler is a plain function of a `model` (a callable (x_t, t) -> network output in the schedule's
-prediction space), the `schedule`, the starting `noise` and a `generator` for any fresh noise it draws. No
-Lightning, no Hydra. Outputs are in the data range [-1, 1] (clipped when `clip_x0`).
+A sampler is a plain function `sampler(model, schedule, noise, *, generator=None, **options)` of a `model` (a
+callable (x_t, t) -> network output in the schedule's prediction space), the `schedule`, the starting `noise`
+and a `generator` for any fresh noise it draws. No Lightning, no Hydra. Outputs are in the data range [-1, 1]
+(clipped when `clip_x0`). Three samplers:
+
+- `ddpm_sample`: ancestral sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps;
+- `ddim_sample`: DDIM (Song et al. 2021, eq. 12) with `eta`;
+- `dpmpp_sample`: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in data-prediction form.
+
+`generator` is one `torch.Generator` for the whole batch, or a list of one generator per image: then every
+image's fresh noise comes from its own stream, so an image does not depend on which batch it was drawn in
+(`image_generators` and `draw_noise` make such streams from per-image seeds). Classifier-free guidance is not
+a sampler option: `guided_model` turns (net, labels, guidance) into the `model` every sampler takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
+Generators = torch.Generator | Sequence[torch.Generator] | None
 PosteriorVariance = Literal["beta_tilde", "beta"]
+TimestepSpacing = Literal["leading", "trailing", "linspace", "logsnr"]
+
+
+# --- randomness -----------------------------------------------------------------------------------------
+def image_generators(seeds: Iterable[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with that image's seed (CPU, so results match across devices)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def draw_noise(
+    shape: tuple[int, ...], *, generator: Generators = None, device: torch.device | str | None = None
+) -> Tensor:
+    """Standard normal noise of `shape` = (B, ...), drawn per image when `generator` is a list of B generators.
+
+    Noise is drawn on the generator's device and then moved to `device`, so a CPU generator gives the same
+    numbers on every device.
+    """
+    if generator is None:
+        return torch.randn(shape, device=device)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"got {len(generator)} per-image generators for a batch of {shape[0]} images")
+    per_image = [torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generator]
+    return torch.stack(per_image)  # (B, ...)
+
+
+def fixed_noise(n: int, shape: tuple[int, ...], seed: int) -> Tensor:
+    """(n, *shape) standard normal noise where image i depends only on seed + i (the first draw of its generator)."""
+    return draw_noise((n, *shape), generator=image_generators(range(seed, seed + n)))
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -27,63 +69,73 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-@torch.no_grad()
-def ddpm_sample(
-    model: ModelFn,
-    schedule: NoiseSchedule,
-    noise: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    variance: PosteriorVariance = "beta_tilde",
-    clip_x0: bool = True,
-    progress: bool = False,
-) -> Tensor:
-    """Ancestral sampling, Ho et al. 2020 Algorithm 2, through all T steps of the schedule.
+# --- classifier-free guidance ---------------------------------------------------------------------------
+def guided_model(net: nn.Module, *, labels: Tensor | None = None, guidance: float = 1.0) -> ModelFn:
+    """The `model(x_t, t)` a sampler takes, from a network called as `net(x_t, t, y)`.
 
-    Each step predicts x0 (clipped to [-1, 1] when `clip_x0`), then draws x_{t-1} from the posterior
-    q(x_{t-1} | x_t, x0) = N(mu~_t, sigma_t^2 I) (DDPM eq. 6-7), with sigma_t^2 = beta-tilde_t or beta_t.
-    Fresh noise is drawn on `generator`'s device and moved, so results match across devices for a CPU
-    generator.
+    Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond), where the
+    unconditional branch is the net with the null class y = num_classes. guidance=1 is the plain conditional
+    model, 0 the unconditional one; anything else evaluates both branches in one batched forward pass.
+    Without `labels` the model is the net's unconditional branch (the null class for conditional nets).
     """
-    if variance not in get_args(PosteriorVariance):
-        raise ValueError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
-    s = schedule
-    x = noise
-    gen_device = generator.device if generator is not None else x.device
-    for i in _progress(range(s.num_steps - 1, -1, -1), progress, "DDPM"):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        # 1. predict x0 (and eps) from the network output
-        x0, _ = s.to_x0_eps(model(x, t).float(), x, t)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-        # 2. posterior mean mu~_t(x_t, x0), DDPM eq. 7
-        ab, ab_prev, beta = s.alpha_bar[i], s.alpha_bar_prev[i], s.betas[i]
-        mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
-        if i == 0:  # 4. return x_0 = mu~_1 without noise
-            x = mean
-            break
-        # 3. x_{t-1} = mu~ + sigma_t z
-        var = s.posterior_variance[i] if variance == "beta_tilde" else beta
-        z = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-        x = mean + var.sqrt() * z
-    return x.clamp(-1, 1) if clip_x0 else x
+    num_classes = getattr(net, "num_classes", None)
+    if labels is None:
+        if guidance != 1.0 and num_classes is None:
+            raise ValueError(f"guidance={guidance} needs a class-conditional model, but this one is unconditional")
+        return lambda x, t: net(x, t)
+    if num_classes is None:
+        raise ValueError("label=... was given but the model is unconditional (trained with model.num_classes=null)")
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
+    null = torch.full_like(labels, num_classes)
+
+    def model(x: Tensor, t: Tensor) -> Tensor:
+        y = labels.to(x.device)
+        if guidance == 1.0:
+            return net(x, t, y)
+        if guidance == 0.0:
+            return net(x, t, null.to(x.device))
+        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null.to(x.device)]))  # (2B, C, H, W)
+        cond, uncond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return model
 
 
-TimestepSpacing = Literal["leading", "trailing", "linspace"]
-
-
-def sampling_timesteps(num_train_steps: int, steps: int, spacing: TimestepSpacing = "trailing") -> list[int]:
-    """The `steps` training timesteps a strided sampler visits, in decreasing order.
+# --- timesteps --------------------------------------------------------------------------------------------
+def sampling_timesteps(
+    num_train_steps: int, steps: int, spacing: TimestepSpacing = "trailing", *, alpha_bar: Tensor | None = None
+) -> list[int]:
+    """The `steps` training timesteps a strided sampler visits, in decreasing order (fewer only if rounding merges
+    two of "leading"/"linspace").
 
     Spacings follow Lin et al. 2024 (table 2): "leading" (DDIM's original, starts below T-1), "trailing" (ends at
-    T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded).
+    T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded); and
+    "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma) from t = T-1 to t = 0, each
+    rounded to the nearest timestep, collisions pushed apart), which needs the schedule's `alpha_bar`.
     """
     if spacing not in get_args(TimestepSpacing):
-        raise ValueError(f"sampler.spacing={spacing!r} is not one of 'leading', 'trailing', 'linspace'")
+        choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
+        raise ValueError(f"sampler.spacing={spacing!r} is not one of {choices}")
     if not 1 <= steps <= num_train_steps:
         raise ValueError(f"sampler.steps={steps} must be in [1, {num_train_steps}] (the schedule's num_steps)")
     T = num_train_steps
-    if spacing == "leading":
+    if spacing == "logsnr":
+        if alpha_bar is None:
+            raise ValueError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
+        lam = 0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())  # (T,), decreasing in t
+        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
+        ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # decreasing t
+        # Where lambda jumps between neighbouring timesteps (the clipped end of the cosine schedule) several
+        # targets round to one timestep: push them apart so that exactly `steps` distinct timesteps remain.
+        for k in range(1, steps):
+            ts[k] = min(ts[k], ts[k - 1] - 1)
+        ts[-1] = max(ts[-1], 0)
+        for k in range(steps - 2, -1, -1):
+            ts[k] = max(ts[k], ts[k + 1] + 1)
+    elif spacing == "leading":
         ts = [i * (T // steps) for i in range(steps)]
     elif spacing == "trailing":
         ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
@@ -92,6 +144,61 @@ def sampling_timesteps(num_train_steps: int, steps: int, spacing: TimestepSpacin
     return sorted(set(int(t) for t in ts), reverse=True)
 
 
+def _x0_eps(model: ModelFn, schedule: NoiseSchedule, x: Tensor, i: int, clip_x0: bool) -> tuple[Tensor, Tensor]:
+    """The model's (x0, eps) at timestep i; with `clip_x0`, x0 is clamped to [-1, 1] and eps re-derived from it."""
+    t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+    x0, eps = schedule.to_x0_eps(model(x, t).float(), x, t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = schedule.eps_from_x0(x, x0, t)
+    return x0, eps
+
+
+# --- DDPM ---------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ddpm_sample(
+    model: ModelFn,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    *,
+    steps: int | None = None,
+    spacing: TimestepSpacing = "trailing",
+    variance: PosteriorVariance = "beta_tilde",
+    generator: Generators = None,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> Tensor:
+    """Ancestral sampling, Ho et al. 2020 Algorithm 2, through all T steps or a respaced subset of `steps`.
+
+    Each step predicts x0 (clipped to [-1, 1] when `clip_x0`), then draws x_{t'} from the posterior
+    q(x_{t'} | x_t, x0) = N(mu~_t, sigma_t^2 I) (DDPM eq. 6-7), t' the next visited timestep, with
+    sigma_t^2 = beta-tilde_t or beta_t. With fewer steps the process is respaced (Nichol & Dhariwal 2021,
+    sec. 4): beta_t = 1 - alpha_bar_t / alpha_bar_{t'} between consecutive visited timesteps.
+    """
+    if variance not in get_args(PosteriorVariance):
+        raise ValueError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
+    s = schedule
+    ts = sampling_timesteps(s.num_steps, s.num_steps if steps is None else steps, spacing, alpha_bar=s.alpha_bar)
+    x = noise
+    for j in _progress(range(len(ts)), progress, "DDPM"):
+        i = ts[j]
+        # 1. predict x0 (and eps) from the network output
+        x0, _ = _x0_eps(model, s, x, i, clip_x0)
+        # 2. posterior mean mu~_t(x_t, x0), DDPM eq. 7, with the respaced beta_t
+        ab = s.alpha_bar[i]
+        ab_prev = s.alpha_bar[ts[j + 1]] if j + 1 < len(ts) else torch.ones_like(ab)
+        beta = 1 - ab / ab_prev
+        mean = (ab_prev.sqrt() * beta / (1 - ab)) * x0 + ((1 - beta).sqrt() * (1 - ab_prev) / (1 - ab)) * x
+        if j + 1 == len(ts):  # 4. return x_0 = mu~_1 (= x0) without noise
+            x = mean
+            break
+        # 3. x_{t'} = mu~ + sigma_t z
+        var = beta * (1 - ab_prev) / (1 - ab) if variance == "beta_tilde" else beta
+        x = mean + var.sqrt() * draw_noise(x.shape, generator=generator, device=x.device).to(x.dtype)
+    return x.clamp(-1, 1) if clip_x0 else x
+
+
+# --- DDIM ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def ddim_sample(
     model: ModelFn,
@@ -101,7 +208,7 @@ def ddim_sample(
     steps: int = 50,
     eta: float = 0.0,
     spacing: TimestepSpacing = "trailing",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
 ) -> Tensor:
@@ -113,17 +220,12 @@ def ddim_sample(
     if eta < 0:
         raise ValueError(f"sampler.eta={eta} must be >= 0")
     s = schedule
-    ts = sampling_timesteps(s.num_steps, steps, spacing)
+    ts = sampling_timesteps(s.num_steps, steps, spacing, alpha_bar=s.alpha_bar)
     x = noise
-    gen_device = generator.device if generator is not None else x.device
     for j in _progress(range(len(ts)), progress, "DDIM"):
         i = ts[j]
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # 1. predicted x0 and eps at t (eps re-derived after clipping so the two stay consistent)
-        x0, eps = s.to_x0_eps(model(x, t).float(), x, t)
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = s.eps_from_x0(x, x0, t)
+        x0, eps = _x0_eps(model, s, x, i, clip_x0)
         ab = s.alpha_bar[i]
         ab_next = s.alpha_bar[ts[j + 1]] if j + 1 < len(ts) else torch.ones_like(ab)
         # 2. sigma_t(eta), eq. 16
@@ -131,6 +233,68 @@ def ddim_sample(
         # 3. eq. 12: predicted x0, direction pointing to x_t, random noise
         x = ab_next.sqrt() * x0 + (1 - ab_next - sigma**2).clamp(min=0).sqrt() * eps
         if eta > 0 and j + 1 < len(ts):
-            z = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
-            x = x + sigma * z
+            x = x + sigma * draw_noise(x.shape, generator=generator, device=x.device).to(x.dtype)
     return x.clamp(-1, 1) if clip_x0 else x
+
+
+# --- DPM-Solver++ -------------------------------------------------------------------------------------------
+@torch.no_grad()
+def dpmpp_sample(
+    model: ModelFn,
+    schedule: NoiseSchedule,
+    noise: Tensor,
+    *,
+    steps: int = 20,
+    order: int = 2,
+    spacing: TimestepSpacing = "logsnr",
+    generator: Generators = None,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Algorithm 2: multistep, data prediction, midpoint form.
+
+    In log-SNR time lambda = log(alpha / sigma), with alpha = sqrt(ab) and sigma = sqrt(1 - ab), the probability
+    flow ODE is solved exactly in its linear part; the x0-prediction integral is approximated by the current x0
+    (first order, = DDIM) or by a linear extrapolation through the previous step's x0 (second order). From s to t
+    with h = lambda_t - lambda_s and r = h_prev / h:
+        D = x0_s + (x0_s - x0_prev) / (2 r)      (order 2; D = x0_s for order 1)
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (exp(-h) - 1) D
+    The first step has no history and the last step goes to sigma = 0 (lambda = inf), so both are first order,
+    as in diffusers' `DPMSolverMultistepScheduler` (`lower_order_final`, `final_sigmas_type="zero"`). The
+    sampler is deterministic; `generator` is accepted for the common signature and unused.
+    """
+    if order not in (1, 2):
+        raise ValueError(f"sampler.order={order} must be 1 or 2")
+    s = schedule
+    ts = sampling_timesteps(s.num_steps, steps, spacing, alpha_bar=s.alpha_bar)
+    ab = s.alpha_bar.double()  # lambda differences lose precision in float32 near t = 0
+
+    def alpha_sigma_lambda(i: int | None) -> tuple[Tensor, Tensor, Tensor]:
+        if i is None:  # the end point: clean data
+            one = torch.ones((), dtype=torch.float64, device=ab.device)
+            return one, torch.zeros_like(one), torch.full_like(one, math.inf)
+        alpha, sigma = ab[i].sqrt(), (1 - ab[i]).sqrt()
+        return alpha, sigma, alpha.log() - sigma.log()
+
+    x = noise
+    x0_prev, lambda_prev = None, None
+    for j in _progress(range(len(ts)), progress, "DPM-Solver++"):
+        i, i_next = ts[j], (ts[j + 1] if j + 1 < len(ts) else None)
+        # 1. data prediction at s = ts[j]
+        x0, _ = _x0_eps(model, s, x, i, clip_x0)
+        alpha_s, sigma_s, lambda_s = alpha_sigma_lambda(i)
+        alpha_t, sigma_t, lambda_t = alpha_sigma_lambda(i_next)
+        h = lambda_t - lambda_s
+        # 2. D: first order at the first and the last step, else the multistep second-order correction
+        if order == 2 and x0_prev is not None and i_next is not None:
+            r = (lambda_s - lambda_prev) / h
+            D = x0 + (0.5 / r).float() * (x0 - x0_prev)
+        else:
+            D = x0
+        # 3. the exact linear part plus the exponentially weighted data prediction (Lu et al. 2022, eq. 8)
+        x = (sigma_t / sigma_s).float() * x - (alpha_t * torch.expm1(-h)).float() * D
+        x0_prev, lambda_prev = x0, lambda_s
+    return x.clamp(-1, 1) if clip_x0 else x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample, "dpmpp": dpmpp_sample}

@@ -68,3 +68,29 @@ def test_grid_uses_ema_weights_and_writes_png(tmp_path):
     assert path.name == "step_000001.png"
     with Image.open(path) as img:
         assert img.size == (2 * 9 + 1, 2 * 9 + 1)
+
+
+class _LabelNet(torch.nn.Module):
+    """Outputs its class label / 10 everywhere, so a sample shows which class it was drawn for."""
+
+    num_classes = 3
+    config = {"in_channels": 1, "image_size": 2}
+
+    def forward(self, x, t, y=None):
+        return (y.float() / 10).view(-1, 1, 1, 1).expand_as(x)
+
+
+def test_conditional_grid_has_one_row_per_class(tmp_path):
+    def show_model(model, schedule, noise, generator=None):
+        return model(noise, torch.zeros(len(noise), dtype=torch.long))
+
+    module = SimpleNamespace(net=_LabelNet(), schedule=None, device=torch.device("cpu"))
+    trainer = SimpleNamespace(callbacks=[], global_step=3, loggers=[])
+    path = SampleGrid(dirpath=str(tmp_path), sampler=show_model, num_images=7, nrow=7).save(trainer, module)
+    with Image.open(path) as img:
+        assert img.size == (2 * 3 + 1, 3 * 3 + 1)  # 3 rows (classes) of 7 // 3 = 2 samples, 1-pixel padding
+        pixels = torch.tensor(list(img.getdata()), dtype=torch.float32).view(img.size[1], img.size[0], -1)[..., 0]
+    for k in range(3):
+        row = pixels[1 + 3 * k : 3 + 3 * k, 1:3]  # first sample of row k
+        expected = round(255 * (k / 10 + 1) / 2)  # to_unit_range(k / 10)
+        assert (row - expected).abs().max() <= 1, (k, row)

@@ -20,12 +20,7 @@ from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
 from diffusion.data import to_unit_range
-
-
-def fixed_noise(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> Tensor:
-    """(n, *shape) standard normal noise where image i (counted from `start`) depends only on seed + i."""
-    gen = torch.Generator()
-    return torch.stack([torch.randn(shape, generator=gen.manual_seed(seed + i)) for i in range(start, start + n)])
+from diffusion.samplers import draw_noise, image_generators
 
 
 @torch.no_grad()
@@ -41,7 +36,7 @@ def generate(
 
     Sample i starts from noise seeded seed + i and, for class-conditional nets, is conditioned on class
     i mod num_classes; so which samples exist depends only on the indices, not on how they are split into
-    batches or across ranks (exactly so for deterministic samplers such as DDIM with eta=0).
+    batches or across ranks, for stochastic samplers too (each sample has its own generator).
     """
     net, schedule = pl_module.net, pl_module.schedule
     cfg = getattr(net, "config", {})
@@ -54,12 +49,13 @@ def generate(
     try:
         for lo in range(0, len(indices), batch_size):
             chunk = indices[lo : lo + batch_size]
-            noise = torch.stack([fixed_noise(1, shape, seed, start=i)[0] for i in chunk]).to(pl_module.device)
+            # One generator per sample, seeded seed + i: its starting noise and any fresh noise the sampler draws.
+            generators = image_generators(seed + i for i in chunk)
+            noise = draw_noise((len(chunk), *shape), generator=generators, device=pl_module.device)
             y = None
             if num_classes:
                 y = torch.tensor([i % num_classes for i in chunk], device=pl_module.device)
-            generator = torch.Generator().manual_seed(seed + 7_919 * (chunk[0] + 1))  # fresh noise of the sampler
-            out.append(sampler(lambda x, t, y=y: net(x, t, y), schedule, noise, generator=generator))
+            out.append(sampler(lambda x, t, y=y: net(x, t, y), schedule, noise, generator=generators))
     finally:
         net.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *shape)
@@ -114,7 +110,8 @@ class SampleGrid(L.Callback):
 
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
-        grid = make_grid(images, nrow=self.nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
+        images, nrow = class_rows(images, getattr(pl_module.net, "num_classes", None), self.nrow)
+        grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:06d}.png"
         save_image(grid, path)
@@ -130,6 +127,19 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self.last_saved_step:
             self.save(trainer, pl_module)
+
+
+def class_rows(images: Tensor, num_classes: int | None, nrow: int) -> tuple[Tensor, int]:
+    """Arrange samples for a grid: as they are for unconditional nets; one row per class for conditional ones.
+
+    `generate` conditions sample i on class i mod K, so class k's samples are k, k + K, k + 2K, ...; the grid
+    then has K rows of num_images // K samples (the remainder is left out).
+    """
+    if not num_classes or len(images) < num_classes:
+        return images, nrow
+    per_class = len(images) // num_classes
+    order = [k + j * num_classes for k in range(num_classes) for j in range(per_class)]
+    return images[order], per_class
 
 
 def log_grid(trainer: L.Trainer, grid: Tensor, *, step: int, key: str = "samples", caption: str | None = None) -> None:

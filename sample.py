@@ -1,0 +1,175 @@
+"""Generate images from a trained checkpoint: python sample.py ckpt=PATH [sampler=dpmpp sampler.steps=20 n=64 ...].
+
+Loads the network (EMA weights when present), the schedule and the sampler chosen in conf/sample.yaml, draws
+`n` images in batches on the GPU when there is one, and writes `grid.png`, one PNG per image under `images/`
+and optionally `samples.npz` into `out`. Image i depends only on seed + i (its starting noise and any fresh
+noise a stochastic sampler draws come from its own generator), so `n=8` reproduces the first 8 images of `n=64`
+with any `batch_size`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from diffusion.errors import exit_on_user_error
+
+IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but no CUDA GPU is available (use device=auto or device=cpu)")
+    return resolved
+
+
+def parse_labels(label, net) -> list[int | None]:
+    """The label of each grid row: [None] (unconditional), one label, a list, or every class for "all"."""
+    import torch
+
+    from diffusion.samplers import guided_model
+
+    if label is None:
+        return [None]
+    num_classes = getattr(net, "num_classes", None)
+    if num_classes is None:
+        guided_model(net, labels=torch.zeros(1))  # raises: labels for an unconditional model
+    if label == "all":
+        return list(range(num_classes))
+    values = list(label) if isinstance(label, (list, tuple)) else [label]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"label={label} must be a class index, a list of them, or 'all'")
+    guided_model(net, labels=torch.tensor(values))  # says what is wrong: unconditional model, label out of range
+    return values
+
+
+def prepare_out(out: Path, *, overwrite: bool) -> None:
+    """Create `out`, check it can be written, and refuse to replace earlier results unless `overwrite`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"out={out} cannot be written ({e.strerror or e})") from e
+    images = out / "images"
+    existing = [p.name for p in (out / "grid.png", out / "samples.npz") if p.exists()]
+    old_images = [p for p in images.iterdir() if IMAGE_NAME.match(p.name)] if images.is_dir() else []
+    if old_images:
+        existing.append(f"images/ ({len(old_images)} PNGs)")
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"out={out} already holds {', '.join(existing)}; pass overwrite=true to replace them or choose another out"
+        )
+    for p in old_images:  # overwrite=true: no stale images from a larger earlier run
+        p.unlink()
+    images.mkdir(exist_ok=True)
+
+
+def sample(cfg: DictConfig) -> Path:
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+
+    from diffusion.checkpoint import load_model
+    from diffusion.data import to_unit_range
+    from diffusion.samplers import draw_noise, guided_model, image_generators, sampling_timesteps
+    from train import resolve_ckpt_path
+
+    # 1. check the plain options before touching the checkpoint
+    if cfg.ckpt in (None, ""):
+        raise ValueError("ckpt=PATH is required: a .ckpt file, a training run folder, or ckpt=last")
+    if cfg.n < 1:
+        raise ValueError(f"n={cfg.n} must be >= 1")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
+    if cfg.nrow is not None and cfg.nrow < 1:
+        raise ValueError(f"nrow={cfg.nrow} must be >= 1")
+    device = resolve_device(str(cfg.device))
+    ckpt = Path(str(cfg.ckpt)).expanduser()
+    if str(cfg.ckpt) == "last" or ckpt.is_dir():
+        ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir))
+
+    # 2. the model, its labels and guidance, the sampler
+    loaded = load_model(ckpt, use_ema=cfg.use_ema, map_location=device)
+    net, schedule = loaded.net, loaded.schedule
+    num_classes = getattr(net, "num_classes", None)
+    rows = parse_labels(OmegaConf.to_object(cfg.label) if isinstance(cfg.label, ListConfig) else cfg.label, net)
+    guidance = 1.0 if cfg.guidance is None else float(cfg.guidance)
+    if cfg.guidance is not None and num_classes is None:
+        raise ValueError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
+    if cfg.guidance is not None and rows == [None]:
+        raise ValueError(f"guidance={cfg.guidance} needs a label (label=7, label=[1,2] or label=all)")
+    steps = cfg.sampler.get("steps")
+    if steps is not None:  # fail now, not after the first batch
+        sampling_timesteps(
+            schedule.num_steps, steps, cfg.sampler.get("spacing", "trailing"), alpha_bar=schedule.alpha_bar
+        )
+    sampler = instantiate(cfg.sampler)
+
+    # 3. the output folder, checked before any sampling
+    out = Path(str(cfg.out)).expanduser()
+    prepare_out(out, overwrite=cfg.overwrite)
+
+    # 4. sample: item k is (row label, column j) and starts from seed + j
+    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+    items = [(label, j) for label in rows for j in range(cfg.n)]
+    print(
+        f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
+        f"(step {loaded.global_step}, {loaded.weights} weights) on {device}",
+        flush=True,
+    )
+    batches = range(0, len(items), cfg.batch_size)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="batches")
+    images = []
+    for lo in batches:
+        batch = items[lo : lo + cfg.batch_size]
+        generators = image_generators(cfg.seed + j for _, j in batch)
+        noise = draw_noise((len(batch), *shape), generator=generators, device=device)
+        labels = None if rows == [None] else torch.tensor([label for label, _ in batch], device=device)
+        model = guided_model(net, labels=labels, guidance=guidance)
+        x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
+        images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
+    pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
+
+    # 5. write: per-image PNGs, the grid, the npz
+    uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    for k, img in enumerate(uint8):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / "images" / f"{k:06d}.png")
+    nrow = cfg.nrow or (cfg.n if len(rows) > 1 else math.ceil(math.sqrt(len(items))))
+    save_image(make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0), out / "grid.png")
+    written = ["grid.png", f"images/ ({len(items)} PNGs)"]
+    if cfg.npz:
+        arrays = {"arr_0": uint8}
+        if rows != [None]:
+            arrays["arr_1"] = np.array([label for label, _ in items], dtype=np.int64)
+        np.savez(out / "samples.npz", **arrays)
+        written.append("samples.npz")
+    print(f"wrote {', '.join(written)} to {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(sample, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""sample.py end to end on checkpoints written by tiny train.py runs: files, sizes, seeds, labels, bad input."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+from PIL import Image
+
+from diffusion.errors import user_error_message
+from tests.conftest import CONF, ROOT, run_cli, run_train
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("uncond") / "run"
+    run_train(run, ["callbacks.sample_grid.every_n_steps=0"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def cond_ckpt(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("cond") / "run"
+    run_train(run, ["model.num_classes=10", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+def sample_in_process(out: Path, *overrides: str):
+    """sample.sample on the real conf/sample.yaml, composed as `python sample.py <overrides>` would be."""
+    import sample
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("sample", overrides=["progress=false", f"out={out}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(ROOT)
+        cfg.hydra.runtime.cwd = str(ROOT)
+    HydraConfig().set_config(cfg)
+    return sample.sample(cfg)
+
+
+def read_images(out: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p)) for p in sorted((out / "images").glob("*.png"))])
+
+
+def test_cli_writes_files_and_reproduces_seeds(tmp_path, ckpt):
+    # stochastic DDIM (eta=1): fresh noise every step must also come from each image's own seed
+    common = [f"ckpt={ckpt}", "sampler=ddim", "sampler.steps=3", "sampler.eta=1.0", "seed=5", "progress=false"]
+    a = run_cli("sample.py", *common, "n=8", "batch_size=3", "npz=true", f"out={tmp_path}/a")
+    assert a.returncode == 0, a.stderr[-3000:]
+    assert f"to {tmp_path}/a" in a.stdout
+    names = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert names == [f"{k:06d}.png" for k in range(8)]
+    images = read_images(tmp_path / "a")
+    assert images.shape == (8, 16, 16) and images.dtype == np.uint8 and images.std() > 0
+    with Image.open(tmp_path / "a" / "grid.png") as grid:
+        assert grid.size == (3 * 17 + 1, 3 * 17 + 1)  # 8 images, 3 per row, 1-pixel padding
+    npz = np.load(tmp_path / "a" / "samples.npz")
+    assert npz["arr_0"].shape == (8, 16, 16, 1) and np.array_equal(npz["arr_0"][..., 0], images)
+    assert not (tmp_path / "a" / ".hydra").exists()
+
+    # n=4 with another batch size reproduces the first 4 exactly (in-process: no second interpreter start-up)
+    sample_in_process(tmp_path / "b", *common[:-1], "n=4", "batch_size=4")
+    assert np.array_equal(read_images(tmp_path / "b"), images[:4])
+    sample_in_process(tmp_path / "c", *common[:-1], "seed=6", "n=4", "batch_size=4")
+    assert np.array_equal(read_images(tmp_path / "c")[:3], images[1:4])  # image i is seed + i
+
+
+def test_never_overwrites_without_asking(tmp_path, ckpt):
+    args = [f"ckpt={ckpt}", "sampler.steps=2", "n=2"]
+    sample_in_process(tmp_path, *args, "seed=0")
+    before = (tmp_path / "images" / "000000.png").read_bytes()
+    with pytest.raises(FileExistsError, match="pass overwrite=true"):
+        sample_in_process(tmp_path, *args, "seed=1")
+    assert (tmp_path / "images" / "000000.png").read_bytes() == before
+    sample_in_process(tmp_path, *args, "seed=1", "n=1", "overwrite=true")
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["000000.png"]  # no stale images left
+    assert (tmp_path / "images" / "000000.png").read_bytes() != before
+
+
+def test_conditional_labels_and_guidance(tmp_path, cond_ckpt):
+    sample_in_process(
+        tmp_path / "rows", f"ckpt={cond_ckpt}", "sampler.steps=2", "n=3", "label=[1,2]", "guidance=3.0", "npz=true"
+    )
+    npz = np.load(tmp_path / "rows" / "samples.npz")
+    assert npz["arr_0"].shape == (6, 16, 16, 1) and npz["arr_1"].tolist() == [1, 1, 1, 2, 2, 2]
+    with Image.open(tmp_path / "rows" / "grid.png") as grid:
+        assert grid.size == (3 * 17 + 1, 2 * 17 + 1)  # one row per label
+    sample_in_process(tmp_path / "all", f"ckpt={cond_ckpt}", "sampler.steps=2", "n=1", "label=all")
+    assert len(list((tmp_path / "all" / "images").iterdir())) == 10
+    with pytest.raises(ValueError, match="label=10 is out of range: the model has classes 0..9"):
+        sample_in_process(tmp_path / "bad", f"ckpt={cond_ckpt}", "label=10")
+    with pytest.raises(ValueError, match="guidance=2.0 needs a label"):
+        sample_in_process(tmp_path / "bad", f"ckpt={cond_ckpt}", "guidance=2.0")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ckpt={tmp}/nope.ckpt"], "nope.ckpt does not exist"),
+        (["ckpt={tmp}/not_a_ckpt.ckpt"], "not_a_ckpt.ckpt is not a readable checkpoint"),
+        (["ckpt={ckpt}", "n=0"], "n=0 must be >= 1"),
+        (["ckpt={ckpt}", "sampler.steps=0"], "sampler.steps=0 must be in [1, 50]"),
+        (["ckpt={ckpt}", "sampler.steps=51"], "sampler.steps=51 must be in [1, 50]"),
+        (["ckpt={ckpt}", "out={tmp}/file.txt"], "file.txt cannot be written"),
+        (["ckpt={ckpt}", "label=3"], "model is unconditional"),
+        (["ckpt={ckpt}", "guidance=2.0"], "needs a class-conditional model"),
+        (["ckpt={ckpt}", "device=tpu9"], "device='tpu9' is not a torch device"),
+        ([], "ckpt=PATH is required"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, ckpt, overrides, message):
+    (tmp_path / "not_a_ckpt.ckpt").write_text("hello")
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    overrides = [o.format(tmp=tmp_path, ckpt=ckpt) for o in overrides]
+    with pytest.raises(Exception) as info:
+        sample_in_process(tmp_path / "out", *overrides)
+    assert message in (user_error_message(info.value) or "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_input_exits_with_one_line(tmp_path):
+    result = run_cli("sample.py", f"ckpt={tmp_path}/nope.ckpt", f"out={tmp_path}/out")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path}/nope.ckpt does not exist"]
