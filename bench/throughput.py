@@ -4,7 +4,9 @@ Both paths train the same network (same initial weights), on batches from the sa
 same batch size and precision, with the same AdamW and gradient clipping. "ours" is the real Lightning Trainer +
 DiffusionModule + datamodule built from conf/ exactly as train.py builds them (no callbacks, no loggers, no
 validation); "bare" is a hand-written loop: q_sample, forward, fp32 MSE, backward, clip, step. The rounds
-alternate between the two so that drift in machine load hits both alike; the median round is reported.
+alternate between the two so that drift in machine load hits both alike; each round's rate comes from the
+median step on a CPU (robust to load bursts on a shared machine) and from the whole window on a GPU, and the
+median round is reported.
 
     python bench/throughput.py                                  # CPU: unet_small on the digits, fp32
     python bench/throughput.py model=unet_base data.image_size=32 data.channels=3 --device cuda \
@@ -65,24 +67,35 @@ def batches(datamodule, n: int):
             yield batch
 
 
+def rate(stamps: list[float], batch: int, device: str) -> float:
+    """Images/s from the start times of the timed steps plus the end time. On a GPU (asynchronous; the stamps
+    at both ends follow a synchronize) the whole window counts; on a CPU the median step, which a burst of load
+    from other processes on a shared machine moves much less than the mean."""
+    if device == "cuda":
+        return batch * (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return batch / statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 class Timer:
-    """Lightning callback: wall time from the start of batch `warmup` to the end of the last batch."""
+    """Lightning callback: the start time of every step from `warmup` on, and the end of training."""
 
     def __init__(self, warmup: int, device: str) -> None:
         import lightning as L
 
+        self.stamps: list[float] = []
+
         class _CB(L.Callback):
             def on_train_batch_start(cb, trainer, *args) -> None:
-                if trainer.global_step == warmup:
-                    sync(device)
-                    self.start = time.perf_counter()
+                if trainer.global_step >= warmup:
+                    if trainer.global_step == warmup:
+                        sync(device)
+                    self.stamps.append(time.perf_counter())
 
             def on_train_end(cb, trainer, *args) -> None:
                 sync(device)
-                self.end = time.perf_counter()
+                self.stamps.append(time.perf_counter())
 
         self.callback = _CB()
-        self.start = self.end = 0.0
 
 
 def run_ours(cfg, net_state, datamodule, args) -> float:
@@ -104,7 +117,7 @@ def run_ours(cfg, net_state, datamodule, args) -> float:
         max_steps=args.warmup + args.steps,
     )
     trainer.fit(module, datamodule=datamodule)
-    return args.batch * args.steps / (timer.end - timer.start)
+    return rate(timer.stamps, args.batch, args.device)
 
 
 def run_bare(cfg, net_state, datamodule, args) -> float:
@@ -124,11 +137,12 @@ def run_bare(cfg, net_state, datamodule, args) -> float:
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler(enabled=args.precision == "16-mixed")
     clip = cfg.trainer.gradient_clip_val
-    start = 0.0
+    stamps: list[float] = []
     for i, (x0, _) in enumerate(batches(datamodule, args.warmup + args.steps)):
-        if i == args.warmup:
-            sync(args.device)
-            start = time.perf_counter()
+        if i >= args.warmup:
+            if i == args.warmup:
+                sync(args.device)
+            stamps.append(time.perf_counter())
         x0 = x0.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=device)
         noise = torch.randn_like(x0)
@@ -143,7 +157,8 @@ def run_bare(cfg, net_state, datamodule, args) -> float:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
     sync(args.device)
-    return args.batch * args.steps / (time.perf_counter() - start)
+    stamps.append(time.perf_counter())
+    return rate(stamps, args.batch, args.device)
 
 
 def step_flops(cfg, net_state, args) -> float:
@@ -224,7 +239,8 @@ def main() -> None:
     )
     print(f"  ours: {o:9.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in ours)})")
     print(f"  bare: {b:9.1f} images/s   (rounds: {', '.join(f'{v:.1f}' for v in bare)})")
-    print(f"  ratio ours/bare: {o / b:.3f}  (overhead {100 * (1 - o / b):+.1f}%)")
+    paired = statistics.median(x / y for x, y in zip(ours, bare))  # rounds ran back to back: same load
+    print(f"  ratio ours/bare: {paired:.3f} (median of the rounds' ratios; of the medians: {o / b:.3f})")
     if args.device == "cuda":
         print(f"  peak memory: ours {peaks['ours'] / 2**30:.2f} GiB, bare {peaks['bare'] / 2**30:.2f} GiB")
         by_name = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
