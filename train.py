@@ -7,6 +7,7 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -36,6 +37,22 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_pat
     return str(path)
 
 
+def slurm_requeue_path(output_dir: Path) -> str | None:
+    """The checkpoint a requeued SLURM job resumes from: the newer of Lightning's hpc_ckpt_N.ckpt (written on
+    the requeue signal) and checkpoints/last.ckpt in its own run folder; None when this is not a requeue."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    found = [*output_dir.glob("hpc_ckpt_*.ckpt"), *output_dir.glob("checkpoints/last.ckpt")]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def effective_batch(batch_size: int, trainer) -> tuple[int, str]:
+    """Images per optimizer step across all processes, and how it is made up."""
+    devices, nodes, accumulate = trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+    total = batch_size * devices * nodes * accumulate
+    return total, f"{batch_size} per device x {devices} devices x {nodes} nodes x {accumulate} accumulation"
+
+
 def train(cfg: DictConfig) -> float | None:
     """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged)."""
     import lightning as L
@@ -46,6 +63,8 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir)
+    if ckpt_path is None:
+        ckpt_path = slurm_requeue_path(output_dir)  # a preempted SLURM job continues in its own folder
     if ckpt_path is not None:
         read_checkpoint(ckpt_path)  # a clear error now beats one from deep inside Lightning
     elif any((output_dir / "checkpoints").glob("*.ckpt")):
@@ -85,11 +104,14 @@ def train(cfg: DictConfig) -> float | None:
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    batch, batch_parts = effective_batch(int(getattr(datamodule, "batch_size", cfg.data.get("batch_size", 0))), trainer)
+    resolved["effective_batch_size"] = batch
     for logger in loggers:
         logger.log_hyperparams(resolved)
     n_params = sum(p.numel() for p in net.parameters())
     if trainer.is_global_zero:
         print(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")
+        print(f"effective batch {batch} ({batch_parts}), lr {cfg.optim.get('lr')}, precision {trainer.precision}")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -97,7 +119,10 @@ def train(cfg: DictConfig) -> float | None:
         print(f"done at step {trainer.global_step}; run folder: {output_dir}")
     metric = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric) if metric else None
-    return float(value) if value is not None else None
+    value = float(value) if value is not None else None
+    if trainer.is_global_zero and metric:
+        print(f"optimized_metric {metric} = {value}")
+    return value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

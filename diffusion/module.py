@@ -6,6 +6,12 @@ stratified fixed timesteps so that `val/loss` is comparable across runs, and rep
 (`val/loss_t0-99`, ...). The optimizer is any `torch.optim` factory (AdamW in the configs) with a linear
 warm-up and an optional cosine decay. Checkpoints carry what is needed to rebuild the network and schedule
 (see `diffusion.checkpoint`).
+
+Speed and safety options (all off by default except the non-finite check): `compile` runs the network's
+forward through `torch.compile` (the checkpoint keeps the plain network's keys), `channels_last` stores
+weights and activations NHWC (faster convolutions on tensor cores), and `nonfinite` stops ("error") or skips
+and counts ("skip") an optimizer step whose loss or gradients are not finite, before anything is updated or
+saved.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ from diffusion.schedule import NoiseSchedule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LRDecay = Literal["constant", "cosine"]
+NonFinite = Literal["error", "skip", "off"]
+
+
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A training step produced a non-finite loss or gradient; the weights were not updated by it."""
 
 
 class DiffusionModule(L.LightningModule):
@@ -41,6 +52,11 @@ class DiffusionModule(L.LightningModule):
             during training, so the net also learns the unconditional model (classifier-free guidance).
         val_seed: seed of the validation noise and timesteps.
         val_buckets: number of equal timestep buckets the validation loss is broken into.
+        nonfinite: what a non-finite loss or gradient does: "error" stops training before the optimizer step
+            (so no checkpoint holds the bad step), "skip" drops that step and counts it in
+            `train/skipped_steps`, "off" does not check (saves one host-device sync per step).
+        compile: run the network's forward through `torch.compile` in training and validation.
+        channels_last: keep weights and images in channels-last memory format.
     """
 
     def __init__(
@@ -54,6 +70,9 @@ class DiffusionModule(L.LightningModule):
         cond_drop_prob: float = 0.1,
         val_seed: int = 0,
         val_buckets: int = 10,
+        nonfinite: NonFinite = "error",
+        compile: bool = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if lr_decay not in ("constant", "cosine"):
@@ -64,6 +83,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"module.cond_drop_prob={cond_drop_prob} must be in [0, 1]")
         if not 1 <= val_buckets <= schedule.num_steps:
             raise ValueError(f"module.val_buckets={val_buckets} must be in [1, {schedule.num_steps}]")
+        if nonfinite not in ("error", "skip", "off"):
+            raise ValueError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer"])
         self.net = net
         self.schedule = schedule
@@ -77,7 +98,17 @@ class DiffusionModule(L.LightningModule):
         self.bucket_edges = [round(i * T / val_buckets) for i in range(val_buckets + 1)]
         self.val_loss = MeanMetric()
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_buckets))
-        self._last_batch_time: float | None = None
+        self.nonfinite = nonfinite
+        self.channels_last = channels_last
+        self.skipped_steps = 0
+        self._step_loss: Tensor | None = None  # detached sum of this optimizer step's micro-batch losses
+        self._images_since_log = 0
+        self._last_log_time: float | None = None
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        # torch.compile of the bound forward (a function, not a submodule), so state_dict keys stay "net.*"
+        # without "_orig_mod." and samplers can still call the plain eager network.
+        self.net_forward = torch.compile(self.net.forward) if compile else self.net
         # Set by train.py for init_from runs (init.ema_from_init): the net's weights right after loading,
         # for an EMA callback to start its average from (when it is not resuming its own state).
         self.ema_init_state: dict[str, Tensor] | None = None
@@ -102,27 +133,92 @@ class DiffusionModule(L.LightningModule):
     def per_sample_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
         """Weighted MSE between the net's output and the schedule's target, per sample, in fp32: (B,)."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        out = self.net(x_t, t, y)
+        out = self.net_forward(x_t, t, y)
         target = self.schedule.target(x0, noise, t)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
         return mse * self.schedule.loss_weight(t)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
+        if self.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
         t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
+        if self.nonfinite != "off":  # checked once per optimizer step, in on_before_optimizer_step
+            self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        now = time.perf_counter()
-        if self._last_batch_time is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/images_per_sec", x0.shape[0] * world / (now - self._last_batch_time), prog_bar=True)
-        self._last_batch_time = now
+        self._images_since_log += x0.shape[0]
+        if self._is_log_step():
+            self._log_rates()
         return loss
 
+    def _is_log_step(self) -> bool:
+        """True on the batches whose logged values the loggers write (every trainer.log_every_n_steps)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+
+    def _log_rates(self) -> None:
+        """Learning rate and images/s over the batches since the last log: host-side only, no device sync."""
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        now = time.perf_counter()
+        if self._last_log_time is not None:
+            world = self.trainer.world_size if self._trainer is not None else 1
+            rate = self._images_since_log * world / (now - self._last_log_time)
+            self.log("train/images_per_sec", rate, prog_bar=True)
+        self._last_log_time = now
+        self._images_since_log = 0
+
     def on_train_epoch_start(self) -> None:
-        self._last_batch_time = None  # do not count validation or epoch turnover as training time
+        self._last_log_time = None  # do not count validation or epoch turnover as training time
+        self._images_since_log = 0
+
+    def on_validation_start(self) -> None:
+        self._last_log_time = None
+
+    # --- non-finite loss / gradient guard --------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop (or skip) a step whose loss or gradients are not finite, before the optimizer touches anything.
+
+        Runs after backward and before gradient clipping and the optimizer step; the periodic checkpoint of
+        this step is saved only after the step, so an error here leaves the last good checkpoint as it was.
+        With 16-mixed, the gradient scaler already skips overflowing gradients, so only the loss is checked.
+        One host-device sync per optimizer step; ranks agree through an all-reduce of the flag.
+        """
+        if self.nonfinite == "off" or self._step_loss is None:
+            return
+        bad = (~torch.isfinite(self._step_loss)).float()
+        self._step_loss = None
+        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+            if grads:
+                grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+                bad = bad + 2 * (~torch.isfinite(grad_norm)).float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        flag = int(bad.item())
+        if not flag:
+            return
+        step = self.trainer.global_step + 1
+        what = "loss" if flag & 1 else "gradient"
+        if self.nonfinite == "error":
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step}; stopped before updating the weights, so the checkpoints "
+                f"hold steps <= {step - 1} only. Resume from the last checkpoint with a lower optim.lr, "
+                "trainer.gradient_clip_val, another trainer.precision, or skip such steps with module.nonfinite=skip"
+            )
+        # skip: optimizers leave parameters whose .grad is None untouched (no moment or weight-decay update)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"non-finite {what} at step {step}: skipped ({self.skipped_steps} so far)")
 
     # --- validation at fixed noise and timesteps ------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -171,3 +267,7 @@ class DiffusionModule(L.LightningModule):
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["diffusion"] = describe(self.net, self.schedule)
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))

@@ -36,7 +36,10 @@ TINY = [
     "schedule.num_steps=50",
 ]
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: the test models are tiny, where threads cost more than they give, and several test
+# processes (DDP ranks, subprocess CLIs) share the cores; oversubscribed threads slow them down many-fold.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def compose_train(run_dir: Path, overrides: Sequence[str] = (), tiny: bool = True) -> DictConfig:

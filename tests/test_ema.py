@@ -165,7 +165,8 @@ def test_checkpoint_resume_and_no_leak(tmp_path):
     run_a = tmp_path / "a"
     run_train(run_a, DET)
     a8 = read_checkpoint(run_a / "checkpoints" / "last.ckpt")
-    assert a8["global_step"] == 8 and a8["callbacks"]["EMA"] == {"num_updates": 8, "last_update_step": 8}
+    assert a8["global_step"] == 8
+    assert a8["callbacks"]["EMA"] == {"num_updates": 8, "last_update_step": 8, "from_init": False}
     assert any(not torch.equal(v, _net_state(a8)[k]) for k, v in a8["ema_state_dict"].items())
 
     # Round trip: sample.py's loader rebuilds the net with the EMA weights (or the raw ones when asked).

@@ -63,7 +63,7 @@ def test_init_from_loads_exact_weights_fresh_optimizer_step0_other_dataset(tmp_p
     probe = Probe.last
     assert probe.start_step == 0 and probe.optimizer_state == {}  # a new run, not a resume
     source, weights = net_state_dict(read_checkpoint(pretrained / "checkpoints" / "last.ckpt"))
-    assert weights == "raw" and set(probe.weights) == set(source)
+    assert weights == "ema" and set(probe.weights) == set(source)  # the default callbacks keep an EMA; it is preferred
     for k, v in source.items():
         torch.testing.assert_close(probe.weights[k], v, rtol=0, atol=0)
         torch.testing.assert_close(probe.ema_init_state[k], v, rtol=0, atol=0)  # the EMA hook
@@ -74,7 +74,7 @@ def test_init_from_loads_exact_weights_fresh_optimizer_step0_other_dataset(tmp_p
 
 def test_init_from_prefers_ema_weights_and_ema_from_init_off(tmp_path, pretrained):
     ckpt = read_checkpoint(pretrained / "checkpoints" / "last.ckpt")
-    raw, _ = net_state_dict(ckpt)
+    raw, _ = net_state_dict(ckpt, use_ema=False)
     ckpt["ema_state_dict"] = {k: v + 1 for k, v in raw.items()}
     path = tmp_path / "with_ema.ckpt"
     torch.save(ckpt, path)
