@@ -80,12 +80,13 @@ def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
     result = run_cli("export.py", f"ckpt={run}", f"out={out}", "format=safetensors")
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
-    assert config["net"]["target"] == "diffusion.unet.UNet" and config["weights"] == "raw"
+    assert config["net"]["target"] == "diffusion.unet.UNet" and config["weights"] == "ema"  # EMA is on by default
     assert config["schedule"]["num_steps"] == 50 and config["global_step"] == 2
     loaded = load_export(out)
-    raw, _ = net_state_dict(read_checkpoint(run / "checkpoints" / "last.ckpt"))
-    for k, v in raw.items():
+    ema, _ = net_state_dict(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    for k, v in ema.items():
         torch.testing.assert_close(loaded.net.state_dict()[k], v, rtol=0, atol=0)
+    raw, _ = net_state_dict(read_checkpoint(run / "checkpoints" / "last.ckpt"), use_ema=False)
     # EMA weights are preferred when the checkpoint has them
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     ckpt["ema_state_dict"] = {k: v * 0.5 for k, v in raw.items()}

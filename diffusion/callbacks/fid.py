@@ -32,11 +32,11 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from diffusion.callbacks.ema import ema_weights
 from diffusion.callbacks.sample_grid import generate
-from diffusion.data import to_unit_range
+from diffusion.data import image_loader, to_unit_range
 
 CACHE_FORMAT = 1
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
@@ -191,7 +191,7 @@ def extract_features(
     if isinstance(images, Tensor):
         batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     else:
-        batches = (x for x, _ in DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers))
+        batches = (x for x, _ in image_loader(images, batch_size=batch_size, num_workers=num_workers))
     out = [extractor(x.to(device)).float().cpu() for x in batches]
     return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
 

@@ -7,7 +7,7 @@ labels long (-1 when unlabeled), and exposes `image_size`, `channels` and `num_c
 - `CIFAR10DataModule` (`data=cifar10`), `MNISTDataModule` (`data=mnist`): the standard sets, in memory.
 """
 
-from diffusion.data.base import DigitsDataModule, split_indices, to_model_range, to_unit_range
+from diffusion.data.base import DigitsDataModule, image_loader, split_indices, to_model_range, to_unit_range
 from diffusion.data.folder import CelebADataModule, ImageFolderDataModule
 from diffusion.data.images import IMAGE_EXTENSIONS, load_image, scan_images
 from diffusion.data.standard import CIFAR10DataModule, MNISTDataModule
@@ -21,6 +21,7 @@ __all__ = [
     "MNISTDataModule",
     "load_image",
     "scan_images",
+    "image_loader",
     "split_indices",
     "to_model_range",
     "to_unit_range",

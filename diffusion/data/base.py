@@ -95,6 +95,27 @@ class ArrayImages(Dataset):
         return x[0], y[0]
 
 
+def image_loader(
+    dataset: Dataset, *, batch_size: int, shuffle: bool = False, flip: bool = False, num_workers: int = 0
+) -> DataLoader:
+    """A DataLoader of (float images in [-1, 1], labels) batches over any of our datasets.
+
+    Datasets that yield whole uint8 batches (`uint8_batches`) get the `Uint8Batch` collate; others the default.
+    Shuffled loaders drop the last partial batch. Use this (not a bare DataLoader) wherever images are read.
+    """
+    uint8 = getattr(dataset, "uint8_batches", False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(dataset) >= batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=Uint8Batch(flip) if uint8 else None,
+    )
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A fixed-seed shuffle of range(n) split into (train, val); val gets round(n * val_fraction) items."""
     if not 0.0 <= val_fraction < 1.0:
@@ -149,16 +170,8 @@ class _SplitDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, flip: bool = False) -> DataLoader:
         # Shuffled loaders are what Lightning swaps a DistributedSampler into under DDP (each rank its shard).
-        uint8 = getattr(dataset, "uint8_batches", False)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=Uint8Batch(flip) if uint8 else None,
+        return image_loader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, flip=flip, num_workers=self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
