@@ -82,12 +82,11 @@ def train(cfg: DictConfig) -> float | None:
                 "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
                 "init_from starts a new one from a checkpoint's weights"
             )
-        read_checkpoint(init_path)
 
     datamodule = instantiate(cfg.data)
     schedule = instantiate(cfg.schedule)
     net = instantiate(cfg.model)
-    if init_path is not None:  # weights only: the optimizer and the step count start fresh
+    if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
         report = init_from_checkpoint(
             net,
             init_path,
