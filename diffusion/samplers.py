@@ -30,6 +30,7 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 PosteriorVariance = Literal["beta_tilde", "beta"]
 TimestepSpacing = Literal["leading", "trailing", "linspace", "logsnr"]
+SamplePrecision = Literal["fp32", "bf16", "fp16"]
 
 
 # --- randomness -----------------------------------------------------------------------------------------
@@ -67,6 +68,40 @@ def _progress(iterable, enabled: bool, desc: str):
     from tqdm.auto import tqdm  # installed with lightning
 
     return tqdm(iterable, desc=desc, leave=False)
+
+
+# --- precision ------------------------------------------------------------------------------------------
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_from_trainer(precision: str | None) -> SamplePrecision:
+    """The sampling precision that follows a Lightning `trainer.precision` ("bf16-mixed" -> "bf16", ...)."""
+    precision = str(precision or "32")
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "fp32"
+
+
+def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.device | str) -> ModelFn:
+    """`model` whose network calls run under autocast in `precision`, returning fp32.
+
+    Only the network runs in low precision: the sampler's own arithmetic (timesteps, alpha_bar, the update of
+    x) stays fp32, since x_t and the schedule tables never pass through autocast. "fp32" returns `model` as is.
+    """
+    if precision not in get_args(SamplePrecision):
+        raise ValueError(f"precision={precision!r} is not one of 'fp32', 'bf16', 'fp16'")
+    if precision == "fp32":
+        return model
+    device_type = torch.device(device).type
+    dtype = _AUTOCAST_DTYPES[precision]
+
+    def low_precision(x: Tensor, t: Tensor) -> Tensor:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            return model(x, t).float()
+
+    return low_precision
 
 
 # --- classifier-free guidance ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
 from diffusion.data import to_unit_range
-from diffusion.samplers import draw_noise, image_generators
+from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
 
 
 @torch.no_grad()
@@ -31,12 +31,14 @@ def generate(
     *,
     seed: int,
     batch_size: int = 64,
+    precision: SamplePrecision = "fp32",
 ) -> Tensor:
     """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode.
 
     Sample i starts from noise seeded seed + i and, for class-conditional nets, is conditioned on class
     i mod num_classes; so which samples exist depends only on the indices, not on how they are split into
-    batches or across ranks, for stochastic samplers too (each sample has its own generator).
+    batches or across ranks, for stochastic samplers too (each sample has its own generator). `precision` is the
+    network's autocast precision ("bf16" under a bf16 trainer); the sampler's arithmetic stays fp32.
     """
     net, schedule = pl_module.net, pl_module.schedule
     cfg = getattr(net, "config", {})
@@ -55,7 +57,8 @@ def generate(
             y = None
             if num_classes:
                 y = torch.tensor([i % num_classes for i in chunk], device=pl_module.device)
-            out.append(sampler(lambda x, t, y=y: net(x, t, y), schedule, noise, generator=generators))
+            model = with_precision(lambda x, t, y=y: net(x, t, y), precision, pl_module.device)
+            out.append(sampler(model, schedule, noise, generator=generators))
     finally:
         net.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *shape)
@@ -102,7 +105,15 @@ class SampleGrid(L.Callback):
         """(num_images, C, H, W) samples in [-1, 1], with the EMA weights when `trainer` has an EMA callback."""
         with ema_weights(trainer if self.use_ema else None, pl_module) as used_ema:
             self.last_used_ema = used_ema
-            return generate(pl_module, self.sampler, range(self.num_images), seed=self.seed, batch_size=self.num_images)
+            precision = precision_from_trainer(getattr(trainer, "precision", None))
+            return generate(
+                pl_module,
+                self.sampler,
+                range(self.num_images),
+                seed=self.seed,
+                batch_size=self.num_images,
+                precision=precision,
+            )
 
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
