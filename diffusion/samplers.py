@@ -160,7 +160,9 @@ def sampling_timesteps(
     if spacing == "logsnr":
         if alpha_bar is None:
             raise ValueError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
-        lam = 0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())  # (T,), decreasing in t
+        lam = 0.5 * (
+            alpha_bar.detach().cpu().double().log() - (1 - alpha_bar.detach().cpu().double()).log()
+        )  # (T,), decreasing in t
         targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
         ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # decreasing t
         # Where lambda jumps between neighbouring timesteps (the clipped end of the cosine schedule) several

@@ -258,7 +258,23 @@ def test_nonfinite_error_on_the_device_keeps_the_last_good_checkpoint(tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3;"):
-        run_train(run, [*_poison(run, at_step=2), "trainer.max_steps=6", "trainer=gpu", "optim.optimizer.fused=true", *NO_GRIDS])
+        run_train(
+            run,
+            [*_poison(run, at_step=2), "trainer.max_steps=6", "trainer=gpu", "optim.optimizer.fused=true", *NO_GRIDS],
+        )
     ckpts = {p: p.read_bytes() for p in (run / "checkpoints").glob("*.ckpt")}
     assert PoisonBatch.SNAPSHOT == ckpts
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+def test_every_sampler_runs_with_the_schedule_on_the_gpu(sampler):
+    """sample.py moves the schedule to the GPU: the logsnr grid (DPM-Solver++'s default) once mixed devices."""
+    from diffusion.samplers import SAMPLERS
+
+    schedule = NoiseSchedule(kind="cosine", num_steps=100, prediction="v").to("cuda")
+    noise = torch.randn(2, 1, 8, 8, device="cuda")
+    x = SAMPLERS[sampler](lambda x, t: torch.zeros_like(x), schedule, noise, steps=5, spacing="logsnr")
+    assert x.device.type == "cuda" and torch.isfinite(x).all()
