@@ -2,12 +2,14 @@
 
 import functools
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hydra.utils import instantiate
 
 from diffusion.callbacks.fid import (
     FID,
@@ -16,10 +18,13 @@ from diffusion.callbacks.fid import (
     extract_features,
     fid_kid,
     load_or_compute_real_features,
+    reference_images,
 )
 from diffusion.data import DigitsDataModule
 from diffusion.samplers import ddim_sample
-from tests.conftest import run_train
+from tests.conftest import compose_train, run_train, write_image
+
+CPU = torch.device("cpu")
 
 
 @functools.cache
@@ -86,7 +91,96 @@ def test_file_datasets_are_keyed_by_their_files(tmp_path, image_folder):
     before = describe_dataset(dm, "train")
     target = dm.train_set.files[0]
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))  # the file was edited
-    assert describe_dataset(dm, "train")["files"] != before["files"]
+    assert describe_dataset(dm, "train")["items"] != before["items"]
+
+
+def _reference(tmp_path, overrides, fx, split="train"):
+    """(cache file, computed now) of the real features for `python train.py <overrides>`'s datamodule."""
+    cfg = compose_train(tmp_path / "run", overrides)
+    dm = instantiate(cfg.data)
+    dm.setup()
+    _, path, computed = load_or_compute_real_features(
+        fx,
+        reference_images(dm, split),
+        key=describe_dataset(dm, split),
+        cache_dir=tmp_path / "fid",
+        num_real=None,
+        batch_size=8,
+        device=CPU,
+    )
+    return path, computed
+
+
+def test_cache_key_follows_every_setting_that_changes_pixels(tmp_path, image_folder):
+    fx = RandomFeatures(num_features=4)
+    other = shutil.copytree(image_folder, tmp_path / "other")  # the same pixels, another dataset
+    base = ["data=folder", f"data.path={image_folder}", "data.image_size=16", "data.num_workers=0"]
+    path, computed = _reference(tmp_path, base, fx)
+    assert computed
+    changed = {
+        "image_size": ["data.image_size=24"],
+        "channels": ["data.channels=1"],
+        "crop": ["data.crop=random"],
+        "crop_size": ["data.crop_size=30"],
+        "val_fraction": ["data.val_fraction=0.3"],
+        "seed": ["data.seed=1"],
+        "path": [f"data.path={other}"],
+    }
+    paths = {path}
+    for name, extra in changed.items():
+        p, c = _reference(tmp_path, [*base, *extra], fx)
+        assert c and p not in paths, name
+        paths.add(p)
+    p, c = _reference(tmp_path, base, fx, split="val")
+    assert c and p not in paths
+    neutral = {
+        "batch_size": ["data.batch_size=3"],
+        "num_workers": ["data.num_workers=2"],
+        "flip": ["data.flip=false"],
+        "verify": ["data.verify=full"],
+        "labels": ["data.labels=true"],
+        "cache_dir": [f"data.cache_dir={tmp_path / 'data_cache'}"],
+    }
+    for name, extra in neutral.items():
+        assert _reference(tmp_path, [*base, *extra], fx) == (path, False), name
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_celeba_crop_size_changes_the_cache(tmp_path, cache):
+    """CelebA's crop_size 140 and 148 are other pixels, decoded per step or from the data cache; another
+    data-cache folder is not."""
+    for i in range(3):
+        write_image(tmp_path / "celeba" / "img_align_celeba" / f"{i:06d}.jpg", (178, 218), seed=i)
+    fx = RandomFeatures(num_features=4)
+    base = ["data=celeba", f"data.path={tmp_path / 'celeba'}", "data.image_size=16", "data.num_workers=0"]
+    base.append(f"data.cache={str(cache).lower()}")
+    p140, c140 = _reference(tmp_path, [*base, "data.crop_size=140"], fx)
+    p148, c148 = _reference(tmp_path, [*base, "data.crop_size=148"], fx)
+    assert c140 and c148 and p140 != p148
+    moved = _reference(tmp_path, [*base, "data.crop_size=140", f"data.cache_dir={tmp_path / 'elsewhere'}"], fx)
+    assert moved == (p140, False)
+
+
+def test_reference_images_are_never_flipped(tmp_path):
+    """Flips are a training augmentation: the statistics (and their cache file) are the same with data.flip."""
+    fx = RandomFeatures(num_features=8)
+    flipped, p1, c1 = _digits_reference(tmp_path / "a", fx, flip=True)
+    plain, p2, c2 = _digits_reference(tmp_path / "b", fx, flip=False)
+    assert c1 and c2 and p1.name == p2.name and torch.equal(flipped, plain)
+
+
+def _digits_reference(cache_dir, fx, *, flip):
+    dm = DigitsDataModule(image_size=8, flip=flip)
+    dm.setup()
+    return load_or_compute_real_features(
+        fx,
+        reference_images(dm, "train"),
+        key=describe_dataset(dm, "train"),
+        cache_dir=cache_dir,
+        num_real=64,
+        batch_size=64,
+        device=CPU,
+    )
 
 
 def _ddp_worker(rank: int, world: int, port: int, feats_path: str, out_path: str) -> None:

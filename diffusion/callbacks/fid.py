@@ -6,7 +6,9 @@ images; the values are computed by torchmetrics' `FrechetInceptionDistance` / `K
 features that are extracted once here (so one Inception pass serves both metrics).
 
 1. Real features are computed once per (dataset, preprocessing, feature extractor, count) and cached on disk as
-   `<cache_dir>/<hash>.pt`; a changed image size, split, crop or extractor gives another hash.
+   `<cache_dir>/real_<hash>.pt`. The hash covers every datamodule setting that changes the reference pixels
+   (image size, channels, crop, crop size, split, path, ...) and which images the split holds; settings that do
+   not (batch size, workers, flips, the data cache's folder) leave it alone. Reference images are never flipped.
 2. Every N steps each DDP rank generates its contiguous share of `num_samples` images from fixed seeds (sample
    i from noise seed + i, as in `SampleGrid`), so the set of samples does not depend on the number of ranks.
 3. Rank 0 feeds the real features, every rank its fake ones; torchmetrics sums (FID) or gathers (KID) the
@@ -20,6 +22,7 @@ injected instead (tests use `RandomFeatures`); its `cache_key` names it in the c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,8 +40,9 @@ from torch.utils.data import Dataset, Subset
 from diffusion.callbacks.ema import ema_weights
 from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
+from diffusion.data.base import _FlipBatch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
 RealSplit = Literal["train", "val"]
 
@@ -152,29 +156,76 @@ def fid_kid(
     return {"fid": float(fid_value), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def describe_dataset(datamodule: L.LightningDataModule, split: str) -> dict:
-    """What identifies the real images: the datamodule's class and settings, the split and, for file datasets,
-    every file's path, size and modification time (so edited folders get new statistics)."""
-    skip = {
+# Datamodule attributes that never change the reference pixels: loader settings, how files are read and checked
+# (which files a split holds is keyed separately, by its items), labels, and the training flips (reference images
+# are never flipped: `reference_images`).
+PIXEL_NEUTRAL = frozenset(
+    {
         "batch_size",
         "num_workers",
-        "num_skipped",
         "prepare_data_per_node",
         "allow_zero_length_dataloader_with_multiple_devices",
+        "trainer",
+        "flip",
+        "cache",
+        "cache_dir",
+        "cache_file",
+        "verify",
+        "download",
+        "num_skipped",
+        "labels",
+        "classes",
+        "num_classes",
     }
-    plain = (int, float, str, bool, type(None), Path)
-    desc = {k: str(v) for k, v in sorted(vars(datamodule).items()) if isinstance(v, plain) and not k.startswith("_")}
-    desc = {k: v for k, v in desc.items() if k not in skip}
+)
+
+
+def _plain(value):
+    """A datamodule setting as JSON; an unknown object by its repr, so it still changes the key."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def reference_images(datamodule: L.LightningDataModule, split: str) -> Dataset | None:
+    """The split's (image, label) dataset as the reference statistics see it: without training flips."""
+    dataset = getattr(datamodule, f"{split}_set", None)
+    return dataset.dataset if isinstance(dataset, _FlipBatch) else dataset
+
+
+def describe_dataset(datamodule: L.LightningDataModule, split: str) -> dict:
+    """What identifies the real images of a split: the datamodule's class, every setting that changes pixels
+    (all public attributes but `PIXEL_NEUTRAL`; dataclasses such as the folder's `Preprocess` field by field),
+    the split and which items it holds: each file's path, size and modification time (so edited folders get
+    new statistics), or the uint8 data cache's content-addressed name and rows."""
+    desc: dict = {}
+    for name, value in sorted(vars(datamodule).items()):
+        if name.startswith("_") or name in PIXEL_NEUTRAL or isinstance(value, Dataset):
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            desc.update({f"{name}.{k}": _plain(v) for k, v in dataclasses.asdict(value).items()})
+        else:
+            desc[name] = _plain(value)
     desc["class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
     desc["split"] = split
-    dataset = getattr(datamodule, f"{split}_set", None)
-    files = getattr(dataset, "files", None)
+    dataset = reference_images(datamodule, split)
+    files, images = getattr(dataset, "files", None), getattr(dataset, "images", None)
+    h = hashlib.sha256()
     if files is not None:
-        h = hashlib.sha256()
         for f in files:
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        desc["files"] = h.hexdigest()
+        desc["items"] = h.hexdigest()
+    elif isinstance(images, (str, Path)):  # a data cache: its name hashes its sources and preprocessing
+        rows = torch.as_tensor(getattr(dataset, "rows", [])).tolist()
+        h.update(f"{Path(images).name}\0{rows}".encode())
+        desc["items"] = h.hexdigest()
     return desc
 
 
@@ -209,7 +260,7 @@ def load_or_compute_real_features(
 ) -> tuple[Tensor, Path, bool]:
     """(features, cache file, computed_now). Up to `num_real` images (a seed-0 random subset) of `dataset`.
 
-    Random flips in the dataset's transform run under a fixed seed, so the statistics are reproducible.
+    Random crops in the dataset's transform run under a fixed seed, so the statistics are reproducible.
     """
     n = len(dataset) if num_real is None else min(num_real, len(dataset))
     key = {**key, "num_real": n, "features": getattr(extractor, "cache_key", type(extractor).__qualname__)}
@@ -326,7 +377,7 @@ class FID(L.Callback):
         dm = trainer.datamodule
         if dm is None:
             raise ValueError("callbacks.fid needs a datamodule (trainer.fit(..., datamodule=...)) for real images")
-        dataset = getattr(dm, f"{self.real_split}_set", None)
+        dataset = reference_images(dm, self.real_split)
         if dataset is None or len(dataset) < 2:
             raise ValueError(f"callbacks.fid.real_split={self.real_split}: the datamodule has fewer than 2 such images")
         kwargs = dict(
