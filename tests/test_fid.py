@@ -5,6 +5,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,6 +23,7 @@ from diffusion.callbacks.fid import (
 )
 from diffusion.data import DigitsDataModule
 from diffusion.samplers import ddim_sample
+from diffusion.unet import UNet
 from tests.conftest import compose_train, run_train, write_image
 
 CPU = torch.device("cpu")
@@ -51,6 +53,21 @@ def test_real_halves_close_noise_far():
     assert abs(halves["kid"]) < 0.05 * far["kid"] and far["kid"] > 0
     # identical sets: FID ~ 0
     assert _metrics(feats[:500], feats[:500])["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_is_computed_in_float64():
+    """FID against the closed form ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) in float64: a float32 result
+    (what torchmetrics returns for float32 features) is off by ~1e-8 relative."""
+    from scipy.linalg import sqrtm
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 6, generator=gen)
+    fake = torch.randn(150, 6, generator=gen) * 1.3 + 0.4
+    r, f = real.double().numpy(), fake.double().numpy()
+    s1, s2 = np.cov(r, rowvar=False), np.cov(f, rowvar=False)
+    exact = ((r.mean(0) - f.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
+    value = fid_kid(real, fake, num_real=200, num_fake=150, kid_subset_size=50, kid_subsets=5)["fid"]
+    assert value == pytest.approx(exact, rel=1e-12)
 
 
 class Counting(RandomFeatures):
@@ -246,6 +263,56 @@ def test_callback_logs_fid_in_a_run(tmp_path):
     assert all(float(r["val/fid"]) > 0 and float(r["val/fid_num_samples"]) == 6 for r in rows)
     assert float(rows[0]["val/fid_num_real"]) == 40
     assert len(list(cache.glob("real_*.pt"))) == 1
+
+
+def _trainer(precision: str, datamodule) -> SimpleNamespace:
+    """What FID.evaluate reads of a single-process Trainer."""
+    return SimpleNamespace(
+        precision=precision,
+        datamodule=datamodule,
+        is_global_zero=True,
+        global_rank=0,
+        world_size=1,
+        global_step=1,
+        strategy=SimpleNamespace(barrier=lambda name: None),
+        callback_metrics={},
+        loggers=[],
+    )
+
+
+@pytest.mark.parametrize(("precision", "net_dtype"), [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_fid_samples_in_the_trainers_precision(tmp_path, precision, net_dtype):
+    """Under a bf16 trainer the network runs in bf16 during FID sampling; the sampler's output stays fp32."""
+    torch.manual_seed(0)
+    net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1, 2], norm_groups=4)
+    net_dtypes, sample_dtypes = set(), set()
+    net.register_forward_hook(lambda module, args, out: net_dtypes.add(out.dtype))
+
+    def sampler(model, schedule, noise, generator=None):
+        x = ddim_sample(model, schedule, noise, generator=generator, steps=2)
+        sample_dtypes.add(x.dtype)
+        return x
+
+    from diffusion.schedule import NoiseSchedule
+
+    module = SimpleNamespace(net=net, schedule=NoiseSchedule(num_steps=20), device=CPU)
+    dm = DigitsDataModule(image_size=8)
+    dm.setup()
+    fid = FID(
+        sampler=sampler,
+        feature_extractor=RandomFeatures(num_features=4),
+        num_samples=4,
+        num_real=20,
+        batch_size=4,
+        kid_subset_size=2,
+        cache_dir=str(tmp_path),
+        use_ema=False,
+    )
+    trainer = _trainer(precision, dm)
+    fid.setup(trainer, module, "fit")
+    metrics = fid.evaluate(trainer, module)
+    assert net_dtypes == {net_dtype} and sample_dtypes == {torch.float32}
+    assert np.isfinite(metrics["val/fid"])
 
 
 def test_no_inception_weights_offline_disables_with_one_line(tmp_path, monkeypatch, caplog):

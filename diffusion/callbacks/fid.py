@@ -3,7 +3,7 @@
 FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium";
 KID: Binkowski et al. 2018, "Demystifying MMD GANs". Both compare feature statistics of generated and real
 images; the values are computed by torchmetrics' `FrechetInceptionDistance` / `KernelInceptionDistance` on
-features that are extracted once here (so one Inception pass serves both metrics).
+features that are extracted once here (so one Inception pass serves both metrics), in float64.
 
 1. Real features are computed once per (dataset, preprocessing, feature extractor, count) and cached on disk as
    `<cache_dir>/real_<hash>.pt`. The hash covers every datamodule setting that changes the reference pixels
@@ -11,6 +11,7 @@ features that are extracted once here (so one Inception pass serves both metrics
    not (batch size, workers, flips, the data cache's folder) leave it alone. Reference images are never flipped.
 2. Every N steps each DDP rank generates its contiguous share of `num_samples` images from fixed seeds (sample
    i from noise seed + i, as in `SampleGrid`), so the set of samples does not depend on the number of ranks.
+   The network runs in the trainer's precision (bf16 under `bf16-mixed`); the sampler's arithmetic in fp32.
 3. Rank 0 feeds the real features, every rank its fake ones; torchmetrics sums (FID) or gathers (KID) the
    states across ranks in `compute`, so the result equals a single-process evaluation of the same samples.
 
@@ -41,6 +42,7 @@ from diffusion.callbacks.ema import ema_weights
 from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
 from diffusion.data.base import _FlipBatch
+from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
@@ -143,9 +145,11 @@ def fid_kid(
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subset_size=subset, subsets=kid_subsets)
     kid = kid.to(fake.device)
-    fid.orig_dtype = torch.float64
+    # float64 features: FID's sums are float64 anyway, and its result takes the features' dtype (as do KID's
+    # kernels), so float32 features would round the values to float32.
+    fake = fake.double()
     # Every rank updates both sides, if only with zero rows: torchmetrics skips empty list states when syncing.
-    real = real.to(fake.device) if real is not None else fake.new_zeros(0, dim)
+    real = real.to(fake) if real is not None else fake.new_zeros(0, dim)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)
@@ -409,8 +413,12 @@ class FID(L.Callback):
             self._real_features(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
         lo, hi = rank * self.num_samples // world, (rank + 1) * self.num_samples // world  # contiguous share
+        precision = precision_from_trainer(getattr(trainer, "precision", None))  # the network's; sampler: fp32
         with ema_weights(trainer if self.use_ema else None, pl_module):
-            fake = generate(pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size)
+            fake = generate(
+                pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size, precision=precision
+            )
+
         fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
         values = fid_kid(
             self.real if rank == 0 else None,
