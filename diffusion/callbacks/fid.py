@@ -15,16 +15,21 @@ features that are extracted once here (so one Inception pass serves both metrics
 3. Rank 0 feeds the real features, every rank its fake ones; torchmetrics sums (FID) or gathers (KID) the
    states across ranks in `compute`, so the result equals a single-process evaluation of the same samples.
 
-The default extractor is the standard FID Inception-v3 (torch-fidelity's port, via torchmetrics), whose weights
-download on first use; `weights_path` points at a local copy for offline machines. Without either the callback
-says so in one line and turns itself off. Any `nn.Module` mapping images in [-1, 1] to (B, D) features can be
-injected instead (tests use `RandomFeatures`); its `cache_key` names it in the cache hash.
+The default extractor is the standard FID Inception-v3: torch-fidelity's port of the TensorFlow graph, fed
+uint8 images at their own size, which it resizes to 299x299 with TensorFlow 1.x's bilinear resize, as the
+original FID code does. Its weights come from `weights_path` or torch hub's cache (downloaded there once).
+They are read weights-only here, before torch-fidelity sees them (it would unpickle the file as code), and
+handed to it as tensors we serialised ourselves. A FID that cannot run (no weights offline, a file that is not
+plain tensors, no torch-fidelity) stops the run when the callback is built, before training. Any `nn.Module`
+mapping images in [-1, 1] to (B, D) features can be injected instead (tests use `RandomFeatures`); its
+`cache_key` names it in the cache hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -45,40 +50,106 @@ from diffusion.data.base import _FlipBatch
 from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
+INCEPTION_URL = (  # torch-fidelity's weights (its URL_INCEPTION_V3), converted from the TF graph of 2015-12-05
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_WEIGHTS = INCEPTION_URL.rsplit("/", 1)[1]  # its file name, also in the torch hub cache
 RealSplit = Literal["train", "val"]
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def inception_weights_file(weights_path: str | None) -> Path:
+    """The Inception weights file: `weights_path`, else torch hub's cached copy (downloaded there once)."""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    if not path.is_file():
+        rank_zero_info(f"callbacks.fid: downloading the FID Inception weights to {path} (once)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)  # temp file, then rename
+        except Exception as e:  # offline: URLError, HTTPError, timeouts, ...
+            raise OSError(
+                f"callbacks.fid: cannot download the FID Inception weights ({first_line(e)}); on offline machines "
+                f"download {INCEPTION_URL} once and pass callbacks.fid.weights_path=/path/to/{INCEPTION_WEIGHTS}"
+            ) from e
+    return path
+
+
+def load_weights(path: Path, *, name: str) -> tuple[dict[str, Tensor], str]:
+    """(state dict, sha256 of the file) of a weights file, read weights-only: a file whose unpickling would run
+    code, or that holds anything but named tensors, is refused with a one-line error naming `name`."""
+    try:
+        data = path.read_bytes()  # read once: what is hashed is what is loaded
+    except OSError as e:
+        raise OSError(f"{name} cannot be read ({e.strerror or first_line(e)})") from e
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{name} is not a plain file of tensors (refused to unpickle it: {first_line(e)})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{name} holds no state dict of tensors")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255], rounded as sample.py's PNGs; a uint8 image u that the data
+    pipeline turned into u * 2/255 - 1 comes back as exactly u."""
+    return (to_unit_range(x.float()) * 255).round().to(torch.uint8)
+
+
 class InceptionFeatures(nn.Module):
-    """The standard FID Inception-v3 (TF-ported weights) as a feature extractor for images in [-1, 1].
+    """The standard FID Inception-v3 (torch-fidelity's port of the TF graph) as a feature extractor for images
+    in [-1, 1].
 
     Images are quantised to uint8 (as when saved to PNG), grayscale is repeated to RGB, and torch-fidelity
-    resizes to 299x299 inside. `weights_path` is a local copy of the weights (the file torch-fidelity downloads,
-    `pt_inception-2015-12-05-6726825d.pth`); without it they are downloaded to the torch hub cache on first use.
+    resizes the uint8 images to 299x299 inside (TF 1.x bilinear, as the original FID). `weights_path` is a local
+    copy of `weights-inception-2015-12-05-6726825d.pth`; without it the copy in torch hub's cache is used,
+    downloaded there on first use. The file is read weights-only (`load_weights`) before torch-fidelity sees it.
     """
 
     def __init__(self, *, num_features: int = 2048, weights_path: str | None = None) -> None:
         super().__init__()
         if num_features not in (64, 192, 768, 2048):
             raise ValueError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
-        if weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[str(num_features)],
-            feature_extractor_weights_path=str(Path(weights_path).expanduser()) if weights_path else None,
-        )
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e:
+            raise ImportError(
+                "callbacks.fid needs torch-fidelity for the Inception features: pip install 'torch-fidelity>=0.3' "
+                "(the project's fid extra), or set callbacks.fid.feature_extractor"
+            ) from e
+        path = inception_weights_file(weights_path)
+        name = f"callbacks.fid.weights_path={weights_path}" if weights_path else f"the Inception weights {path}"
+        state, sha256 = load_weights(path, name=name)
+        # torch-fidelity unpickles its weights file with weights_only=False: it gets tensors we serialised.
+        verified = io.BytesIO()
+        torch.save(state, verified)
+        verified.seek(0)
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", [str(num_features)], feature_extractor_weights_path=verified
+            )
+        except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+            raise ValueError(f"{name} is not the FID Inception-v3 weights ({first_line(e)})") from e
         self.num_features = num_features
-        self.cache_key = f"inception-v3-compat-{num_features}"
+        self.weights_sha256 = sha256
+        self.cache_key = f"inception-v3-tf1x-{num_features}-{sha256[:16]}"
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        x = (to_unit_range(x.float()) * 255).round().to(torch.uint8)
+        x = to_uint8(x)  # (B, C, H, W) at the images' own size: torch-fidelity resizes uint8 to 299 itself
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # (B, 3, H, W)
-        return self.net(x).reshape(x.shape[0], -1).float()
+        return self.net(x)[0]  # (B, num_features) float32
 
 
 class RandomFeatures(nn.Module):
@@ -291,9 +362,10 @@ class FID(L.Callback):
 
     Args:
         sampler: a sampler with its options bound (a fast one: the conf uses DDIM), as for `SampleGrid`.
-        feature_extractor: an `nn.Module`, or a zero-argument factory of one (so a failing download is caught
-            here, not at config time); default: `InceptionFeatures(weights_path=weights_path)`.
-        weights_path: a local copy of the Inception weights for the default extractor.
+        feature_extractor: an `nn.Module`, or a zero-argument factory of one (a Hydra `_partial_`); default:
+            `InceptionFeatures(weights_path=weights_path)`. Built here, so a FID that cannot run (no weights,
+            unsafe weights, no torch-fidelity) stops the run before training starts.
+        weights_path: a local copy of the Inception weights for the default extractor (read weights-only).
         num_samples: generated images per evaluation, split across DDP ranks (10k-50k for numbers to publish).
         num_real: real images for the statistics (null: the whole split); cached in `cache_dir`.
         real_split: "train" or "val" images of the datamodule.
@@ -330,11 +402,7 @@ class FID(L.Callback):
             raise ValueError(f"callbacks.fid.real_split={real_split!r} is not one of 'train', 'val'")
         if batch_size < 1:
             raise ValueError(f"callbacks.fid.batch_size={batch_size} must be >= 1")
-        if weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
         self.sampler = sampler
-        self.feature_extractor = feature_extractor
-        self.weights_path = weights_path
         self.num_samples = num_samples
         self.num_real = num_real
         self.real_split = real_split
@@ -346,35 +414,20 @@ class FID(L.Callback):
         self.kid_subset_size = kid_subset_size
         self.kid_subsets = kid_subsets
         self.use_ema = use_ema
-        self.extractor: nn.Module | None = None
+        if feature_extractor is None:
+            self.extractor = InceptionFeatures(weights_path=weights_path)
+        else:
+            self.extractor = feature_extractor if isinstance(feature_extractor, nn.Module) else feature_extractor()
         self.real: Tensor | None = None
         self.num_real_used = 0
         self.cache_file: Path | None = None
         self.real_computed = 0  # times the real statistics were computed (not read from the cache)
-        self.disabled_reason: str | None = None
         self.last_step: int | None = None
         self.history: list[dict] = []
 
-    def _build_extractor(self) -> nn.Module:
-        fx = self.feature_extractor
-        if fx is None:
-            return InceptionFeatures(weights_path=self.weights_path)
-        return fx if isinstance(fx, nn.Module) else fx()
-
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.extractor is not None or self.disabled_reason:
-            return
-        try:
-            self.extractor = self._build_extractor().eval().to(pl_module.device)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # offline without weights (URLError, HTTPError, ...): report, do not crash the run
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.disabled_reason = first
-            rank_zero_info(
-                f"callbacks.fid: disabled, no feature extractor ({first}); for offline machines download "
-                f"{INCEPTION_WEIGHTS} once and pass callbacks.fid.weights_path=/path/to/it"
-            )
+        if stage == "fit":
+            self.extractor = self.extractor.eval().to(pl_module.device)
 
     def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Rank 0 computes (or reads) the cached real features; the other ranks then read the file."""
@@ -405,10 +458,8 @@ class FID(L.Callback):
         self.num_real_used = len(self.real)
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Generate this rank's share, compute FID/KID across ranks, log on rank 0; returns the metrics."""
-        if self.extractor is None:
-            return None
         if self.real is None:
             self._real_features(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
@@ -418,7 +469,6 @@ class FID(L.Callback):
             fake = generate(
                 pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size, precision=precision
             )
-
         fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
         values = fid_kid(
             self.real if rank == 0 else None,
