@@ -30,6 +30,7 @@ from diffusion.callbacks.fid import (  # noqa: E402
     extract_features,
     fid_kid,
     load_or_compute_real_features,
+    reference_images,
 )
 from diffusion.data import DigitsDataModule, ImageFolderDataModule  # noqa: E402
 
@@ -73,7 +74,7 @@ def dataset_and_key(source: str, image_size: int | None, channels: int | None):
             allow_upscale=True,
         )
     dm.setup()
-    return dm.train_set, describe_dataset(dm, "train"), dm.image_size, dm.channels
+    return reference_images(dm, "train"), describe_dataset(dm, "train"), dm.image_size, dm.channels
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)

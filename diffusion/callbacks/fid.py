@@ -3,24 +3,33 @@
 FID: Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium";
 KID: Binkowski et al. 2018, "Demystifying MMD GANs". Both compare feature statistics of generated and real
 images; the values are computed by torchmetrics' `FrechetInceptionDistance` / `KernelInceptionDistance` on
-features that are extracted once here (so one Inception pass serves both metrics).
+features that are extracted once here (so one Inception pass serves both metrics), in float64.
 
 1. Real features are computed once per (dataset, preprocessing, feature extractor, count) and cached on disk as
-   `<cache_dir>/<hash>.pt`; a changed image size, split, crop or extractor gives another hash.
+   `<cache_dir>/real_<hash>.pt`. The hash covers every datamodule setting that changes the reference pixels
+   (image size, channels, crop, crop size, split, path, ...) and which images the split holds; settings that do
+   not (batch size, workers, flips, the data cache's folder) leave it alone. Reference images are never flipped.
 2. Every N steps each DDP rank generates its contiguous share of `num_samples` images from fixed seeds (sample
    i from noise seed + i, as in `SampleGrid`), so the set of samples does not depend on the number of ranks.
+   The network runs in the trainer's precision (bf16 under `bf16-mixed`); the sampler's arithmetic in fp32.
 3. Rank 0 feeds the real features, every rank its fake ones; torchmetrics sums (FID) or gathers (KID) the
    states across ranks in `compute`, so the result equals a single-process evaluation of the same samples.
 
-The default extractor is the standard FID Inception-v3 (torch-fidelity's port, via torchmetrics), whose weights
-download on first use; `weights_path` points at a local copy for offline machines. Without either the callback
-says so in one line and turns itself off. Any `nn.Module` mapping images in [-1, 1] to (B, D) features can be
-injected instead (tests use `RandomFeatures`); its `cache_key` names it in the cache hash.
+The default extractor is the standard FID Inception-v3: torch-fidelity's port of the TensorFlow graph, fed
+uint8 images at their own size, which it resizes to 299x299 with TensorFlow 1.x's bilinear resize, as the
+original FID code does. Its weights come from `weights_path` or torch hub's cache (downloaded there once).
+They are read weights-only here, before torch-fidelity sees them (it would unpickle the file as code), and
+handed to it as tensors we serialised ourselves. A FID that cannot run (no weights offline, a file that is not
+plain tensors, no torch-fidelity) stops the run when the callback is built, before training. Any `nn.Module`
+mapping images in [-1, 1] to (B, D) features can be injected instead (tests use `RandomFeatures`); its
+`cache_key` names it in the cache hash.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import warnings
@@ -37,42 +46,110 @@ from torch.utils.data import Dataset, Subset
 from diffusion.callbacks.ema import ema_weights
 from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
+from diffusion.data.base import _FlipBatch
+from diffusion.samplers import precision_from_trainer
 
-CACHE_FORMAT = 1
-INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name in the torch hub cache
+CACHE_FORMAT = 2
+INCEPTION_URL = (  # torch-fidelity's weights (its URL_INCEPTION_V3), converted from the TF graph of 2015-12-05
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+INCEPTION_WEIGHTS = INCEPTION_URL.rsplit("/", 1)[1]  # its file name, also in the torch hub cache
 RealSplit = Literal["train", "val"]
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def inception_weights_file(weights_path: str | None) -> Path:
+    """The Inception weights file: `weights_path`, else torch hub's cached copy (downloaded there once)."""
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
+        return path
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+    if not path.is_file():
+        rank_zero_info(f"callbacks.fid: downloading the FID Inception weights to {path} (once)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)  # temp file, then rename
+        except Exception as e:  # offline: URLError, HTTPError, timeouts, ...
+            raise OSError(
+                f"callbacks.fid: cannot download the FID Inception weights ({first_line(e)}); on offline machines "
+                f"download {INCEPTION_URL} once and pass callbacks.fid.weights_path=/path/to/{INCEPTION_WEIGHTS}"
+            ) from e
+    return path
+
+
+def load_weights(path: Path, *, name: str) -> tuple[dict[str, Tensor], str]:
+    """(state dict, sha256 of the file) of a weights file, read weights-only: a file whose unpickling would run
+    code, or that holds anything but named tensors, is refused with a one-line error naming `name`."""
+    try:
+        data = path.read_bytes()  # read once: what is hashed is what is loaded
+    except OSError as e:
+        raise OSError(f"{name} cannot be read ({e.strerror or first_line(e)})") from e
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{name} is not a plain file of tensors (refused to unpickle it: {first_line(e)})") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"{name} holds no state dict of tensors")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """Images in [-1, 1] -> uint8 [0, 255], rounded as sample.py's PNGs; a uint8 image u that the data
+    pipeline turned into u * 2/255 - 1 comes back as exactly u."""
+    return (to_unit_range(x.float()) * 255).round().to(torch.uint8)
+
+
 class InceptionFeatures(nn.Module):
-    """The standard FID Inception-v3 (TF-ported weights) as a feature extractor for images in [-1, 1].
+    """The standard FID Inception-v3 (torch-fidelity's port of the TF graph) as a feature extractor for images
+    in [-1, 1].
 
     Images are quantised to uint8 (as when saved to PNG), grayscale is repeated to RGB, and torch-fidelity
-    resizes to 299x299 inside. `weights_path` is a local copy of the weights (the file torch-fidelity downloads,
-    `pt_inception-2015-12-05-6726825d.pth`); without it they are downloaded to the torch hub cache on first use.
+    resizes the uint8 images to 299x299 inside (TF 1.x bilinear, as the original FID). `weights_path` is a local
+    copy of `weights-inception-2015-12-05-6726825d.pth`; without it the copy in torch hub's cache is used,
+    downloaded there on first use. The file is read weights-only (`load_weights`) before torch-fidelity sees it.
     """
 
     def __init__(self, *, num_features: int = 2048, weights_path: str | None = None) -> None:
         super().__init__()
         if num_features not in (64, 192, 768, 2048):
             raise ValueError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
-        if weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        self.net = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=[str(num_features)],
-            feature_extractor_weights_path=str(Path(weights_path).expanduser()) if weights_path else None,
-        )
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e:
+            raise ImportError(
+                "callbacks.fid needs torch-fidelity for the Inception features: pip install 'torch-fidelity>=0.3' "
+                "(the project's fid extra), or set callbacks.fid.feature_extractor"
+            ) from e
+        path = inception_weights_file(weights_path)
+        name = f"callbacks.fid.weights_path={weights_path}" if weights_path else f"the Inception weights {path}"
+        state, sha256 = load_weights(path, name=name)
+        # torch-fidelity unpickles its weights file with weights_only=False: it gets tensors we serialised.
+        verified = io.BytesIO()
+        torch.save(state, verified)
+        verified.seek(0)
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", [str(num_features)], feature_extractor_weights_path=verified
+            )
+        except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
+            raise ValueError(f"{name} is not the FID Inception-v3 weights ({first_line(e)})") from e
         self.num_features = num_features
-        self.cache_key = f"inception-v3-compat-{num_features}"
+        self.weights_sha256 = sha256
+        self.cache_key = f"inception-v3-tf1x-{num_features}-{sha256[:16]}"
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
-        x = (to_unit_range(x.float()) * 255).round().to(torch.uint8)
+        x = to_uint8(x)  # (B, C, H, W) at the images' own size: torch-fidelity resizes uint8 to 299 itself
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # (B, 3, H, W)
-        return self.net(x).reshape(x.shape[0], -1).float()
+        return self.net(x)[0]  # (B, num_features) float32
 
 
 class RandomFeatures(nn.Module):
@@ -139,9 +216,11 @@ def fid_kid(
         warnings.simplefilter("ignore", UserWarning)
         kid = KernelInceptionDistance(feature=_Precomputed(dim), subset_size=subset, subsets=kid_subsets)
     kid = kid.to(fake.device)
-    fid.orig_dtype = torch.float64
+    # float64 features: FID's sums are float64 anyway, and its result takes the features' dtype (as do KID's
+    # kernels), so float32 features would round the values to float32.
+    fake = fake.double()
     # Every rank updates both sides, if only with zero rows: torchmetrics skips empty list states when syncing.
-    real = real.to(fake.device) if real is not None else fake.new_zeros(0, dim)
+    real = real.to(fake) if real is not None else fake.new_zeros(0, dim)
     for metric in (fid, kid):
         metric.update(real, real=True)
         metric.update(fake, real=False)
@@ -152,29 +231,76 @@ def fid_kid(
     return {"fid": float(fid_value), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def describe_dataset(datamodule: L.LightningDataModule, split: str) -> dict:
-    """What identifies the real images: the datamodule's class and settings, the split and, for file datasets,
-    every file's path, size and modification time (so edited folders get new statistics)."""
-    skip = {
+# Datamodule attributes that never change the reference pixels: loader settings, how files are read and checked
+# (which files a split holds is keyed separately, by its items), labels, and the training flips (reference images
+# are never flipped: `reference_images`).
+PIXEL_NEUTRAL = frozenset(
+    {
         "batch_size",
         "num_workers",
-        "num_skipped",
         "prepare_data_per_node",
         "allow_zero_length_dataloader_with_multiple_devices",
+        "trainer",
+        "flip",
+        "cache",
+        "cache_dir",
+        "cache_file",
+        "verify",
+        "download",
+        "num_skipped",
+        "labels",
+        "classes",
+        "num_classes",
     }
-    plain = (int, float, str, bool, type(None), Path)
-    desc = {k: str(v) for k, v in sorted(vars(datamodule).items()) if isinstance(v, plain) and not k.startswith("_")}
-    desc = {k: v for k, v in desc.items() if k not in skip}
+)
+
+
+def _plain(value):
+    """A datamodule setting as JSON; an unknown object by its repr, so it still changes the key."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def reference_images(datamodule: L.LightningDataModule, split: str) -> Dataset | None:
+    """The split's (image, label) dataset as the reference statistics see it: without training flips."""
+    dataset = getattr(datamodule, f"{split}_set", None)
+    return dataset.dataset if isinstance(dataset, _FlipBatch) else dataset
+
+
+def describe_dataset(datamodule: L.LightningDataModule, split: str) -> dict:
+    """What identifies the real images of a split: the datamodule's class, every setting that changes pixels
+    (all public attributes but `PIXEL_NEUTRAL`; dataclasses such as the folder's `Preprocess` field by field),
+    the split and which items it holds: each file's path, size and modification time (so edited folders get
+    new statistics), or the uint8 data cache's content-addressed name and rows."""
+    desc: dict = {}
+    for name, value in sorted(vars(datamodule).items()):
+        if name.startswith("_") or name in PIXEL_NEUTRAL or isinstance(value, Dataset):
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            desc.update({f"{name}.{k}": _plain(v) for k, v in dataclasses.asdict(value).items()})
+        else:
+            desc[name] = _plain(value)
     desc["class"] = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
     desc["split"] = split
-    dataset = getattr(datamodule, f"{split}_set", None)
-    files = getattr(dataset, "files", None)
+    dataset = reference_images(datamodule, split)
+    files, images = getattr(dataset, "files", None), getattr(dataset, "images", None)
+    h = hashlib.sha256()
     if files is not None:
-        h = hashlib.sha256()
         for f in files:
             st = os.stat(f)
             h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        desc["files"] = h.hexdigest()
+        desc["items"] = h.hexdigest()
+    elif isinstance(images, (str, Path)):  # a data cache: its name hashes its sources and preprocessing
+        rows = torch.as_tensor(getattr(dataset, "rows", [])).tolist()
+        h.update(f"{Path(images).name}\0{rows}".encode())
+        desc["items"] = h.hexdigest()
     return desc
 
 
@@ -209,7 +335,7 @@ def load_or_compute_real_features(
 ) -> tuple[Tensor, Path, bool]:
     """(features, cache file, computed_now). Up to `num_real` images (a seed-0 random subset) of `dataset`.
 
-    Random flips in the dataset's transform run under a fixed seed, so the statistics are reproducible.
+    Random crops in the dataset's transform run under a fixed seed, so the statistics are reproducible.
     """
     n = len(dataset) if num_real is None else min(num_real, len(dataset))
     key = {**key, "num_real": n, "features": getattr(extractor, "cache_key", type(extractor).__qualname__)}
@@ -236,9 +362,10 @@ class FID(L.Callback):
 
     Args:
         sampler: a sampler with its options bound (a fast one: the conf uses DDIM), as for `SampleGrid`.
-        feature_extractor: an `nn.Module`, or a zero-argument factory of one (so a failing download is caught
-            here, not at config time); default: `InceptionFeatures(weights_path=weights_path)`.
-        weights_path: a local copy of the Inception weights for the default extractor.
+        feature_extractor: an `nn.Module`, or a zero-argument factory of one (a Hydra `_partial_`); default:
+            `InceptionFeatures(weights_path=weights_path)`. Built here, so a FID that cannot run (no weights,
+            unsafe weights, no torch-fidelity) stops the run before training starts.
+        weights_path: a local copy of the Inception weights for the default extractor (read weights-only).
         num_samples: generated images per evaluation, split across DDP ranks (10k-50k for numbers to publish).
         num_real: real images for the statistics (null: the whole split); cached in `cache_dir`.
         real_split: "train" or "val" images of the datamodule.
@@ -275,11 +402,7 @@ class FID(L.Callback):
             raise ValueError(f"callbacks.fid.real_split={real_split!r} is not one of 'train', 'val'")
         if batch_size < 1:
             raise ValueError(f"callbacks.fid.batch_size={batch_size} must be >= 1")
-        if weights_path is not None and not Path(weights_path).expanduser().is_file():
-            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
         self.sampler = sampler
-        self.feature_extractor = feature_extractor
-        self.weights_path = weights_path
         self.num_samples = num_samples
         self.num_real = num_real
         self.real_split = real_split
@@ -291,42 +414,27 @@ class FID(L.Callback):
         self.kid_subset_size = kid_subset_size
         self.kid_subsets = kid_subsets
         self.use_ema = use_ema
-        self.extractor: nn.Module | None = None
+        if feature_extractor is None:
+            self.extractor = InceptionFeatures(weights_path=weights_path)
+        else:
+            self.extractor = feature_extractor if isinstance(feature_extractor, nn.Module) else feature_extractor()
         self.real: Tensor | None = None
         self.num_real_used = 0
         self.cache_file: Path | None = None
         self.real_computed = 0  # times the real statistics were computed (not read from the cache)
-        self.disabled_reason: str | None = None
         self.last_step: int | None = None
         self.history: list[dict] = []
 
-    def _build_extractor(self) -> nn.Module:
-        fx = self.feature_extractor
-        if fx is None:
-            return InceptionFeatures(weights_path=self.weights_path)
-        return fx if isinstance(fx, nn.Module) else fx()
-
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit" or self.extractor is not None or self.disabled_reason:
-            return
-        try:
-            self.extractor = self._build_extractor().eval().to(pl_module.device)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # offline without weights (URLError, HTTPError, ...): report, do not crash the run
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            self.disabled_reason = first
-            rank_zero_info(
-                f"callbacks.fid: disabled, no feature extractor ({first}); for offline machines download "
-                f"{INCEPTION_WEIGHTS} once and pass callbacks.fid.weights_path=/path/to/it"
-            )
+        if stage == "fit":
+            self.extractor = self.extractor.eval().to(pl_module.device)
 
     def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Rank 0 computes (or reads) the cached real features; the other ranks then read the file."""
         dm = trainer.datamodule
         if dm is None:
             raise ValueError("callbacks.fid needs a datamodule (trainer.fit(..., datamodule=...)) for real images")
-        dataset = getattr(dm, f"{self.real_split}_set", None)
+        dataset = reference_images(dm, self.real_split)
         if dataset is None or len(dataset) < 2:
             raise ValueError(f"callbacks.fid.real_split={self.real_split}: the datamodule has fewer than 2 such images")
         kwargs = dict(
@@ -350,16 +458,17 @@ class FID(L.Callback):
         self.num_real_used = len(self.real)
 
     @torch.no_grad()
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Generate this rank's share, compute FID/KID across ranks, log on rank 0; returns the metrics."""
-        if self.extractor is None:
-            return None
         if self.real is None:
             self._real_features(trainer, pl_module)
         rank, world = trainer.global_rank, trainer.world_size
         lo, hi = rank * self.num_samples // world, (rank + 1) * self.num_samples // world  # contiguous share
+        precision = precision_from_trainer(getattr(trainer, "precision", None))  # the network's; sampler: fp32
         with ema_weights(trainer if self.use_ema else None, pl_module):
-            fake = generate(pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size)
+            fake = generate(
+                pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size, precision=precision
+            )
         fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
         values = fid_kid(
             self.real if rank == 0 else None,
