@@ -233,7 +233,8 @@ def main() -> None:
     o, b = statistics.median(ours), statistics.median(bare)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{cfg.hydra.runtime.choices.model} ({n_params / 1e6:.1f}M params) {cfg.model.image_size}px batch {args.batch} {args.precision} "
+        f"{cfg.hydra.runtime.choices.model} ({n_params / 1e6:.1f}M params) {cfg.model.image_size}px "
+        f"batch {args.batch} {args.precision} "
         f"compile={args.compile} channels_last={args.channels_last} on {name}, "
         f"{args.steps} steps x {args.rounds} rounds"
     )
