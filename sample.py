@@ -87,7 +87,7 @@ def sample(cfg: DictConfig) -> Path:
 
     from diffusion.checkpoint import load_model
     from diffusion.data import to_unit_range
-    from diffusion.samplers import draw_noise, guided_model, image_generators, sampling_timesteps
+    from diffusion.samplers import draw_noise, guided_model, image_generators, sampling_timesteps, with_precision
     from train import resolve_ckpt_path
 
     # 1. check the plain options before touching the checkpoint
@@ -100,6 +100,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.nrow is not None and cfg.nrow < 1:
         raise ValueError(f"nrow={cfg.nrow} must be >= 1")
     device = resolve_device(str(cfg.device))
+    with_precision(lambda x, t: x, str(cfg.precision), device)  # says which precisions exist
     ckpt = Path(str(cfg.ckpt)).expanduser()
     if str(cfg.ckpt) == "last" or ckpt.is_dir():
         ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir))
@@ -130,7 +131,7 @@ def sample(cfg: DictConfig) -> Path:
     items = [(label, j) for label in rows for j in range(cfg.n)]
     print(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
-        f"(step {loaded.global_step}, {loaded.weights} weights) on {device}",
+        f"(step {loaded.global_step}, {loaded.weights} weights) on {device} in {cfg.precision}",
         flush=True,
     )
     batches = range(0, len(items), cfg.batch_size)
@@ -144,7 +145,7 @@ def sample(cfg: DictConfig) -> Path:
         generators = image_generators(cfg.seed + j for _, j in batch)
         noise = draw_noise((len(batch), *shape), generator=generators, device=device)
         labels = None if rows == [None] else torch.tensor([label for label, _ in batch], device=device)
-        model = guided_model(net, labels=labels, guidance=guidance)
+        model = with_precision(guided_model(net, labels=labels, guidance=guidance), str(cfg.precision), device)
         x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
         images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]

@@ -106,15 +106,23 @@ class DiffusionModule(L.LightningModule):
         self._last_log_time: float | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
-        # torch.compile of the bound forward (a function, not a submodule), so state_dict keys stay "net.*"
-        # without "_orig_mod." and samplers can still call the plain eager network.
-        self.net_forward = torch.compile(self.net.forward) if compile else self.net
+        # torch.compile of the bound forward: a plain function, not a submodule, so the network is registered
+        # once (state_dict keys stay "net.*", and a compiled run resumes an eager one and back); samplers call
+        # the eager network.
+        self._compiled_forward = torch.compile(self.net.forward) if compile else None
+        self._pending_bad: tuple[Tensor, torch.cuda.Event | None, int] | None = None  # read one step late
         # Set by train.py for init_from runs (init.ema_from_init): the net's weights right after loading,
         # for an EMA callback to start its average from (when it is not resuming its own state).
         self.ema_init_state: dict[str, Tensor] | None = None
 
     # --- the objective ---------------------------------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(x_t, t, y)
+
+    def net_forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The network's forward as training and validation run it: compiled when `compile` is on."""
+        if self._compiled_forward is not None:
+            return self._compiled_forward(x_t, t, y)
         return self.net(x_t, t, y)
 
     def _labels(self, y: Tensor, train: bool) -> Tensor | None:
@@ -145,7 +153,7 @@ class DiffusionModule(L.LightningModule):
         t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
         noise = torch.randn_like(x0)
         loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
-        if self.nonfinite != "off":  # checked once per optimizer step, in on_before_optimizer_step
+        if self.nonfinite != "off":  # checked once per optimizer step, in configure_gradient_clipping
             self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         self._images_since_log += x0.shape[0]
@@ -179,30 +187,97 @@ class DiffusionModule(L.LightningModule):
     def on_validation_start(self) -> None:
         self._last_log_time = None
 
-    # --- non-finite loss / gradient guard --------------------------------------------------------------
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop (or skip) a step whose loss or gradients are not finite, before the optimizer touches anything.
+    # --- gradient clipping and the non-finite loss / gradient guard ----------------------------------------
+    def _check_fused_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse at start-up what cannot work: clipping with a fused optimizer under 16-mixed's loss scaling."""
+        trainer = self._trainer
+        if trainer is None or not trainer.gradient_clip_val or not optimizer.defaults.get("fused"):
+            return
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"trainer.gradient_clip_val={trainer.gradient_clip_val} with optim.optimizer.fused=true under "
+                f"trainer.precision={trainer.precision}: a fused optimizer unscales 16-bit gradients inside its "
+                "step, after clipping; use trainer.precision=bf16-mixed, optim.optimizer.fused=false, or "
+                "trainer.gradient_clip_val=null"
+            )
 
-        Runs after backward and before gradient clipping and the optimizer step; the periodic checkpoint of
-        this step is saved only after the step, so an error here leaves the last good checkpoint as it was.
-        With 16-mixed, the gradient scaler already skips overflowing gradients, so only the loss is checked.
-        One host-device sync per optimizer step; ranks agree through an all-reduce of the flag.
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradients ourselves, and stop (or skip) a step whose loss or gradients are not finite.
+
+        Lightning calls this after backward and `on_before_optimizer_step`, right before the optimizer step.
+        Clipping here (not through Lightning's precision plugin) lets fused optimizers clip under bf16-mixed,
+        where there is no loss scaling to undo (16-mixed gradients are already unscaled here, except for fused
+        optimizers, which `_check_fused_clipping` refuses). The clipping norm is reused by the guard, so
+        the gradients are reduced once.
+
+        The guard never lets a bad step reach the weights: on a CUDA device with a fused optimizer the flag goes
+        to the optimizer's kernel as `found_inf` (the protocol torch's GradScaler uses), which skips the whole
+        update on the device, and the host reads the flag one step late without stalling the queue; elsewhere
+        the flag is read at once (on a CPU that costs nothing, there is no queue to stall). With 16-mixed the
+        gradient scaler already skips overflowing gradients, so only the loss is checked.
         """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = None
+        if gradient_clip_val and grads:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+        self._check_finite(optimizer, grads, norm)
+
+    def _check_finite(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], norm: Tensor | None) -> None:
+        if getattr(optimizer, "found_inf", None) is not None:
+            optimizer.found_inf = None  # set by this guard one step earlier
         if self.nonfinite == "off" or self._step_loss is None:
             return
         bad = (~torch.isfinite(self._step_loss)).float()
         self._step_loss = None
-        if getattr(self.trainer.precision_plugin, "scaler", None) is None:
-            grads = [p.grad for p in self.net.parameters() if p.grad is not None]
-            if grads:
-                grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-                bad = bad + 2 * (~torch.isfinite(grad_norm)).float()
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and grads:
+            if norm is None:
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            bad = bad + 2 * (~torch.isfinite(norm)).float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        flag = int(bad.item())
-        if not flag:
-            return
         step = self.trainer.global_step + 1
+        if bad.device.type == "cuda" and optimizer.defaults.get("fused") and scaler is None:
+            # 1. the device skips the update when bad > 0 (fused kernels take found_inf as a float flag)
+            optimizer.found_inf = (bad > 0).float()
+            # 2. the host learns of it one step late, from a copy that does not stall the queue
+            self._resolve_pending(log=True)
+            host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
+            host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending_bad = (host, event, step)
+            return
+        flag = int(bad.item())
+        if flag:
+            for group in optimizer.param_groups:  # optimizers leave parameters whose .grad is None untouched
+                for p in group["params"]:
+                    p.grad = None
+            self._on_bad_step(flag, step, log=True)
+
+    def _resolve_pending(self, *, log: bool = False) -> None:
+        """Read a flag left by an earlier step (see `configure_gradient_clipping`); raises or counts if it was bad."""
+        if self._pending_bad is None:
+            return
+        host, event, step = self._pending_bad
+        self._pending_bad = None
+        if event is not None:
+            event.synchronize()
+        flag = int(host.item())
+        if flag:
+            self._on_bad_step(flag, step, log=log)
+
+    def _on_bad_step(self, flag: int, step: int, *, log: bool) -> None:
+        """A non-finite step was kept out of the weights: stop ("error") or count it ("skip")."""
         what = "loss" if flag & 1 else "gradient"
         if self.nonfinite == "error":
             raise NonFiniteLossError(
@@ -210,15 +285,15 @@ class DiffusionModule(L.LightningModule):
                 f"hold steps <= {step - 1} only. Resume from the last checkpoint with a lower optim.lr, "
                 "trainer.gradient_clip_val, another trainer.precision, or skip such steps with module.nonfinite=skip"
             )
-        # skip: optimizers leave parameters whose .grad is None untouched (no moment or weight-decay update)
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
         self.skipped_steps += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        if log:  # Lightning takes self.log only in step hooks
+            self.log("train/skipped_steps", float(self.skipped_steps))
         from lightning.pytorch.utilities import rank_zero_warn
 
         rank_zero_warn(f"non-finite {what} at step {step}: skipped ({self.skipped_steps} so far)")
+
+    def on_train_end(self) -> None:
+        self._resolve_pending()
 
     # --- validation at fixed noise and timesteps ------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -261,13 +336,19 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
+        self._check_fused_clipping(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
         checkpoint["diffusion"] = describe(self.net, self.schedule)
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        # Checkpoints written before the network was registered once also hold it as "net_forward.*".
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("net_forward.")]:
+            del state[key]

@@ -76,12 +76,23 @@ class AttentionBlock(nn.Module):
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
+    def heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of shape (B, heads, HW, C/heads), each with a contiguous last dimension.
+
+        The flash and memory-efficient kernels of `scaled_dot_product_attention` need stride 1 along the head
+        dimension; views straight off the (B, 3C, H, W) convolution output have stride H*W there and fall back to
+        the math kernel. Going through (B, HW, 3C) costs one copy for NCHW inputs and none for channels-last ones.
+        Channel s*C + h*d + j of the qkv convolution is entry j of head h of q, k or v (s = 0, 1, 2).
+        """
+        b, c, h, w = x.shape
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()  # (B, HW, 3C)
+        qkv = qkv.reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, heads, HW, d)
+        return qkv[0], qkv[1], qkv[2]
+
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, HW, C/heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C/heads)
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
+        out = F.scaled_dot_product_attention(*self.heads_qkv(x))  # (B, heads, HW, C/heads)
+        out = out.transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)  # NHWC-strided view
         return x + self.proj(out)
 
 
@@ -227,14 +238,15 @@ class UNet(nn.Module):
         """x: (B, C, H, W) noisy images; t: (B,) timesteps; y: (B,) class labels or None."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.base_channels))  # (B, 4 * base)
+        dtype = self.conv_in.weight.dtype  # bf16 / fp16 under trainer.precision=*-true: inputs follow the weights
+        emb = self.time_mlp(timestep_embedding(t, self.base_channels).to(dtype))  # (B, 4 * base)
         if self.label_emb is not None:
             if y is None:  # unconditional: the null class
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(y)
         elif y is not None:
             raise ValueError("class labels were given to an unconditional model (model.num_classes is null)")
-        h = self.conv_in(x)
+        h = self.conv_in(x.to(dtype))
         skips = [h]
         for layers in self.down:
             h = self._block(layers, h, emb)

@@ -226,7 +226,12 @@ class EMA(L.Callback):
             self._val_swap = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in self.state_dict_for_net(pl_module.net).items()}
+        # The average as it is kept (fp32 for low-precision weights), so resuming a bf16-true run loses nothing.
+        if self.ema is None or self.num_updates == 0:
+            state = {k: self._stored(v) for k, v in pl_module.net.state_dict().items()}
+        else:
+            state = self.ema
+        checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get(EMA_KEY)
