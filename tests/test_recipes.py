@@ -189,7 +189,9 @@ def test_readme_dataset_command_trains(tmp_path, datasets, command):
 
 
 @pytest.mark.parametrize(
-    "data", [["data=cifar10"], ["data=mnist"], ["data=celeba"], ["data=celeba", "data.cache=false"]]
+    "data",
+    [["data=cifar10"], ["data=mnist"], ["data=celeba"], ["data=celeba", "data.cache=false"]],
+    ids=["cifar10", "mnist", "celeba-cached", "celeba-files"],
 )
 def test_fid_reads_a_random_subset_of_real_images(tmp_path, datasets, data):
     """FID's real statistics come from a seed-0 random subset of the split (num_real < its size), whose indices
