@@ -81,7 +81,7 @@ class ArrayImages(Dataset):
         return self._array
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
-        rows = self.rows[index]
+        rows = self.rows[torch.as_tensor(index, dtype=torch.long)]  # a list of ints or of 0-d tensors (Subset's)
         array = self._images()
         if isinstance(array, Tensor):
             return array[rows], self.labels[rows]
@@ -100,10 +100,14 @@ def image_loader(
 ) -> DataLoader:
     """A DataLoader of (float images in [-1, 1], labels) batches over any of our datasets.
 
-    Datasets that yield whole uint8 batches (`uint8_batches`) get the `Uint8Batch` collate; others the default.
-    Shuffled loaders drop the last partial batch. Use this (not a bare DataLoader) wherever images are read.
+    Datasets that yield whole uint8 batches (`uint8_batches`, also behind a `Subset`, which passes `__getitems__`
+    on) get the `Uint8Batch` collate; others the default. Shuffled loaders drop the last partial batch. Use this
+    (not a bare DataLoader) wherever images are read.
     """
-    uint8 = getattr(dataset, "uint8_batches", False)
+    inner = dataset
+    while isinstance(inner, Subset):  # e.g. FID's random subset of real images
+        inner = inner.dataset
+    uint8 = getattr(inner, "uint8_batches", False)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -67,8 +67,8 @@ class ImageFiles(Dataset):
             return self._load(int(torch.randint(len(self.files), ())))
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
-        x = torch.from_numpy(np.stack([self._load(i) for i in index]))  # (B, C, S, S) uint8
-        return x, self.labels[index]
+        x = torch.from_numpy(np.stack([self._load(int(i)) for i in index]))  # (B, C, S, S) uint8
+        return x, self.labels[torch.as_tensor(index, dtype=torch.long)]  # ints or 0-d tensors (Subset's)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(self._load(i)), self.labels[i]
