@@ -161,20 +161,32 @@ class DiffusionModule(L.LightningModule):
             self._log_rates()
         return loss
 
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The trainer this module is attached to, or None (research use: training_step outside a Trainer)."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
     def _is_log_step(self) -> bool:
-        """True on the batches whose logged values the loggers write (every trainer.log_every_n_steps)."""
-        trainer = self._trainer
+        """True on the batches whose logged values the loggers write (every trainer.log_every_n_steps).
+
+        Lightning writes logs when the count of optimizer steps taken so far plus one is a multiple of the period;
+        inside training_step that count is `global_step` (one optimizer, automatic optimization).
+        """
+        trainer = self._attached_trainer()
         if trainer is None:
             return False
         every = trainer.log_every_n_steps
-        return every > 0 and (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % every == 0
+        return every > 0 and (trainer.global_step + 1) % every == 0
 
     def _log_rates(self) -> None:
         """Learning rate and images/s over the batches since the last log: host-side only, no device sync."""
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         now = time.perf_counter()
         if self._last_log_time is not None:
-            world = self.trainer.world_size if self._trainer is not None else 1
+            trainer = self._attached_trainer()
+            world = trainer.world_size if trainer is not None else 1
             rate = self._images_since_log * world / (now - self._last_log_time)
             self.log("train/images_per_sec", rate, prog_bar=True)
         self._last_log_time = now
@@ -190,7 +202,7 @@ class DiffusionModule(L.LightningModule):
     # --- gradient clipping and the non-finite loss / gradient guard ----------------------------------------
     def _check_fused_clipping(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse at start-up what cannot work: clipping with a fused optimizer under 16-mixed's loss scaling."""
-        trainer = self._trainer
+        trainer = self._attached_trainer()
         if trainer is None or not trainer.gradient_clip_val or not optimizer.defaults.get("fused"):
             return
         if getattr(trainer.precision_plugin, "scaler", None) is not None:

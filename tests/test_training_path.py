@@ -84,7 +84,7 @@ def test_fused_optimizer_with_clipping_under_16_mixed_is_refused_at_start():
         precision_plugin = Plugin()
 
     optimizer = torch.optim.AdamW(module.net.parameters(), fused=True)
-    module._trainer = Trainer()  # attach a stand-in trainer: what the check reads, nothing else
+    module.trainer = Trainer()  # attach a stand-in trainer: what the check reads, nothing else
     with pytest.raises(ValueError, match=r"optim.optimizer.fused=true under trainer.precision=16-mixed.*bf16-mixed"):
         module._check_fused_clipping(optimizer)
 
@@ -101,7 +101,7 @@ class _Trainer:
 
 def _module_with_grads(scale: float) -> tuple[DiffusionModule, torch.optim.Optimizer]:
     module = DiffusionModule(net=_tiny_net(), schedule=NoiseSchedule(num_steps=10))
-    module._trainer = _Trainer()
+    module.trainer = _Trainer()
     for p in module.net.parameters():
         p.grad = torch.full_like(p, scale)
     module._step_loss = torch.tensor(1.0)
