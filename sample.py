@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -58,25 +59,26 @@ def parse_labels(label, net) -> list[int | None]:
 
 def prepare_out(out: Path, *, overwrite: bool) -> None:
     """Create `out`, check it can be written, and refuse to replace earlier results unless `overwrite`."""
+    from diffusion.files import check_writable, real_folder
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        check_writable(out)
     except OSError as e:
         raise OSError(f"out={out} cannot be written ({e.strerror or e})") from e
     images = out / "images"
-    existing = [p.name for p in (out / "grid.png", out / "samples.npz") if p.exists()]
-    old_images = [p for p in images.iterdir() if IMAGE_NAME.match(p.name)] if images.is_dir() else []
-    if old_images:
-        existing.append(f"images/ ({len(old_images)} PNGs)")
+    existing = [p.name for p in (out / "grid.png", out / "samples.npz") if p.exists() or p.is_symlink()]
+    linked = images.is_symlink()  # never list, delete or write through a link we did not make
+    old_images = [p for p in images.iterdir() if IMAGE_NAME.match(p.name)] if images.is_dir() and not linked else []
+    if old_images or linked:
+        existing.append("images (a link)" if linked else f"images/ ({len(old_images)} PNGs)")
     if existing and not overwrite:
         raise FileExistsError(
             f"out={out} already holds {', '.join(existing)}; pass overwrite=true to replace them or choose another out"
         )
     for p in old_images:  # overwrite=true: no stale images from a larger earlier run
         p.unlink()
-    images.mkdir(exist_ok=True)
+    real_folder(images)
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -87,6 +89,7 @@ def sample(cfg: DictConfig) -> Path:
 
     from diffusion.checkpoint import load_model
     from diffusion.data import to_unit_range
+    from diffusion.files import atomic_write
     from diffusion.samplers import draw_noise, guided_model, image_generators, sampling_timesteps, with_precision
     from train import resolve_ckpt_path
 
@@ -150,18 +153,20 @@ def sample(cfg: DictConfig) -> Path:
         images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
 
-    # 5. write: per-image PNGs, the grid, the npz
+    # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)
     uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     for k, img in enumerate(uint8):
-        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(out / "images" / f"{k:06d}.png")
+        image = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        atomic_write(out / "images" / f"{k:06d}.png", partial(image.save, format="PNG"), fsync=False)
     nrow = cfg.nrow or (cfg.n if len(rows) > 1 else math.ceil(math.sqrt(len(items))))
-    save_image(make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0), out / "grid.png")
+    grid = make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0)
+    atomic_write(out / "grid.png", lambda f: save_image(grid, f, format="PNG"))
     written = ["grid.png", f"images/ ({len(items)} PNGs)"]
     if cfg.npz:
         arrays = {"arr_0": uint8}
         if rows != [None]:
             arrays["arr_1"] = np.array([label for label, _ in items], dtype=np.int64)
-        np.savez(out / "samples.npz", **arrays)
+        atomic_write(out / "samples.npz", lambda f: np.savez(f, **arrays))
         written.append("samples.npz")
     print(f"wrote {', '.join(written)} to {out}")
     return out

@@ -8,9 +8,11 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +37,55 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_pat
     if not path.is_file():
         raise FileNotFoundError(f"{key}={ckpt_path}: {path} does not exist")
     return str(path)
+
+
+def occupied(output_dir: Path) -> str | None:
+    """Why a NEW run may not start in `output_dir` (it already holds checkpoints), or None."""
+    if any((output_dir / "checkpoints").glob("*.ckpt")):
+        return (
+            f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={output_dir} "
+            "or choose another hydra.run.dir"
+        )
+    return None
+
+
+class RunFolderGuard(Callback):
+    """Refuses a new run into a folder that holds checkpoints before Hydra writes anything there.
+
+    Hydra writes .hydra/config.yaml, hydra.yaml and overrides.yaml when the job starts, before `train` runs:
+    `on_run_start` comes first. A callback's exceptions only become warnings in Hydra, so this one exits.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        if config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1:
+            return  # resuming writes into its own folder
+        message = occupied(Path(str(config.hydra.run.dir)).absolute())
+        if message:
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(1)
+
+
+def check_resume(ckpt_path: str, ckpt: dict, net, schedule) -> None:
+    """A one-line ValueError when checkpoint `ckpt` (at ckpt_path) cannot be resumed with `net` and `schedule`.
+
+    Its weights must fit the network the config builds; the message names the config keys where the
+    checkpoint's own description differs from the config (or, if none does, the tensors that differ).
+    Config changes that keep the weights' shapes (e.g. model.gradient_checkpointing) are allowed and printed.
+    """
+    from diffusion.checkpoint import describe, description_differences, net_state_dict, weights_mismatch
+
+    differences = description_differences(ckpt["diffusion"], describe(net, schedule))
+    shown = [f"{k}={saved} where the config has {now}" for k, saved, now in differences]
+    mismatch = weights_mismatch(net, net_state_dict(ckpt, use_ema=False)[0])
+    if mismatch:
+        more = f" (and {len(shown) - 1} more: {', '.join(k for k, _, _ in differences[1:])})" if len(shown) > 1 else ""
+        what = f"was trained with {shown[0]}{more}" if shown else f"does not fit the model: {mismatch}"
+        raise ValueError(
+            f"ckpt_path={ckpt_path} {what}; resume with that run's config (its .hydra/overrides.yaml), or start "
+            "a new run from its weights with init_from="
+        )
+    if shown:
+        print(f"resuming {ckpt_path} with config changes: {'; '.join(shown)}")
 
 
 def slurm_requeue_path(output_dir: Path) -> str | None:
@@ -65,13 +116,9 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir)
     if ckpt_path is None:
         ckpt_path = slurm_requeue_path(output_dir)  # a preempted SLURM job continues in its own folder
-    if ckpt_path is not None:
-        read_checkpoint(ckpt_path)  # a clear error now beats one from deep inside Lightning
-    elif any((output_dir / "checkpoints").glob("*.ckpt")):
-        raise FileExistsError(
-            f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={output_dir} "
-            "or choose another hydra.run.dir"
-        )
+    resumed = read_checkpoint(ckpt_path) if ckpt_path is not None else None  # a clear error now, not in Lightning
+    if resumed is None and occupied(output_dir):
+        raise FileExistsError(occupied(output_dir))
     init_path = resolve_ckpt_path(cfg.get("init_from"), cfg.paths.runs_dir, key="init_from")
     init = cfg.get("init") or {}
     if init.get("required") and init_path is None:
@@ -86,6 +133,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data)
     schedule = instantiate(cfg.schedule)
     net = instantiate(cfg.model)
+    if resumed is not None:
+        check_resume(ckpt_path, resumed, net, schedule)
     if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
         report = init_from_checkpoint(
             net,

@@ -5,13 +5,18 @@ A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's o
   "schedule": {...NoiseSchedule kwargs...}}, written by `describe`;
 - `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.";
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
-Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file, and the
-network class must live inside this package.
+Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file. The file
+is data: the description is validated (plain values only, schedule keys that `NoiseSchedule` takes) and the
+only class it can name is a registered network class (`NETWORKS`), never an arbitrary callable.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,14 +42,93 @@ def describe(net: nn.Module, schedule: NoiseSchedule) -> dict:
     }
 
 
-def build_net(description: dict) -> nn.Module:
-    """Instantiate the network class named in a checkpoint's description (only classes in `diffusion.*`)."""
-    target = description["target"]
+# The network classes a checkpoint may name, with the config keys that must be null when built from one (a
+# checkpoint carries its own weights; it may not make us fetch or read anything else). A new backbone adds
+# itself here with `register_network`.
+NETWORKS: dict[str, tuple[str, ...]] = {
+    "diffusion.unet.UNet": (),
+    "diffusion.diffusers_unet.DiffusersUNet": ("pretrained",),
+}
+PLAIN = (type(None), bool, int, float, str)
+SCHEDULE_KEYS = frozenset(inspect.signature(NoiseSchedule.__init__).parameters) - {"self"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def register_network(cls: type[nn.Module], *, null_keys: tuple[str, ...] = ()) -> type[nn.Module]:
+    """Allow checkpoints to build `cls` (an nn.Module with a `config` dict); `null_keys` must be null in them."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{cls!r} is not an nn.Module subclass")
+    NETWORKS[f"{cls.__module__}.{cls.__qualname__}"] = tuple(null_keys)
+    return cls
+
+
+def is_plain(value) -> bool:
+    """None, bool, int, float, str, and lists / tuples / str-keyed dicts of them: data that cannot act."""
+    if isinstance(value, PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+    return False
+
+
+def check_description(description, *, source: str) -> dict:
+    """`description` (a checkpoint's "diffusion" entry) if it is valid data, else a one-line ValueError.
+
+    It must name a registered network class, with a config of plain values and str keys, and a schedule whose
+    keys are `NoiseSchedule`'s arguments with plain values. `source` names the file in messages.
+    """
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise ValueError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
+    target, config = check_net(description.get("net"), source=source)
+    schedule = description.get("schedule")
+    fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
+    if fetched:
+        raise ValueError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
+    if not isinstance(schedule, dict) or not is_plain(schedule):
+        raise ValueError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
+    unknown = sorted(set(schedule) - SCHEDULE_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: the schedule description has keys NoiseSchedule does not take: {unknown}")
+    return description
+
+
+def check_net(net, *, source: str) -> tuple[str, dict]:
+    """The (target, config) of a description's "net" entry: a registered class and a dict of plain values."""
+    target = net.get("target") if isinstance(net, dict) else None
+    if not isinstance(target, str) or target not in NETWORKS:
+        raise ValueError(
+            f"{source} names network class {target!r}, which is not one of the network classes this project "
+            f"builds ({', '.join(sorted(NETWORKS))}); refused"
+        )
+    config = net.get("config")
+    if not isinstance(config, dict) or not is_plain(config):
+        raise ValueError(f"{source}: the config of {target} is not a dict of plain values (str keys); refused")
+    return target, config
+
+
+def build_net(description: dict, *, source: str = "checkpoint") -> nn.Module:
+    """Instantiate the network a description's "net" entry names; only registered classes (`NETWORKS`)."""
+    target, config = check_net(description, source=source)
     module_name, _, cls_name = target.rpartition(".")
-    if not (module_name == "diffusion" or module_name.startswith("diffusion.")):
-        raise ValueError(f"checkpoint names network class {target!r}, which is outside the diffusion package")
     cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**description["config"])
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):  # a registry entry gone stale
+        raise ValueError(f"{source} names {target}, which is not an nn.Module class")
+    try:
+        return cls(**config)
+    except TypeError as e:
+        raise ValueError(f"{source}: {target} cannot be built from the checkpoint's config ({e})") from e
+
+
+def refusal_reason(e: BaseException) -> str:
+    """Why torch's weights-only unpickler refused a file, in one line: the global it names, else its message."""
+    text = _ANSI.sub("", str(e))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"it names {found.group(1)}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "weights_only" not in line]
+    return lines[-1] if lines else type(e).__name__
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -56,11 +140,17 @@ def read_checkpoint(path: str | Path) -> dict:
         raise IsADirectoryError(f"checkpoint {path} is a folder, not a .ckpt file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds Python code or objects ({refusal_reason(e)}), which this project never loads: a "
+            "checkpoint may hold only tensors and plain values, so that reading one cannot run code"
+        ) from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a readable checkpoint ({first})") from e
     if not isinstance(ckpt, dict) or "diffusion" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
+    check_description(ckpt["diffusion"], source=f"checkpoint {path}")
     return ckpt
 
 
@@ -83,18 +173,53 @@ def net_state_dict(ckpt: dict, *, use_ema: bool = True) -> tuple[dict, str]:
     return raw, "raw"
 
 
+def weights_mismatch(net: nn.Module, state: dict) -> str:
+    """How `state`'s tensors differ from `net`'s (shapes, missing, extra keys) in one line; '' when they fit."""
+    target = net.state_dict()
+    shapes = [
+        f"{k}: {list(v.shape)} vs {list(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and (not isinstance(v, torch.Tensor) or v.shape != target[k].shape)
+    ]
+    missing = [k for k in target if k not in state]
+    extra = [k for k in state if k not in target]
+    parts = [
+        f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        for what, keys in (("shapes differ", shapes), ("missing", missing), ("unexpected", extra))
+        if keys
+    ]
+    return "; ".join(parts)
+
+
+def flat_description(description: dict) -> dict[str, object]:
+    """A description as config keys: {"model._target_": ..., "model.base_channels": 32, "schedule.kind": ...}."""
+    net = description["net"]
+    flat = {"model._target_": net["target"], **{f"model.{k}": v for k, v in net["config"].items()}}
+    flat.update({f"schedule.{k}": v for k, v in description["schedule"].items()})
+    return {k: json.loads(json.dumps(v)) for k, v in flat.items()}  # tuples -> lists, as in the other side
+
+
+def description_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, value in `saved`, value in `current`) for each config key where two descriptions differ."""
+    a, b = flat_description(saved), flat_description(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
+    """Load `state` into `net` strictly; a one-line ValueError naming `source` and the differences otherwise."""
+    problems = weights_mismatch(net, state)
+    if problems:
+        raise ValueError(f"{source}: its weights do not match its own network description: {problems}")
+    net.load_state_dict(state)
+
+
 def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild network + schedule from `path` and load its EMA weights (or raw weights)."""
     ckpt = read_checkpoint(path)
     description = ckpt["diffusion"]
-    net = build_net(description["net"])
+    net = build_net(description["net"], source=f"checkpoint {path}")
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its own network description "
-            f"(missing {len(missing)} keys, e.g. {missing[:3]}; unexpected {unexpected[:3]})"
-        )
+    load_weights(net, state, source=f"checkpoint {path}")
     schedule = NoiseSchedule(**description["schedule"])
     net.eval().to(map_location)
     schedule.to(map_location)

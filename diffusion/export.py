@@ -13,12 +13,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 
-from diffusion.checkpoint import FORMAT, LoadedModel, build_net, load_model
+from diffusion.checkpoint import LoadedModel, build_net, check_description, load_model, load_weights
+from diffusion.files import move_tree, write_bytes
 from diffusion.schedule import NoiseSchedule, make_betas
 
 ExportFormat = Literal["diffusers", "safetensors"]
@@ -86,17 +89,23 @@ def export_diffusers(model: LoadedModel, out: Path) -> None:
     check_diffusers_exportable(model)
     diffusers = import_diffusers()
     scheduler = diffusers.DDPMScheduler(**scheduler_config(model.schedule))
-    diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained(str(out))
+    # diffusers writes into a fresh folder of ours; its files are then renamed into `out` (never through links)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained(str(staging))
+        move_tree(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_safetensors(model: LoadedModel, out: Path) -> None:
     """Write model.safetensors (the loaded weights) and config.json (how to rebuild network and schedule)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-    save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "weights": model.weights})
+    write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt", "weights": model.weights}))
     config = {**model.description, "weights": model.weights, "global_step": model.global_step}
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
 
 
 def export(
@@ -126,11 +135,14 @@ def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu")
     folder = Path(folder).expanduser()
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{folder / CONFIG_NAME} has format {config.get('format')}, expected {FORMAT}")
-    net = build_net(config["net"])
-    net.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    source = str(folder / CONFIG_NAME)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source} is not JSON ({e})") from e
+    check_description(config, source=source)
+    net = build_net(config["net"], source=source)
+    load_weights(net, load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
     schedule = NoiseSchedule(**config["schedule"])
     net.eval().to(map_location)
     schedule.to(map_location)

@@ -1,0 +1,97 @@
+"""Our writes: atomic, and never through a link we did not create.
+
+Every file the project writes (checkpoints, sample images and grids, exports) goes through `atomic_write`: the
+bytes go into a new temporary file in the destination's own folder (created exclusively, O_EXCL | O_NOFOLLOW,
+so a planted file or link with that name is never opened), which is flushed, fsynced and renamed over the
+destination. The rename replaces a link at the destination instead of writing through it, and it is atomic on
+the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any moment, sees the old file or
+the new one, never half of one. On any error (a full disk) the temporary file is removed and the old file is
+left as it was. Plain Python: no torch, no Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def create_exclusive(path: Path) -> int:
+    """A new file at `path` opened for writing; FileExistsError if anything (a file, a link) is there."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0), 0o644)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+    """Write `path` atomically: `write(f)` fills a temporary file beside it, which then replaces `path`.
+
+    `fsync=False` skips the two fsyncs (for files a crash may lose, such as thousands of sample PNGs); the
+    replace is still atomic for readers and still never follows a link at `path`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    fd = create_exclusive(tmp)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
+    """`atomic_write` of `data`."""
+    atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+def check_writable(folder: Path) -> None:
+    """An OSError unless a new file can be created in `folder`: probes with a uniquely named exclusive file."""
+    probe = folder / f".write_test-{secrets.token_hex(6)}"
+    os.close(create_exclusive(probe))
+    probe.unlink()
+
+
+def real_folder(folder: Path) -> Path:
+    """Create `folder`; if a link sits there (one we did not create), replace it by a real folder."""
+    if folder.is_symlink():
+        folder.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def move_tree(src: Path, dest: Path) -> None:
+    """Move every file under `src` (a folder we just wrote) to the same place under `dest`, then remove `src`.
+
+    Each file is renamed over its destination, so a link planted there is replaced, not written through; a
+    link planted where a subfolder goes is replaced by a real folder.
+    """
+    for file in sorted(p for p in src.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = file.relative_to(src)
+        folder = dest
+        for part in rel.parts[:-1]:
+            folder = real_folder(folder / part)
+        os.replace(file, folder / rel.name)
+    for folder in sorted((p for p in src.rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    src.rmdir()

@@ -1,0 +1,321 @@
+"""Files are data and our writes lose nothing (issue 12, sections 1 and 2).
+
+A checkpoint may only build registered network classes; a file holding pickled code is refused in one line;
+no write follows a link we did not create; a refused run touches nothing; resuming another network says in one
+line what differs; checkpoint writes are atomic in their own folder (kill -9, a full disk).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from diffusion.checkpoint import describe, load_model, read_checkpoint
+from diffusion.errors import user_error_message
+from diffusion.schedule import NoiseSchedule
+from diffusion.unet import UNet
+from tests.conftest import ROOT, compose_train, run_cli, run_train
+from tests.test_sample_cli import sample_in_process
+
+TINY_NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(), norm_groups=4)  # fmt: skip
+
+
+def save_ckpt(path: Path, network: torch.nn.Module | None = None, **description_changes) -> Path:
+    """A checkpoint as train.py writes it (description + net. weights), with parts of the description replaced."""
+    network = network or UNet(**TINY_NET)
+    description = describe(network, NoiseSchedule(num_steps=20))
+    description.update(description_changes)
+    state = {f"net.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"diffusion": description, "state_dict": state, "global_step": 3}, path)
+    return path
+
+
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(Exception) as info:
+        fn(*args, **kwargs)
+    message = user_error_message(info.value)
+    assert message is not None, f"not a user error: {info.value!r}"
+    return message
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink())
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
+
+
+# 1.2 ----------------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_naming_export_is_refused_by_sample_and_export(tmp_path):
+    real = save_ckpt(tmp_path / "real.ckpt")
+    written = tmp_path / "written_by_the_checkpoint"
+    evil = save_ckpt(
+        tmp_path / "evil.ckpt",
+        net={"target": "diffusion.export.export", "config": {"ckpt": str(real), "out": str(written)}},
+    )
+    for script, args in (("sample.py", [f"out={tmp_path}/s", "n=1"]), ("export.py", [f"out={tmp_path}/e"])):
+        result = run_cli(script, f"ckpt={evil}", *args)
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert "diffusion.export.export" in result.stderr and str(evil) in result.stderr
+        assert not written.exists()
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["os.system", "torch.nn.Linear", "diffusion.unet.ResBlock", "diffusion.export.export", None, ["x"]],
+)
+def test_only_registered_network_classes_are_built(tmp_path, target):
+    ckpt = save_ckpt(tmp_path / "x.ckpt", net={"target": target, "config": {"in_features": 1, "out_features": 1}})
+    message = one_line_error(load_model, ckpt)
+    assert "is not one of the network classes this project builds" in message and str(ckpt) in message
+
+
+def test_init_from_refuses_a_crafted_checkpoint(tmp_path):
+    written = tmp_path / "written"
+    evil = save_ckpt(
+        tmp_path / "evil.ckpt",
+        net={"target": "diffusion.export.export", "config": {"ckpt": str(tmp_path), "out": str(written)}},
+    )
+    message = one_line_error(run_train, tmp_path / "run", [f"init_from={evil}"])
+    assert "diffusion.export.export" in message and not written.exists()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, "dropout": torch.zeros(1)}}},
+        {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, 3: 1}}},
+        {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, "bogus": 1}}},
+        {"net": {"target": "diffusion.diffusers_unet.DiffusersUNet", "config": {"pretrained": "org/model"}}},
+        {"schedule": {"kind": "linear", "device": "cuda"}},
+        {"schedule": {"kind": torch.ones(2)}},
+        {"format": 99},
+    ],
+)
+def test_description_is_validated_data(tmp_path, change):
+    ckpt = save_ckpt(tmp_path / "x.ckpt", **change)
+    message = one_line_error(load_model, ckpt)
+    assert str(ckpt) in message
+
+
+# 1.4 ----------------------------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_pickled_code_is_refused_in_one_plain_line(tmp_path):
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"diffusion": RunsCode(), "state_dict": {}}, path)
+    message = one_line_error(read_checkpoint, path)
+    assert message.startswith(f"{path} holds Python code or objects (it names ")
+    assert "system" in message and "never loads" in message
+    assert "\x1b" not in message and "weights_only" not in message and "trusted source" not in message
+
+
+# 1.3 ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def victim(tmp_path) -> Path:
+    path = tmp_path / "victim.txt"
+    path.write_bytes(b"precious bytes")
+    return path
+
+
+def test_sample_writes_never_follow_planted_links(tmp_path, victim):
+    ckpt = save_ckpt(tmp_path / "tiny.ckpt")
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    for name in (".write_test", "grid.png", "samples.npz", "images/000000.png"):
+        (out / name).symlink_to(victim)
+    sample_in_process(out, f"ckpt={ckpt}", "n=2", "sampler.steps=2", "npz=true", "overwrite=true")
+    assert victim.read_bytes() == b"precious bytes"
+    for name in ("grid.png", "samples.npz", "images/000000.png", "images/000001.png"):
+        assert (out / name).is_file() and not (out / name).is_symlink()
+
+
+def test_sample_replaces_a_linked_images_folder(tmp_path, victim):
+    ckpt = save_ckpt(tmp_path / "tiny.ckpt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "000000.png").write_bytes(b"not ours")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images").symlink_to(elsewhere)
+    with pytest.raises(FileExistsError, match="images \\(a link\\)"):
+        sample_in_process(out, f"ckpt={ckpt}", "n=1", "sampler.steps=2")
+    sample_in_process(out, f"ckpt={ckpt}", "n=1", "sampler.steps=2", "overwrite=true")
+    assert snapshot(elsewhere) == {"000000.png": b"not ours"}
+    assert (out / "images" / "000000.png").is_file() and not (out / "images").is_symlink()
+
+
+@pytest.mark.parametrize("format", ["safetensors", "diffusers"])
+def test_export_writes_never_follow_planted_links(tmp_path, victim, format):
+    from diffusion.diffusers_unet import DiffusersUNet
+    from diffusion.export import export
+
+    net = None
+    planted = ["model.safetensors", "config.json"]
+    if format == "diffusers":
+        unet = dict(block_out_channels=[8, 16], down_block_types=["DownBlock2D"] * 2,
+                    up_block_types=["UpBlock2D"] * 2, layers_per_block=1, norm_num_groups=4)  # fmt: skip
+        net = DiffusersUNet(image_size=16, in_channels=1, unet=unet)
+        planted = ["model_index.json", "unet/config.json", "scheduler"]
+    out = tmp_path / "out"
+    (out / "unet").mkdir(parents=True)
+    for name in planted:
+        (out / name).symlink_to(victim if name != "scheduler" else tmp_path)
+    before = snapshot(tmp_path)
+    export(save_ckpt(tmp_path / "tiny.ckpt", network=net), out, format=format, overwrite=True)
+    assert victim.read_bytes() == b"precious bytes"
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith(("out/", "tiny.ckpt"))} == before
+    for name in planted:
+        assert not (out / name).is_symlink()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+# 2.1 ----------------------------------------------------------------------------------------------------------
+
+
+def test_refused_run_leaves_the_folder_byte_identical(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    save_ckpt(run / "checkpoints" / "last.ckpt")
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run / ".hydra" / name).write_text(f"# the first run's {name}\n")
+    (run / "train.log").write_text("the first run's log\n")
+    before = snapshot(run)
+    result = run_cli("train.py", f"hydra.run.dir={run}", "model=unet_tiny", "trainer=cpu")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert snapshot(run) == before
+    assert result.stderr.strip() == (
+        f"error: run folder {run} already holds checkpoints; resume with ckpt_path={run} or choose another "
+        "hydra.run.dir"
+    )
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == sorted([".hydra", "checkpoints", *before])
+
+
+# 2.2 ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("resume") / "run"
+    run_train(run, ["trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"])
+    return run
+
+
+def test_resume_with_another_network_says_what_differs(tmp_path, tiny_run):
+    message = one_line_error(run_train, tmp_path / "b", [f"ckpt_path={tiny_run}", "model.base_channels=16"])
+    assert message.startswith(
+        f"ckpt_path={tiny_run / 'checkpoints' / 'last.ckpt'} was trained with model.base_channels=8 where the "
+        "config has 16;"
+    ), message
+    message = one_line_error(
+        run_train, tmp_path / "c", [f"ckpt_path={tiny_run}", "model.base_channels=16", "model.num_res_blocks=2"]
+    )
+    assert "(and 1 more: model.num_res_blocks)" in message
+
+
+def test_checkpoint_whose_description_disagrees_with_its_weights(tmp_path):
+    wider = UNet(**{**TINY_NET, "base_channels": 16})
+    ckpt = save_ckpt(tmp_path / "x.ckpt", network=wider)
+    data = torch.load(ckpt, weights_only=True)
+    data["diffusion"]["net"]["config"]["base_channels"] = 8
+    torch.save(data, ckpt)
+    message = one_line_error(load_model, ckpt)
+    assert message.startswith(f"checkpoint {ckpt}: its weights do not match its own network description: ")
+    assert "shapes differ" in message
+    result = run_cli("export.py", f"ckpt={ckpt}", f"out={tmp_path}/e", "format=safetensors")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+
+
+# 2.3 and 2.5 --------------------------------------------------------------------------------------------------
+
+
+def configured_checkpoint_io(tmp_path):
+    """The CheckpointIO the Trainer of the real config writes with."""
+    cfg = compose_train(tmp_path / "run")
+    return instantiate(cfg.trainer, logger=False).strategy.checkpoint_io
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = configured_checkpoint_io(tmp_path)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, last)
+    before = last.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    message = one_line_error(io.save_checkpoint, {"step": 2, "w": torch.zeros(1000)}, last)
+    assert message == (
+        f"could not save checkpoint {last} (No space left on device); the previous checkpoint there is intact"
+    )
+    assert last.read_bytes() == before
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]
+
+
+def size(path: Path) -> int:
+    """The size of `path`, -1 if it is gone (renamed away meanwhile)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+KILL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import compose_train
+from hydra.utils import instantiate
+from pathlib import Path
+io = instantiate(compose_train(Path({run!r})).trainer, logger=False).strategy.checkpoint_io
+for step in range(10**6):
+    io.save_checkpoint({{"step": step, "w": torch.full((6_000_000,), float(step))}}, {last!r})
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_during_a_large_write_leaves_last_readable(tmp_path):
+    """SIGKILL a process that rewrites a 24 MB last.ckpt in a loop, in the middle of writes; it must always load.
+
+    Each kill lands while a write is under way in the folder: last.ckpt shorter than a whole checkpoint (an
+    in-place copy), or a temporary file beside it being filled. TMPDIR is put on another filesystem
+    (/dev/shm), where a writer that stages files in TMPDIR copies them into place instead of renaming them.
+    """
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than tmp_path")
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    script = KILL_SCRIPT.format(root=str(ROOT), run=str(tmp_path / "run"), last=str(last))
+    env = {**os.environ, "TMPDIR": "/dev/shm", "OMP_NUM_THREADS": "1"}
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline(), "the writer did not save once"
+        full = last.stat().st_size
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait for a write in progress
+            sizes = [size(p) for p in last.parent.iterdir()]  # last.ckpt and any temporary file
+            if size(last) < full or any(0 < n < full for n in sizes):
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = torch.load(last, weights_only=True)
+        assert ckpt["w"].shape == (6_000_000,) and bool((ckpt["w"] == ckpt["step"]).all())
