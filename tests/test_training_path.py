@@ -278,3 +278,59 @@ def test_every_sampler_runs_with_the_schedule_on_the_gpu(sampler):
     noise = torch.randn(2, 1, 8, 8, device="cuda")
     x = SAMPLERS[sampler](lambda x, t: torch.zeros_like(x), schedule, noise, steps=5, spacing="logsnr")
     assert x.device.type == "cuda" and torch.isfinite(x).all()
+
+
+# --- last.ckpt (resume) apart from kept snapshots ------------------------------------------------------------
+def test_last_checkpoint_holds_the_final_step_when_max_steps_is_off_the_period(tmp_path):
+    run = tmp_path / "run"
+    run_train(run, ["trainer.max_steps=5", *NO_GRIDS])  # snapshots every 2 steps (TINY)
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 5
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt")) == [
+        "step_000002.ckpt",
+        "step_000004.ckpt",
+    ]
+
+
+def test_last_checkpoint_is_refreshed_by_time_and_snapshots_keep_the_newest(tmp_path, monkeypatch):
+    """last.ckpt every M minutes even between step periods; keep_last=2 keeps the newest two snapshots."""
+    from diffusion.callbacks import checkpoints
+
+    now = [0.0]
+
+    def clock() -> float:
+        now[0] += 61.0  # a minute passes between any two readings
+        return now[0]
+
+    monkeypatch.setattr(checkpoints.time, "monotonic", clock)
+    run = tmp_path / "run"
+    saved = []
+    orig = checkpoints.ResumeCheckpoint.save
+    monkeypatch.setattr(
+        checkpoints.ResumeCheckpoint,
+        "save",
+        lambda self, trainer: (saved.append(trainer.global_step), orig(self, trainer)),
+    )
+    options = [
+        "trainer.max_steps=6",
+        "callbacks.model_checkpoint.keep_last=2",
+        "callbacks.resume_checkpoint.every_n_steps=100",
+        "callbacks.resume_checkpoint.every_n_minutes=1",
+        "+callbacks.resume_checkpoint.check_every_n_steps=1",
+        *NO_GRIDS,
+    ]
+    run_train(run, options)
+    assert saved == [1, 2, 3, 4, 5, 6]  # by time only: the step period (100) never came
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*.ckpt")) == [
+        "step_000004.ckpt",
+        "step_000006.ckpt",
+    ]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+
+def test_bad_checkpoint_periods_are_named():
+    from diffusion.callbacks.checkpoints import ResumeCheckpoint, Snapshots
+
+    with pytest.raises(ValueError, match="callbacks.resume_checkpoint.every_n_minutes=-1"):
+        ResumeCheckpoint(dirpath="x", every_n_minutes=-1)
+    with pytest.raises(ValueError, match="callbacks.model_checkpoint.keep_last=0"):
+        Snapshots(dirpath="x", keep_last=0)
