@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from weakref import proxy
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
@@ -54,6 +55,7 @@ class ResumeCheckpoint(Checkpoint):
         self.check_every_n_steps = check_every_n_steps
         self.clock = clock or time.monotonic
         self.last_saved_step: int | None = None
+        self.last_model_path = ""  # ModelCheckpoint's name for it, read by loggers
         self._last_save_time: float | None = None
 
     @property
@@ -72,6 +74,9 @@ class ResumeCheckpoint(Checkpoint):
         trainer.save_checkpoint(self.path)
         self.last_saved_step = trainer.global_step
         self._last_save_time = self.clock()
+        self.last_model_path = str(self.path)
+        for logger in trainer.loggers:  # as ModelCheckpoint does: W&B records the path (run summary)
+            logger.after_save_checkpoint(proxy(self))
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_save_time = self.clock()  # the time period counts from the start (or the resume)
