@@ -17,6 +17,7 @@ a sampler option: `guided_model` turns (net, labels, guidance) into the `model` 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, get_args
@@ -148,8 +149,8 @@ def sampling_timesteps(
 
     Spacings follow Lin et al. 2024 (table 2): "leading" (DDIM's original, starts below T-1), "trailing" (ends at
     T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded); and
-    "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma) from t = T-1 to t = 0, each
-    rounded to the nearest timestep, collisions pushed apart), which needs the schedule's `alpha_bar`.
+    "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma), see `_logsnr_timesteps`), which
+    needs the schedule's `alpha_bar`.
     """
     if spacing not in get_args(TimestepSpacing):
         choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
@@ -160,25 +161,50 @@ def sampling_timesteps(
     if spacing == "logsnr":
         if alpha_bar is None:
             raise ValueError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
-        lam = 0.5 * (
-            alpha_bar.detach().cpu().double().log() - (1 - alpha_bar.detach().cpu().double()).log()
-        )  # (T,), decreasing in t
-        targets = torch.linspace(lam[-1].item(), lam[0].item(), steps, dtype=torch.float64)
-        ts = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()  # decreasing t
-        # Where lambda jumps between neighbouring timesteps (the clipped end of the cosine schedule) several
-        # targets round to one timestep: push them apart so that exactly `steps` distinct timesteps remain.
-        for k in range(1, steps):
-            ts[k] = min(ts[k], ts[k - 1] - 1)
-        ts[-1] = max(ts[-1], 0)
-        for k in range(steps - 2, -1, -1):
-            ts[k] = max(ts[k], ts[k + 1] + 1)
-    elif spacing == "leading":
+        return _logsnr_timesteps(alpha_bar, steps)
+    if spacing == "leading":
         ts = [i * (T // steps) for i in range(steps)]
     elif spacing == "trailing":
         ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
     else:
         ts = torch.linspace(0, T - 1, steps).round().long().tolist()
     return sorted(set(int(t) for t in ts), reverse=True)
+
+
+def _logsnr_timesteps(alpha_bar: Tensor, steps: int) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0, as evenly spaced in lambda = log(alpha / sigma) as whole
+    timesteps allow (Lu et al. 2022, sec. 3.3).
+
+    The grid spans lambda from t = T-2, not T-1: the cosine and sigmoid schedules clip the last beta at 0.999, so
+    lambda drops by 0.5 log(1000) = 3.45 in the last step alone, and a grid from lambda_{T-1} puts several points
+    into that gap, which all round to t >= T-2 (8 of 20 model calls at t >= 991 on cosine). The first step
+    still starts from pure noise at T-1. Points are placed from both ends in turn, each at the nearest timestep
+    to an even split of the lambda range still open: where timesteps are coarser than the grid (near T-1 and
+    near 0 with many steps) the rest of the grid closes up instead of piling up consecutive timesteps.
+    """
+    T = alpha_bar.shape[0]
+    if steps == 1:
+        return [T - 1]
+    lam = (0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())).tolist()  # decreasing in t
+    neg_lam = [-v for v in lam]  # increasing in t, for bisect
+    top, bottom = [T - 1], [0]  # placed from t = T-1 downwards and from t = 0 upwards
+    top_lam = lam[max(T - 2, 0)]
+    while len(top) + len(bottom) < steps:
+        left = steps - len(top) - len(bottom)  # points still to place, this one included
+        h = (lam[bottom[-1]] - top_lam) / (left + 1)
+        from_top = len(top) <= len(bottom)
+        target = top_lam + h if from_top else lam[bottom[-1]] - h
+        # the timestep nearest to the target that leaves one free timestep for each later point
+        lo = bottom[-1] + 1 + (left - 1 if from_top else 0)
+        hi = top[-1] - 1 - (0 if from_top else left - 1)
+        i = bisect.bisect_left(neg_lam, -target, lo, hi + 1)  # lam[i - 1] > target >= lam[i]
+        t = min((c for c in (i - 1, i) if lo <= c <= hi), key=lambda c: abs(lam[c] - target))
+        if from_top:
+            top.append(t)
+            top_lam = lam[t]
+        else:
+            bottom.append(t)
+    return top + bottom[::-1]
 
 
 def _x0_eps(model: ModelFn, schedule: NoiseSchedule, x: Tensor, i: int, clip_x0: bool) -> tuple[Tensor, Tensor]:

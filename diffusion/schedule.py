@@ -4,8 +4,11 @@ The schedule owns beta_t and alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..T
 q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. 2020, eq. 4), the three prediction
 targets a network can be trained on (eps, v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 from Salimans & Ho
 2022, and x0) with exact conversions between them, and min-SNR-gamma loss weights (Hang et al. 2023).
-Everything is plain torch: no Lightning, no Hydra. Tables are computed in float64 and stored as float32 buffers,
-so the schedule moves with the module that owns it (`.to(device)`).
+Everything is plain torch: no Lightning, no Hydra. Tables are computed in float64 and handed out in float32 on the
+schedule's device, whatever dtype the owning module is cast to: a Lightning `bf16-true` run casts every floating
+buffer to bfloat16, which would round alpha_bar to 1 for the first timesteps and zero the min-SNR weights. So the
+tables are plain tensors, not buffers, and an empty integer buffer (which `.to(dtype)` / `.half()` leave alone)
+tracks the device the schedule was moved to.
 """
 
 from __future__ import annotations
@@ -65,9 +68,14 @@ def make_betas(
     return betas.clamp(min=0.0, max=max_beta)
 
 
-def _gather(table: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """table[t] reshaped to broadcast against a (B, ...) tensor with `ndim` dims."""
-    return table[t].reshape(-1, *([1] * (ndim - 1)))  # (B, 1, 1, 1)
+class _Table:
+    """A schedule table read as an attribute (`schedule.alpha_bar`): float32, on the schedule's device."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, schedule: NoiseSchedule | None, owner: type | None = None) -> Tensor:
+        return self if schedule is None else schedule.table(self.name)
 
 
 class NoiseSchedule(nn.Module):
@@ -129,8 +137,10 @@ class NoiseSchedule(nn.Module):
         )
         alpha_bar = torch.cumprod(1 - betas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        # Buffers are derived from config, so they stay out of the state dict.
-        tables = {
+        snr = alpha_bar / (1 - alpha_bar)
+        # float64 on the CPU, derived from config (so nothing of the schedule is in the state dict). Plain
+        # attributes: nn.Module casts and moves only parameters and buffers, so no `.to(dtype)` reaches them.
+        self.tables64: dict[str, Tensor] = {
             "betas": betas,
             "alpha_bar": alpha_bar,
             "alpha_bar_prev": alpha_bar_prev,
@@ -138,24 +148,69 @@ class NoiseSchedule(nn.Module):
             "sqrt_one_minus_alpha_bar": (1 - alpha_bar).sqrt(),
             # beta-tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t, DDPM eq. 7
             "posterior_variance": betas * (1 - alpha_bar_prev) / (1 - alpha_bar),
+            "snr": snr,
+            "loss_weight": self._min_snr_weight(snr),
         }
-        for name, value in tables.items():
-            self.register_buffer(name, value.float(), persistent=False)
+        self._float32: dict[torch.device, dict[str, Tensor]] = {}  # float32 copies of the tables, per device
+        # Follows the owner's .to(device); integer, so .to(torch.bfloat16) and .half() leave it as it is.
+        self.register_buffer("device_anchor", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def _min_snr_weight(self, snr: Tensor) -> Tensor:
+        """Per-timestep weight of the MSE on the prediction target; ones unless min-SNR-gamma is on.
+
+        min-SNR-gamma (Hang et al. 2023) caps the x0-space weight at gamma: w_x0 = min(SNR, gamma).
+        An eps-loss already carries a factor SNR, a v-loss a factor SNR + 1, so those divide it out.
+        """
+        if self.min_snr_gamma is None:
+            return torch.ones_like(snr)
+        capped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == "eps":
+            return capped / snr
+        if self.prediction == "v":
+            return capped / (snr + 1)
+        return capped
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, num_steps={self.num_steps}, prediction={self.prediction}"
 
+    # --- the tables, float32 on a device -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The device the schedule was last moved to (with its owner, or by `.to(device)`)."""
+        return self.device_anchor.device
+
+    def table(self, name: str, device: torch.device | str | None = None) -> Tensor:
+        """The float32 table `name` (T,) on `device` (default: the schedule's), made once per device."""
+        device = self.device if device is None else torch.device(device)
+        if device not in self._float32:  # cast on the CPU: some devices (MPS) have no float64
+            self._float32[device] = {k: v.float().to(device) for k, v in self.tables64.items()}
+        return self._float32[device][name]
+
+    betas = _Table()
+    alpha_bar = _Table()
+    alpha_bar_prev = _Table()
+    sqrt_alpha_bar = _Table()
+    sqrt_one_minus_alpha_bar = _Table()
+    posterior_variance = _Table()
+
+    def _gather(self, name: str, t: Tensor, ndim: int) -> Tensor:
+        """table[t] (float32, on t's device) reshaped to broadcast against a (B, ...) tensor with `ndim` dims."""
+        return self.table(name, t.device)[t].reshape(-1, *([1] * (ndim - 1)))  # (B, 1, 1, 1)
+
     # --- forward process -------------------------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM eq. 4)."""
-        a = _gather(self.sqrt_alpha_bar, t, x0.ndim)
-        s = _gather(self.sqrt_one_minus_alpha_bar, t, x0.ndim)
-        return a * x0 + s * noise
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM eq. 4).
+
+        Computed in (at least) float32 and returned in x0's dtype, since x_t is the network's input: bfloat16
+        under a bf16-true trainer, whose data and weights are bfloat16.
+        """
+        a = self._gather("sqrt_alpha_bar", t, x0.ndim)
+        s = self._gather("sqrt_one_minus_alpha_bar", t, x0.ndim)
+        return (a * x0 + s * noise).to(x0.dtype)
 
     def snr(self, t: Tensor) -> Tensor:
-        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t)."""
-        ab = self.alpha_bar[t]
-        return ab / (1 - ab)
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), float32 (computed in float64)."""
+        return self.table("snr", t.device)[t]
 
     # --- prediction targets and conversions ---------------------------------------------------------------
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -168,24 +223,24 @@ class NoiseSchedule(nn.Module):
 
     def v_from(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022, sec. 4)."""
-        a = _gather(self.sqrt_alpha_bar, t, x0.ndim)
-        s = _gather(self.sqrt_one_minus_alpha_bar, t, x0.ndim)
+        a = self._gather("sqrt_alpha_bar", t, x0.ndim)
+        s = self._gather("sqrt_one_minus_alpha_bar", t, x0.ndim)
         return a * eps - s * x0
 
     def x0_from_eps(self, x_t: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        a = _gather(self.sqrt_alpha_bar, t, x_t.ndim)
-        s = _gather(self.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+        a = self._gather("sqrt_alpha_bar", t, x_t.ndim)
+        s = self._gather("sqrt_one_minus_alpha_bar", t, x_t.ndim)
         return (x_t - s * eps) / a
 
     def eps_from_x0(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
-        a = _gather(self.sqrt_alpha_bar, t, x_t.ndim)
-        s = _gather(self.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+        a = self._gather("sqrt_alpha_bar", t, x_t.ndim)
+        s = self._gather("sqrt_one_minus_alpha_bar", t, x_t.ndim)
         return (x_t - a * x0) / s
 
     def x0_eps_from_v(self, x_t: Tensor, v: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         # With a^2 + s^2 = 1: x0 = a x_t - s v and eps = s x_t + a v.
-        a = _gather(self.sqrt_alpha_bar, t, x_t.ndim)
-        s = _gather(self.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+        a = self._gather("sqrt_alpha_bar", t, x_t.ndim)
+        s = self._gather("sqrt_one_minus_alpha_bar", t, x_t.ndim)
         return a * x_t - s * v, s * x_t + a * v
 
     def to_x0_eps(self, output: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -202,17 +257,5 @@ class NoiseSchedule(nn.Module):
 
     # --- loss weighting ------------------------------------------------------------------------------
     def loss_weight(self, t: Tensor) -> Tensor:
-        """Per-sample weight of the MSE on the prediction target; ones unless min-SNR-gamma is on.
-
-        min-SNR-gamma (Hang et al. 2023) caps the x0-space weight at gamma: w_x0 = min(SNR, gamma).
-        An eps-loss already carries a factor SNR, a v-loss a factor SNR + 1, so those divide it out.
-        """
-        if self.min_snr_gamma is None:
-            return torch.ones(t.shape, device=t.device)
-        snr = self.snr(t)
-        capped = snr.clamp(max=self.min_snr_gamma)
-        if self.prediction == "eps":
-            return capped / snr
-        if self.prediction == "v":
-            return capped / (snr + 1)
-        return capped
+        """Per-sample weight of the MSE on the prediction target, float32: ones unless min-SNR-gamma is on."""
+        return self.table("loss_weight", t.device)[t]

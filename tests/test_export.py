@@ -18,7 +18,8 @@ QUIET = ["callbacks.sample_grid.every_n_steps=0", "trainer.max_steps=2", "logger
     "kind, steps, prediction", [("cosine", 1000, "eps"), ("linear", 50, "v"), ("sigmoid", 20, "x0")]
 )
 def test_scheduler_config_reproduces_our_schedule(kind, steps, prediction):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     ours = NoiseSchedule(kind=kind, num_steps=steps, prediction=prediction)
     config = scheduler_config(ours)
     theirs = diffusers.DDPMScheduler(**config)
@@ -31,7 +32,8 @@ def test_scheduler_config_reproduces_our_schedule(kind, steps, prediction):
 
 
 def test_finetuned_diffusers_unet_exports_to_a_ddpm_pipeline(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
+
     from tests.test_diffusers_unet import save_tiny_unet
 
     save_tiny_unet(tmp_path / "pretrained")  # 1 channel, 16x16: the built-in digits
@@ -102,7 +104,6 @@ def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
 
 
 def test_conditional_diffusers_unet_has_no_pipeline():
-    pytest.importorskip("diffusers")
     from diffusion.diffusers_unet import DiffusersUNet
     from tests.test_diffusers_unet import TINY_UNET
 

@@ -5,12 +5,15 @@ import functools
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion.data import DigitsDataModule
 from diffusion.module import DiffusionModule
 from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
+from tests.conftest import run_train
+from tests.test_unet import _randomize_output
 
 
 def _module(**kwargs):
@@ -24,7 +27,12 @@ def _module(**kwargs):
         scale_shift_norm=True,
         num_classes=kwargs.pop("num_classes", None),
     )
-    schedule = NoiseSchedule(kind="cosine", num_steps=100, prediction=kwargs.pop("prediction", "eps"))
+    schedule = NoiseSchedule(
+        kind="cosine",
+        num_steps=100,
+        prediction=kwargs.pop("prediction", "eps"),
+        min_snr_gamma=kwargs.pop("min_snr_gamma", None),
+    )
     opt = functools.partial(torch.optim.AdamW, lr=kwargs.pop("lr", 3e-3))
     return DiffusionModule(net=net, schedule=schedule, optimizer=opt, **kwargs)
 
@@ -62,6 +70,93 @@ def test_tiny_model_overfits_a_handful_of_images(prediction):
     trainer.fit(module, loader)
     after = fixed_loss()
     assert after < before / 5, (before, after)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_per_sample_loss_by_hand(prediction):
+    """min-SNR-weighted MSE to the target (Hang et al. 2023, gamma = 5), per sample, from the formulas."""
+    module = _module(prediction=prediction, min_snr_gamma=5.0)
+    _randomize_output(module.net)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = _images(4), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.tensor([0, 20, 60, 99])
+    ab = module.schedule.alpha_bar.double()[t].view(-1, 1, 1, 1)
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    x_t = (a * x0 + b * noise).float()
+    target = {"eps": noise, "x0": x0, "v": a * noise - b * x0}[prediction]
+    snr = (ab / (1 - ab)).flatten()
+    weight = {"eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1), "x0": snr.clamp(max=5)}[prediction]
+    with torch.no_grad():
+        expected = (module.net(x_t, t).double() - target).square().mean((1, 2, 3)) * weight
+        loss = module.per_sample_loss(x0, t, noise, None)
+    assert loss.shape == (4,) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+    assert weight.min() < 0.5 or prediction == "x0"  # the weights are not all 1
+    # under bf16 autocast the network's output is bf16, but the MSE on it is taken in fp32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module.net(module.schedule.q_sample(x0, t, noise), t)
+        low = module.per_sample_loss(x0, t, noise, None)
+    assert out.dtype == torch.bfloat16 and low.dtype == torch.float32
+    expected = (out.double() - target).square().mean((1, 2, 3)) * weight
+    torch.testing.assert_close(low.double(), expected, rtol=1e-4, atol=0)  # bf16 arithmetic: ~1e-2
+
+
+def test_training_step_draws_t_uniformly_from_0_to_T(monkeypatch):
+    module = _module()
+    seen = []
+    original = DiffusionModule.per_sample_loss
+
+    def spy(self, x0, t, noise, y):
+        seen.append(t)
+        return original(self, x0, t, noise, y)
+
+    monkeypatch.setattr(DiffusionModule, "per_sample_loss", spy)
+    torch.manual_seed(0)
+    x = _images(64)
+    for _ in range(20):
+        module.training_step((x, torch.full((64,), -1)), 0)
+    t = torch.cat(seen)  # 1280 draws from T = 100 timesteps
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 99
+    assert torch.bincount(t, minlength=100).min() >= 3  # every timestep, no gaps
+
+
+TINY_DIFFUSERS_UNET = [
+    "model=diffusers_unet",
+    "model.unet.block_out_channels=[8,16]",
+    "model.unet.layers_per_block=1",
+    "model.unet.norm_num_groups=4",
+    "model.unet.attention_head_dim=8",
+    "model.unet.down_block_types=[DownBlock2D,DownBlock2D]",
+    "model.unet.up_block_types=[UpBlock2D,UpBlock2D]",
+]
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        pytest.param(TINY_DIFFUSERS_UNET, id="diffusers_unet"),
+        pytest.param([], id="unet"),
+    ],
+)
+def test_bf16_true_training_keeps_the_schedule_in_fp32(tmp_path, monkeypatch, model):
+    """trainer.precision=bf16-true casts the whole module to bfloat16; the schedule's tables must stay fp32."""
+    seen = []
+    original = DiffusionModule.per_sample_loss
+
+    def spy(self, x0, t, noise, y):
+        loss = original(self, x0, t, noise, y)
+        net_dtype = next(self.net.parameters()).dtype
+        seen.append((net_dtype, x0.dtype, self.schedule.alpha_bar, self.schedule.loss_weight(t), t, loss.dtype))
+        return loss
+
+    monkeypatch.setattr(DiffusionModule, "per_sample_loss", spy)
+    cfg, _ = run_train(tmp_path / "run", ["trainer.precision=bf16-true", "schedule.min_snr_gamma=5", *model])
+    reference = instantiate(cfg.schedule)
+    assert seen
+    for net_dtype, x_dtype, alpha_bar, weight, t, loss_dtype in seen:
+        assert net_dtype == torch.bfloat16 and x_dtype == torch.bfloat16  # the cast did happen
+        assert torch.equal(alpha_bar, reference.alpha_bar) and torch.equal(weight, reference.loss_weight(t))
+        assert loss_dtype == torch.float32
 
 
 def test_validation_loss_is_reproducible():

@@ -3,8 +3,9 @@
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch import nn
 
-from diffusion.unet import UNet, timestep_embedding
+from diffusion.unet import AttentionBlock, UNet, timestep_embedding
 from tests.conftest import compose_train
 
 
@@ -69,6 +70,47 @@ def test_unet_base_has_ddpm_parameter_count(tmp_path):
     net = instantiate(cfg.model)
     n = sum(p.numel() for p in net.parameters())
     assert abs(n - 35.7e6) / 35.7e6 < 0.02, n
+
+
+def test_output_is_zero_at_init():
+    """The output convolution starts at zero (ADM), so an untrained net predicts exactly 0 (the mean target)."""
+    net = UNet(in_channels=3, image_size=16, base_channels=8, channel_mult=(1, 2), norm_groups=4, num_classes=3)
+    x = torch.randn(4, 3, 16, 16)
+    out = net(x, torch.tensor([0, 10, 500, 999]), torch.tensor([0, 1, 2, 3]))
+    assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+
+
+def test_unet_base_attention_heads(tmp_path):
+    """Every attention block has channels // attention_head_dim heads: unet_base, 256 channels at 16x16 and in
+    the middle, head_dim 128."""
+    cfg = compose_train(
+        tmp_path / "run",
+        ["model=unet_base", "data=folder", "data.path=x", "data.channels=3", "data.image_size=32"],
+        tiny=False,
+    )
+    blocks = [m for m in instantiate(cfg.model).modules() if isinstance(m, AttentionBlock)]
+    assert len(blocks) == 6  # 2 down and 3 up at 16x16, 1 in the middle
+    for block in blocks:
+        assert block.heads == block.qkv.in_channels // cfg.model.attention_head_dim
+    assert {(block.qkv.in_channels, block.heads) for block in blocks} == {(256, 2)}
+
+
+@pytest.mark.parametrize("head_dim, heads", [(4, 4), (16, 1)])
+def test_attention_block_is_multi_head_attention(head_dim, heads):
+    """The block is x + MultiheadAttention(GroupNorm(x)) over the H*W positions, with `heads` heads."""
+    block = AttentionBlock(16, head_dim=head_dim, groups=4)
+    assert block.heads == heads
+    torch.nn.init.normal_(block.proj.weight, std=0.2)  # zero at init
+    reference = nn.MultiheadAttention(16, heads, batch_first=True)
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(block.qkv.weight.view(48, 16))  # rows: q, k, v, each head by head
+        reference.in_proj_bias.copy_(block.qkv.bias)
+        reference.out_proj.weight.copy_(block.proj.weight.view(16, 16))
+        reference.out_proj.bias.copy_(block.proj.bias)
+    x = torch.randn(2, 16, 4, 4)
+    seq = block.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+    attended = reference(seq, seq, seq, need_weights=False)[0].transpose(1, 2).reshape(x.shape)
+    torch.testing.assert_close(block(x), x + attended, atol=1e-5, rtol=1e-5)
 
 
 def test_gradient_checkpointing_gives_same_gradients():
