@@ -127,3 +127,27 @@ def test_a_finite_step_ends_a_run_of_skips():
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
         module._on_step_checked(1, step=4, log=False)
     assert module.skipped_steps == 3
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    try:
+        run_train(run, ["logger=wandb", "trainer.max_steps=2"])
+        wandb.finish()
+        run_train(run, ["logger=wandb", "trainer.max_steps=4", f"ckpt_path={run}"])
+    finally:
+        wandb.finish()
+    ids = [r.name.rsplit("-", 1)[1] for r in sorted((run / "wandb").glob("offline-run-*"))]
+    assert len(ids) == 2 and ids[0] == ids[1]  # offline-run-<time>-<id>: the resume logged to the same run
+    run_id = (run / "wandb" / "run_id.txt").read_text()
+    assert ids[0] == run_id
+    # a new run in another folder gets another id
+    other = tmp_path / "other"
+    try:
+        run_train(other, ["logger=wandb", "trainer.max_steps=1"])
+    finally:
+        wandb.finish()
+    assert (other / "wandb" / "run_id.txt").read_text() != run_id
