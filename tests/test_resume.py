@@ -151,3 +151,36 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
     finally:
         wandb.finish()
     assert (other / "wandb" / "run_id.txt").read_text() != run_id
+
+
+def test_the_preemption_signal_saves_last_ckpt_and_the_run_resumes_from_it(tmp_path):
+    """What a SLURM job gets from submitit `signal_delay_s` before its time limit, sent to a local train.py."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT, TINY
+
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.max_steps=100000", "trainer.val_check_interval=100000", f"hydra.run.dir={run}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step_000004.ckpt").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    step = read_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"]
+    assert 4 <= step < 100000 and f"SIGUSR2: saved {run / 'checkpoints' / 'last.ckpt'} at step {step}" in out
+
+    run_train(run, [f"trainer.max_steps={step + 2}", f"ckpt_path={run}"])
+    assert read_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"] == step + 2
