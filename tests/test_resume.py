@@ -192,3 +192,28 @@ def test_the_preemption_signal_saves_last_ckpt_and_the_run_resumes_from_it(tmp_p
 
     run_train(run, [f"trainer.max_steps={step + 2}", f"ckpt_path={run}"])
     assert read_checkpoint(str(run / "checkpoints" / "last.ckpt"))["global_step"] == step + 2
+
+
+def test_loader_workers_flip_and_resume_as_the_main_process():
+    """Persistent loader workers see each new epoch (flips follow it), and a resumed loader yields the epoch's rest."""
+    from diffusion.data import DigitsDataModule
+
+    def batches(num_workers: int, resume: tuple[int, int] | None = None) -> list[list[torch.Tensor]]:
+        dm = DigitsDataModule(batch_size=400, flip=True, num_workers=num_workers, seed=5)
+        dm.setup()
+        if resume is not None:
+            dm.load_state_dict({"epoch": resume[0], "position": resume[1]})
+        loader = dm.train_dataloader()
+        out = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+            out.append([x for x, _ in loader])
+        return out
+
+    main, workers = batches(0), batches(1)
+    for a, b in zip(main, workers, strict=True):
+        assert len(a) == len(b) == 4 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(main[0][0], main[1][0])  # another order and other flips in epoch 1
+    resumed = batches(0, resume=(0, 2 * 400))
+    assert len(resumed[0]) == 2 and all(torch.equal(x, y) for x, y in zip(resumed[0], main[0][2:], strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(resumed[1], main[1], strict=True))
