@@ -5,18 +5,22 @@
 `WANDB_MODE=offline`, it runs offline and prints one line saying how to upload the run later with `wandb sync`.
 Metrics, the resolved config (train.py's `log_hyperparams`), sample grids and the paths of saved checkpoints
 (in the run summary, `checkpoint/last` and `checkpoint/latest`) go to W&B; checkpoints themselves are uploaded
-only with `log_model=true`.
+only with `log_model=true`. A run folder keeps one W&B run: its id is kept in `<run folder>/wandb/run_id.txt`, so a
+resumed run (`ckpt_path=`, a SLURM requeue) continues the same W&B run, online and offline.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+from diffusion.files import atomic_write
 
 
 def wandb_credentials_found() -> bool:
@@ -29,6 +33,21 @@ def wandb_credentials_found() -> bool:
         return path.is_file() and netrc.netrc(path).authenticators(host) is not None
     except (netrc.NetrcParseError, OSError):
         return False
+
+
+def wandb_run_id(save_dir: str | Path) -> str:
+    """The W&B run id of the run folder `save_dir`: the one in `wandb/run_id.txt`, or a new one written there.
+
+    Only rank zero writes (it is the rank that logs); other ranks read what is there.
+    """
+    path = Path(save_dir) / "wandb" / "run_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], what W&B's own ids look like
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(run_id.encode()))
+    return run_id
 
 
 class RunFolderWandbLogger(WandbLogger):
@@ -66,6 +85,9 @@ def wandb_logger(
     if offline and log_model:
         log_model = False  # nothing can be uploaded offline; `wandb sync` uploads the run (not the checkpoints)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    if "id" not in kwargs and "version" not in kwargs:  # resuming in this run folder: the same W&B run
+        kwargs["id"] = wandb_run_id(save_dir)
+        kwargs.setdefault("resume", "allow")
     if offline:
         os.environ["WANDB_MODE"] = "offline"  # also for anything else that calls wandb in this process
         reason = (

@@ -12,13 +12,20 @@ forward through `torch.compile` (the checkpoint keeps the plain network's keys),
 weights and activations NHWC (faster convolutions on tensor cores), and `nonfinite` stops ("error") or skips
 and counts ("skip") an optimizer step whose loss or gradients are not finite, before anything is updated or
 saved.
+
+A resumed run is the same run: the training randomness (timesteps, noise, label dropout and the network's own
+dropout) comes from one random stream owned by the module, seeded from `seed` and the rank and saved in every
+checkpoint, so a run stopped at any step and resumed (`ckpt_path=`) takes the same steps as one that never stopped
+(the data order and position come back through the datamodule's sampler, `diffusion.data.base.ResumableSampler`).
+A resume with another `optim.lr` applies the new rate.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
@@ -55,8 +62,12 @@ class DiffusionModule(L.LightningModule):
         nonfinite: what a non-finite loss or gradient does: "error" stops training before the optimizer step
             (so no checkpoint holds the bad step), "skip" drops that step and counts it in
             `train/skipped_steps`, "off" does not check (saves one host-device sync per step).
+        max_consecutive_skips: with `nonfinite="skip"`, more consecutive skipped steps than this stop the run
+            with `NonFiniteLossError` (a run that skips most of its steps is not training).
         compile: run the network's forward through `torch.compile` in training and validation.
         channels_last: keep weights and images in channels-last memory format.
+        seed: seed of the training random stream (timesteps, noise, label dropout, network dropout); each
+            rank draws from `seed` and its rank. The stream's state is saved in checkpoints.
     """
 
     def __init__(
@@ -71,8 +82,10 @@ class DiffusionModule(L.LightningModule):
         val_seed: int = 0,
         val_buckets: int = 10,
         nonfinite: NonFinite = "error",
+        max_consecutive_skips: int = 10,
         compile: bool = False,
         channels_last: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if lr_decay not in ("constant", "cosine"):
@@ -85,6 +98,8 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"module.val_buckets={val_buckets} must be in [1, {schedule.num_steps}]")
         if nonfinite not in ("error", "skip", "off"):
             raise ValueError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
+        if max_consecutive_skips < 0:
+            raise ValueError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer"])
         self.net = net
         self.schedule = schedule
@@ -101,6 +116,11 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite = nonfinite
         self.channels_last = channels_last
         self.skipped_steps = 0
+        self.max_consecutive_skips = max_consecutive_skips
+        self.consecutive_skips = 0
+        self.seed = seed
+        self.rng_state: tuple[str, Tensor] | None = None  # the training stream: (device type, generator state)
+        self._configured_lrs: list[float] = []  # each param group's lr as the optimizer factory builds it
         self._step_loss: Tensor | None = None  # detached sum of this optimizer step's micro-batch losses
         self._images_since_log = 0
         self._last_log_time: float | None = None
@@ -150,9 +170,10 @@ class DiffusionModule(L.LightningModule):
         x0, y = batch
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
-        loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
+        with self.training_rng(x0.device):
+            t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
+            noise = torch.randn_like(x0)
+            loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
         if self.nonfinite != "off":  # checked once per optimizer step, in configure_gradient_clipping
             self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -160,6 +181,30 @@ class DiffusionModule(L.LightningModule):
         if self._is_log_step():
             self._log_rates()
         return loss
+
+    @contextmanager
+    def training_rng(self, device: torch.device) -> Iterator[None]:
+        """Run the block on the module's training random stream, leaving the global one as it was.
+
+        The block draws from torch's global generator of `device` (so the network's dropout is covered too);
+        here that generator holds the stream's state, saved back afterwards. Backward passes draw nothing
+        (activation checkpointing replays the state it stashed in the forward).
+        """
+        kind = device.type
+        accel = None if kind == "cpu" else torch.get_device_module(kind)
+        index = device.index if device.index is not None else (accel.current_device() if accel else 0)
+        with torch.random.fork_rng(devices=[index] if accel else [], device_type=kind if accel else "cuda"):
+            if self.rng_state is None or self.rng_state[0] != kind:  # a new run, or resumed on another device type
+                trainer = self._attached_trainer()
+                rank, step = (trainer.global_rank, trainer.global_step) if trainer is not None else (0, 0)
+                g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + rank) * 1_000_003 + step)
+                self.rng_state = (kind, g.get_state())
+            if accel is None:
+                torch.set_rng_state(self.rng_state[1])
+            else:
+                accel.set_rng_state(self.rng_state[1], index)
+            yield
+            self.rng_state = (kind, torch.get_rng_state() if accel is None else accel.get_rng_state(index))
 
     def _attached_trainer(self) -> L.Trainer | None:
         """The trainer this module is attached to, or None (research use: training_step outside a Trainer)."""
@@ -274,7 +319,7 @@ class DiffusionModule(L.LightningModule):
             for group in optimizer.param_groups:  # optimizers leave parameters whose .grad is None untouched
                 for p in group["params"]:
                     p.grad = None
-            self._on_bad_step(flag, step, log=True)
+        self._on_step_checked(flag, step, log=True)
 
     def _resolve_pending(self, *, log: bool = False) -> None:
         """Read a flag left by an earlier step (see `configure_gradient_clipping`); raises or counts if it was bad."""
@@ -284,9 +329,14 @@ class DiffusionModule(L.LightningModule):
         self._pending_bad = None
         if event is not None:
             event.synchronize()
-        flag = int(host.item())
+        self._on_step_checked(int(host.item()), step, log=log)
+
+    def _on_step_checked(self, flag: int, step: int, *, log: bool) -> None:
+        """A step's guard flag is known: a finite step ends a run of skips, a non-finite one goes to `_on_bad_step`."""
         if flag:
             self._on_bad_step(flag, step, log=log)
+        else:
+            self.consecutive_skips = 0
 
     def _on_bad_step(self, flag: int, step: int, *, log: bool) -> None:
         """A non-finite step was kept out of the weights: stop ("error") or count it ("skip")."""
@@ -298,6 +348,14 @@ class DiffusionModule(L.LightningModule):
                 "trainer.gradient_clip_val, another trainer.precision, or skip such steps with module.nonfinite=skip"
             )
         self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips > self.max_consecutive_skips:
+            raise NonFiniteLossError(
+                f"non-finite {what} at step {step}: {self.consecutive_skips} steps in a row skipped, more than "
+                f"module.max_consecutive_skips={self.max_consecutive_skips}; the weights hold steps <= {step - 1}. "
+                "Resume from the last checkpoint with a lower optim.lr, trainer.gradient_clip_val or another "
+                "trainer.precision (or raise module.max_consecutive_skips)"
+            )
         if log:  # Lightning takes self.log only in step hooks
             self.log("train/skipped_steps", float(self.skipped_steps))
         from lightning.pytorch.utilities import rank_zero_warn
@@ -349,17 +407,52 @@ class DiffusionModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.net.parameters())
         self._check_fused_clipping(optimizer)
+        self._configured_lrs = [group["lr"] for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        self._apply_configured_lr()
+
+    def _apply_configured_lr(self) -> None:
+        """After a resume, use the configured learning rate, not the one saved with the optimizer's state.
+
+        Lightning restores the optimizer's param groups (lr, initial_lr) and the scheduler's base rates from the
+        checkpoint; a resume with another `optim.lr` (e.g. after a non-finite stop) must train at the new rate,
+        continuing the warm-up / decay schedule from the restored step.
+        """
+        scheduler = self.lr_schedulers()
+        if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or not self._configured_lrs:
+            return
+        if list(scheduler.base_lrs) == self._configured_lrs:
+            return
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(
+            f"resuming with optim.lr={self._configured_lrs[0]:g} (the checkpoint's was {scheduler.base_lrs[0]:g}); "
+            f"the schedule continues from step {scheduler.last_epoch}"
+        )
+        factor = self.lr_factor(scheduler.last_epoch)
+        scheduler.base_lrs = list(self._configured_lrs)
+        for group, lr in zip(scheduler.optimizer.param_groups, self._configured_lrs, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
 
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
         checkpoint["diffusion"] = describe(self.net, self.schedule)
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["consecutive_skips"] = self.consecutive_skips
+        if self.rng_state is not None:
+            checkpoint["training_rng"] = {"device_type": self.rng_state[0], "state": self.rng_state[1]}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        self.consecutive_skips = int(checkpoint.get("consecutive_skips", 0))
+        rng = checkpoint.get("training_rng")
+        if rng is not None:
+            self.rng_state = (rng["device_type"], rng["state"].cpu())
         # Checkpoints written before the network was registered once also hold it as "net_forward.*".
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("net_forward.")]:

@@ -283,14 +283,14 @@ def test_cache_default_location_flips_and_bad_files(image_folder):
 
 
 def test_loader_defaults(image_folder):
-    from torch.utils.data import RandomSampler
+    from diffusion.data.base import ResumableSampler
 
     dm = ImageFolderDataModule(path=str(image_folder), image_size=16, batch_size=4)
     assert 1 <= dm.num_workers <= 8
     dm.num_workers = 0
     dm.setup()
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert train.drop_last and isinstance(train.sampler, RandomSampler)  # Lightning shards it under DDP
+    assert train.drop_last and isinstance(train.sampler, ResumableSampler)  # a DistributedSampler: one shard per rank
     assert not val.drop_last and val.pin_memory == torch.cuda.is_available()
     dm = ImageFolderDataModule(path=str(image_folder), image_size=16, num_workers=2)
     dm.setup()

@@ -1,21 +1,27 @@
 """What every DataModule shares: value ranges, the fixed-seed split, loader settings, the uint8 batch collate.
 
 Image datasets here hand out uint8 pixels (C, H, W) and build whole batches at once (`__getitems__`); the
-`Uint8Batch` collate flips the batch and converts it to float in [-1, 1], so a uint8 cache, an in-memory
-array and a decoded file all reach the model through the same few lines. Also holds the built-in
-`DigitsDataModule` (scikit-learn's 8x8 digits, no files needed).
+`Uint8Batch` collate converts the batch to float in [-1, 1], so a uint8 cache, an in-memory array and a decoded
+file all reach the model through the same few lines. Also holds the built-in `DigitsDataModule` (scikit-learn's
+8x8 digits, no files needed).
+
+Training data is resumable: the order is a seeded permutation per epoch (`ResumableSampler`), and each random
+flip is a function of (seed, epoch, item), so the datamodule's `state_dict` (epoch and position, saved in every
+checkpoint by Lightning) is all a resumed run needs to see the same batches as a run that never stopped.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 
 def to_model_range(x: Tensor) -> Tensor:
@@ -37,20 +43,59 @@ def default_num_workers(*, decoding: bool) -> int:
 class Uint8Batch:
     """Collate for datasets whose `__getitems__` returns a whole batch `(uint8 (B, C, H, W), long (B,))`.
 
-    Flips each image left-right with probability 1/2 (when `flip`), then scales to float in [-1, 1]. Runs in the
-    loader workers, so the main process receives ready batches. A class, not a closure, so spawned workers can
-    pickle it.
+    Scales the batch to float in [-1, 1]. Runs in the loader workers, so the main process receives ready batches.
+    A class, not a closure, so spawned workers can pickle it.
     """
-
-    def __init__(self, flip: bool) -> None:
-        self.flip = flip
 
     def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         x, y = batch  # (B, C, H, W) uint8, (B,) long
-        if self.flip:
-            idx = (torch.rand(x.shape[0]) < 0.5).nonzero().squeeze(1)
-            x[idx] = x[idx].flip(-1)  # x is this batch's own copy
         return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0), y  # one float buffer: [0, 255] -> [-1, 1]
+
+
+def flip_mask(seed: int, epoch: int, indices: Sequence[int]) -> Tensor:
+    """Which items of an epoch are flipped: a fair coin per (seed, epoch, index), the same in any process.
+
+    A hash (splitmix64's finalizer), not a generator's stream: the answer depends on the item only, not on
+    what was drawn before, so a run resumed mid-epoch (or one whose loader workers are restarted) flips alike.
+    """
+    mask = (1 << 64) - 1
+    out = []
+    for i in indices:
+        z = (((seed * 1_000_003 + epoch) * 1_000_003 + int(i)) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append((z ^ (z >> 31)) & 1)
+    return torch.tensor(out, dtype=torch.bool)
+
+
+class ResumableSampler(DistributedSampler):
+    """The training order: a permutation of the dataset per epoch, seeded by (seed, epoch), that can start
+    mid-epoch.
+
+    A `DistributedSampler` (so Lightning uses it as it is under DDP, each rank its shard, instead of wrapping it);
+    with one process it is a seeded shuffle. `resume(epoch, position)` makes the next iteration of that epoch
+    skip the first `position` indices of this rank (those trained before the checkpoint). `set_epoch` also tells
+    the dataset (when it has `set_epoch`, e.g. `_FlipBatch`) so per-epoch flips follow.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume_at: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def resume(self, epoch: int, position: int) -> None:
+        self._resume_at = (epoch, position)
+
+    def __iter__(self) -> Iterator[int]:
+        skip = 0
+        if self._resume_at is not None and self._resume_at[0] == self.epoch:
+            skip = self._resume_at[1]
+            self._resume_at = None
+        return itertools.islice(super().__iter__(), skip, None)
 
 
 class ArrayImages(Dataset):
@@ -96,27 +141,38 @@ class ArrayImages(Dataset):
 
 
 def image_loader(
-    dataset: Dataset, *, batch_size: int, shuffle: bool = False, flip: bool = False, num_workers: int = 0
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    flip: bool = False,
+    num_workers: int = 0,
+    sampler: ResumableSampler | None = None,
 ) -> DataLoader:
     """A DataLoader of (float images in [-1, 1], labels) batches over any of our datasets.
 
     Datasets that yield whole uint8 batches (`uint8_batches`, also behind a `Subset`, which passes `__getitems__`
-    on) get the `Uint8Batch` collate; others the default. Shuffled loaders drop the last partial batch. Use this
+    on) get the `Uint8Batch` collate; others the default. `flip` flips items at random (`_FlipBatch`); a
+    `sampler` (the training order) implies shuffling. Shuffled loaders drop the last partial batch. Use this
     (not a bare DataLoader) wherever images are read.
     """
+    if flip and not isinstance(dataset, _FlipBatch):
+        dataset = _FlipBatch(dataset, flip=True)
     inner = dataset
-    while isinstance(inner, Subset):  # e.g. FID's random subset of real images
+    while isinstance(inner, (Subset, _FlipBatch)):  # e.g. FID's random subset of real images
         inner = inner.dataset
     uint8 = getattr(inner, "uint8_batches", False)
+    shuffled = shuffle or sampler is not None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=shuffle and len(dataset) >= batch_size,
+        shuffle=shuffle if sampler is None else None,
+        sampler=sampler,
+        drop_last=shuffled and len(dataset) >= batch_size,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=Uint8Batch(flip) if uint8 else None,
+        collate_fn=Uint8Batch() if uint8 else None,
     )
 
 
@@ -166,6 +222,8 @@ class _SplitDataModule(L.LightningDataModule):
         self.num_classes: int | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._sampler: ResumableSampler | None = None  # the training order, once train_dataloader built it
+        self._resume_state: dict | None = None  # from a checkpoint, for the next train_dataloader
 
     def _split(self, dataset: Dataset) -> None:
         train_idx, val_idx = split_indices(len(dataset), self.val_fraction, self.seed)
@@ -173,32 +231,74 @@ class _SplitDataModule(L.LightningDataModule):
         self.val_set = Subset(dataset, val_idx)
 
     def _loader(self, dataset: Dataset, shuffle: bool, flip: bool = False) -> DataLoader:
-        # Shuffled loaders are what Lightning swaps a DistributedSampler into under DDP (each rank its shard).
         return image_loader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, flip=flip, num_workers=self.num_workers
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True, flip=self.flip)
+        """The training loader: the order from `ResumableSampler` (each DDP rank its shard), flips per item."""
+        dataset = self.train_set
+        if self.flip and not isinstance(dataset, _FlipBatch):
+            dataset = _FlipBatch(dataset, flip=True, seed=self.seed)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._sampler = ResumableSampler(dataset, seed=self.seed, num_replicas=world, rank=rank)
+        if self._resume_state:
+            self._sampler.resume(self._resume_state["epoch"], self._resume_state["position"])
+            self._resume_state = None
+        return image_loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, sampler=self._sampler)
+
+    def state_dict(self) -> dict:
+        """Where the training data stands (saved in checkpoints): the epoch and how many of its items this rank
+        has trained on (the batches whose training step ran; prefetched ones are not counted)."""
+        trainer = self.trainer
+        if self._sampler is None or trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": self._sampler.epoch, "position": done * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_state = dict(state_dict) if state_dict else None
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
 
 class _FlipBatch(Dataset):
-    """Random horizontal flips on an in-memory (image, label) dataset."""
+    """Random horizontal flips on any of our (image, label) datasets: item i of epoch e is mirrored when
+    `flip_mask(seed, e, [i])` says so. The epoch is set by `ResumableSampler.set_epoch`, through a shared-memory
+    tensor that the loader workers (persistent ones too) read."""
 
-    def __init__(self, dataset: Dataset, flip: bool) -> None:
-        self.dataset, self.flip = dataset, flip
+    def __init__(self, dataset: Dataset, flip: bool, seed: int = 0) -> None:
+        self.dataset, self.flip, self.seed = dataset, flip, seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _mask(self, indices: Sequence[int]) -> Tensor:
+        if not self.flip:
+            return torch.zeros(len(indices), dtype=torch.bool)
+        return flip_mask(self.seed, int(self._epoch), indices)
+
     def __getitem__(self, i: int):
         x, y = self.dataset[i]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, y
+        return (x.flip(-1) if self._mask([i])[0] else x), y
+
+    def __getitems__(self, indices: list[int]):
+        flips = self._mask(indices)
+        if hasattr(self.dataset, "__getitems__"):
+            batch = self.dataset.__getitems__(indices)
+        else:
+            batch = [self.dataset[i] for i in indices]
+        if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), (B,)
+            x, y = batch
+            x[flips] = x[flips].flip(-1)  # x is this batch's own copy
+            return x, y
+        return [(x.flip(-1) if f else x, y) for (x, y), f in zip(batch, flips, strict=True)]
 
 
 class DigitsDataModule(_SplitDataModule):
@@ -245,4 +345,4 @@ class DigitsDataModule(_SplitDataModule):
             return
         x, y = self.load()
         self._split(TensorDataset(x, y))
-        self.train_set = _FlipBatch(self.train_set, self.flip)
+        self.train_set = _FlipBatch(self.train_set, self.flip, seed=self.seed)
