@@ -411,6 +411,12 @@ class DiffusionModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        # trainer.precision=bf16-true / 16-true casts the whole module, metric states included: keep the
+        # validation sums in fp32 (a bf16 val/loss is rounded to 3 significant digits).
+        for metric in (self.val_loss, *self.val_bucket_loss):
+            metric.set_dtype(torch.float32)
+
     def on_train_start(self) -> None:
         self._apply_configured_lr()
 

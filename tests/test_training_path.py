@@ -334,3 +334,18 @@ def test_bad_checkpoint_periods_are_named():
         ResumeCheckpoint(dirpath="x", every_n_minutes=-1)
     with pytest.raises(ValueError, match="callbacks.model_checkpoint.keep_last=0"):
         Snapshots(dirpath="x", keep_last=0)
+
+
+def test_validation_loss_stays_fp32_under_bf16_true(tmp_path, monkeypatch):
+    """bf16-true casts the module, metric states included: val/loss must not be a bf16-rounded number."""
+    seen = []
+    original = DiffusionModule.on_validation_epoch_end
+
+    def spy(self):
+        seen.append((self.val_loss.mean_value.dtype, self.val_bucket_loss[0].mean_value.dtype))
+        return original(self)
+
+    monkeypatch.setattr(DiffusionModule, "on_validation_epoch_end", spy)
+    _, val_loss = run_train(tmp_path / "run", ["trainer.precision=bf16-true", *NO_GRIDS])
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert val_loss != float(torch.tensor(val_loss).to(torch.bfloat16))  # not on the bf16 grid

@@ -85,7 +85,10 @@ class ResumeCheckpoint(Checkpoint):
         step = trainer.global_step
         if step == 0 or step == self.last_saved_step:
             return  # no optimizer step since the last save (gradient accumulation, or nothing yet)
-        if (self.every_n_steps and step % self.every_n_steps == 0) or self._due_by_time(trainer):
+        # The final step is saved here, not in on_train_end: after an epoch's last batch Lightning has already
+        # advanced its loop counters by on_train_end, and a checkpoint written then resumes one batch short.
+        final = trainer.max_steps != -1 and step >= trainer.max_steps
+        if final or (self.every_n_steps and step % self.every_n_steps == 0) or self._due_by_time(trainer):
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
