@@ -10,6 +10,7 @@ only with `log_model=true`.
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -17,6 +18,8 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+
+log = logging.getLogger(__name__)
 
 
 def wandb_credentials_found() -> bool:
@@ -40,9 +43,10 @@ class RunFolderWandbLogger(WandbLogger):
 
     @rank_zero_only
     def _record_checkpoint_paths(self, checkpoint_callback) -> None:
+        saved = [Path(p) for p in getattr(checkpoint_callback, "best_k_models", {}) if Path(p).exists()]
         paths = {
             "checkpoint/last": getattr(checkpoint_callback, "last_model_path", ""),
-            "checkpoint/latest": getattr(checkpoint_callback, "_last_checkpoint_saved", ""),
+            "checkpoint/latest": max(saved, key=lambda p: p.stat().st_mtime) if saved else "",
             "checkpoint/best": getattr(checkpoint_callback, "best_model_path", ""),
         }
         self.experiment.summary.update({k: str(v) for k, v in paths.items() if v})
@@ -73,7 +77,7 @@ def wandb_logger(
             if mode in ("offline", "dryrun")
             else "no W&B credentials (WANDB_API_KEY / wandb login)"
         )
-        _print_once(
+        rank_zero_only(log.info)(
             f"wandb: {reason}: logging offline; upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
         )
     return RunFolderWandbLogger(
@@ -86,8 +90,3 @@ def wandb_logger(
         offline=offline,
         **kwargs,
     )
-
-
-@rank_zero_only
-def _print_once(line: str) -> None:
-    print(line, flush=True)
