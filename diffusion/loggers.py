@@ -44,8 +44,10 @@ class RunFolderWandbLogger(WandbLogger):
     @rank_zero_only
     def _record_checkpoint_paths(self, checkpoint_callback) -> None:
         saved = [Path(p) for p in getattr(checkpoint_callback, "best_k_models", {}) if Path(p).exists()]
+        # last.ckpt is ResumeCheckpoint's, in the snapshots' folder (it does not call loggers itself)
+        last = getattr(checkpoint_callback, "last_model_path", "") or Path(checkpoint_callback.dirpath, "last.ckpt")
         paths = {
-            "checkpoint/last": getattr(checkpoint_callback, "last_model_path", ""),
+            "checkpoint/last": last,
             "checkpoint/latest": max(saved, key=lambda p: p.stat().st_mtime) if saved else "",
             "checkpoint/best": getattr(checkpoint_callback, "best_model_path", ""),
         }
