@@ -8,6 +8,7 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -181,7 +182,7 @@ def relaunches_in_local_sweep(cfg: DictConfig) -> bool:
 
 def run_job(cfg: DictConfig) -> float | None:
     """train(cfg); in a sweep, a job that diverges or fails on its own config logs why, leaves `failed.txt` in
-    its folder and returns NaN to the sweeper (Optuna records the trial as failed), so the sweep goes on."""
+    its folder and returns NaN to the sweeper (to Optuna the worst value, see failed_value), so the sweep goes on."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return train(cfg)
@@ -198,7 +199,19 @@ def run_job(cfg: DictConfig) -> float | None:
             raise
         log.error(f"job {hydra_cfg.job.num} failed: {message}")
         (Path(cfg.paths.output_dir) / FAILED_FILE).write_text(message + "\n")
+        return failed_value(hydra_cfg.sweeper.get("direction"))
+
+
+def failed_value(direction) -> float | list[float]:
+    """What a failed job returns to its sweeper: NaN, or for Optuna (which has a `direction` and fails the whole
+    sweep on NaN) the worst value in each direction: +inf when minimizing, -inf when maximizing."""
+    if direction is None:
         return float("nan")
+
+    def worst(d) -> float:
+        return math.inf if str(d).lower().endswith("minimize") else -math.inf
+
+    return worst(direction) if isinstance(direction, str) else [worst(d) for d in direction]
 
 
 class SweepReport(Callback):
@@ -210,7 +223,7 @@ class SweepReport(Callback):
         if not failed:
             return
         jobs = len(list(sweep.rglob(".hydra/overrides.yaml")))
-        lines = [f"sweep: {len(failed)} of {jobs} jobs failed (they returned NaN):"]
+        lines = [f"sweep: {len(failed)} of {jobs} jobs failed (each returned NaN, or to Optuna the worst value):"]
         for path in failed:
             overrides = OmegaConf.load(path.parent / ".hydra" / "overrides.yaml")
             lines.append(f"  {path.parent} ({' '.join(overrides)}): {path.read_text().strip()}")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from diffusion.data import CIFAR10DataModule, ImageFolderDataModule
 from diffusion.errors import ConfigError, UserError, exit_on_user_error, user_error_message, worker_error_line
@@ -68,6 +69,23 @@ def test_a_diverging_job_does_not_end_the_sweep_and_everything_is_in_train_log(t
     with open(metrics) as f:
         columns = next(csv.reader(f))
     assert [c for c in columns if "lr" in c] == ["train/lr"]
+
+
+def test_an_optuna_study_survives_trials_that_diverge(tmp_path):
+    """Optuna ends the whole study on a NaN result: a failed trial gives it the worst value (+inf, minimizing)."""
+    sweep = tmp_path / "sweep"
+    result = run_tiny_multirun(
+        sweep,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "+callbacks.poison._target_=tests.test_scale.PoisonBatch",
+        "+callbacks.poison.at_step=0",  # every trial diverges at its first step
+        f"+callbacks.poison.dirpath={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "sweep: 2 of 2 jobs failed" in result.stdout + result.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == math.inf
 
 
 def test_ddp_inside_a_local_sweep_is_refused_in_one_line(tmp_path):
