@@ -234,6 +234,10 @@ def train(cfg: DictConfig) -> float | None:
     """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged)."""
     import lightning as L
 
+    if logging.getLogger().handlers:  # Hydra's console and train.log show Lightning's messages already; its own
+        for handler in list(logging.getLogger("lightning").handlers):  # stderr handler would print each twice
+            logging.getLogger("lightning").removeHandler(handler)
+
     from diffusion.checkpoint import read_checkpoint
     from diffusion.finetune import init_from_checkpoint
 
