@@ -7,10 +7,14 @@ any model. The work is done by `diffusion.export`; this file is only the command
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.errors import exit_on_user_error
+from diffusion.errors import ConfigError, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> None:
@@ -19,10 +23,10 @@ def run(cfg: DictConfig) -> None:
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
-            raise ValueError(f"{key} is required: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors]")
+            raise ConfigError(f"{key} is required: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors]")
     ckpt = resolve_ckpt_path(cfg.ckpt, cfg.paths.runs_dir, key="ckpt")
     model = export(ckpt, cfg.out, format=cfg.format, use_ema=cfg.ema, overwrite=cfg.overwrite)
-    print(
+    log.info(
         f"exported {ckpt} ({type(model.net).__name__}, {model.weights} weights, step {model.global_step}) "
         f"as {cfg.format} to {cfg.out}"
     )

@@ -9,6 +9,7 @@ with any `batch_size`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from functools import partial
@@ -18,7 +19,9 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion.errors import exit_on_user_error
+from diffusion.errors import ConfigError, PathError, PathExistsError, exit_on_user_error
+
+log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
@@ -31,9 +34,9 @@ def resolve_device(device: str):
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
+        raise ConfigError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} but no CUDA GPU is available (use device=auto or device=cpu)")
+        raise ConfigError(f"device={device} but no CUDA GPU is available (use device=auto or device=cpu)")
     return resolved
 
 
@@ -52,7 +55,7 @@ def parse_labels(label, net) -> list[int | None]:
         return list(range(num_classes))
     values = list(label) if isinstance(label, (list, tuple)) else [label]
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"label={label} must be a class index, a list of them, or 'all'")
+        raise ConfigError(f"label={label} must be a class index, a list of them, or 'all'")
     guided_model(net, labels=torch.tensor(values))  # says what is wrong: unconditional model, label out of range
     return values
 
@@ -65,7 +68,7 @@ def prepare_out(out: Path, *, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         check_writable(out)
     except OSError as e:
-        raise OSError(f"out={out} cannot be written ({e.strerror or e})") from e
+        raise PathError(f"out={out} cannot be written ({e.strerror or e})") from e
     images = out / "images"
     existing = [p.name for p in (out / "grid.png", out / "samples.npz") if p.exists() or p.is_symlink()]
     linked = images.is_symlink()  # never list, delete or write through a link we did not make
@@ -73,7 +76,7 @@ def prepare_out(out: Path, *, overwrite: bool) -> None:
     if old_images or linked:
         existing.append("images (a link)" if linked else f"images/ ({len(old_images)} PNGs)")
     if existing and not overwrite:
-        raise FileExistsError(
+        raise PathExistsError(
             f"out={out} already holds {', '.join(existing)}; pass overwrite=true to replace them or choose another out"
         )
     for p in old_images:  # overwrite=true: no stale images from a larger earlier run
@@ -95,13 +98,13 @@ def sample(cfg: DictConfig) -> Path:
 
     # 1. check the plain options before touching the checkpoint
     if cfg.ckpt in (None, ""):
-        raise ValueError("ckpt=PATH is required: a .ckpt file, a training run folder, or ckpt=last")
+        raise ConfigError("ckpt=PATH is required: a .ckpt file, a training run folder, or ckpt=last")
     if cfg.n < 1:
-        raise ValueError(f"n={cfg.n} must be >= 1")
+        raise ConfigError(f"n={cfg.n} must be >= 1")
     if cfg.batch_size < 1:
-        raise ValueError(f"batch_size={cfg.batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={cfg.batch_size} must be >= 1")
     if cfg.nrow is not None and cfg.nrow < 1:
-        raise ValueError(f"nrow={cfg.nrow} must be >= 1")
+        raise ConfigError(f"nrow={cfg.nrow} must be >= 1")
     device = resolve_device(str(cfg.device))
     with_precision(lambda x, t: x, str(cfg.precision), device)  # says which precisions exist
     ckpt = Path(str(cfg.ckpt)).expanduser()
@@ -115,9 +118,9 @@ def sample(cfg: DictConfig) -> Path:
     rows = parse_labels(OmegaConf.to_object(cfg.label) if isinstance(cfg.label, ListConfig) else cfg.label, net)
     guidance = 1.0 if cfg.guidance is None else float(cfg.guidance)
     if cfg.guidance is not None and num_classes is None:
-        raise ValueError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
+        raise ConfigError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
     if cfg.guidance is not None and rows == [None]:
-        raise ValueError(f"guidance={cfg.guidance} needs a label (label=7, label=[1,2] or label=all)")
+        raise ConfigError(f"guidance={cfg.guidance} needs a label (label=7, label=[1,2] or label=all)")
     steps = cfg.sampler.get("steps")
     if steps is not None:  # fail now, not after the first batch
         sampling_timesteps(
@@ -132,10 +135,9 @@ def sample(cfg: DictConfig) -> Path:
     # 4. sample: item k is (row label, column j) and starts from seed + j
     shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
     items = [(label, j) for label in rows for j in range(cfg.n)]
-    print(
+    log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
         f"(step {loaded.global_step}, {loaded.weights} weights) on {device} in {cfg.precision}",
-        flush=True,
     )
     batches = range(0, len(items), cfg.batch_size)
     if cfg.progress:
@@ -168,7 +170,7 @@ def sample(cfg: DictConfig) -> Path:
             arrays["arr_1"] = np.array([label for label, _ in items], dtype=np.int64)
         atomic_write(out / "samples.npz", lambda f: np.savez(f, **arrays))
         written.append("samples.npz")
-    print(f"wrote {', '.join(written)} to {out}")
+    log.info(f"wrote {', '.join(written)} to {out}")
     return out
 
 

@@ -7,16 +7,31 @@ loggers and Trainer from it, and fits. Every run writes into its own folder (the
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
-from hydra.utils import instantiate
+from hydra.types import RunMode
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.errors import exit_on_user_error
+from diffusion.errors import (
+    ConfigError,
+    MissingPathError,
+    PathExistsError,
+    config_error,
+    exit_on_user_error,
+    user_error_message,
+)
+
+log = logging.getLogger(__name__)
+FAILED_FILE = "failed.txt"  # in a sweep job's folder: the one-line reason the job failed
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_path") -> str | None:
@@ -29,13 +44,13 @@ def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_pat
     if ckpt_path == "last":
         found = sorted(Path(runs_dir).rglob("checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"{key}=last: no checkpoints/last.ckpt under {runs_dir}")
+            raise MissingPathError(f"{key}=last: no checkpoints/last.ckpt under {runs_dir}")
         return str(found[-1])
     path = Path(ckpt_path).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"{key}={ckpt_path}: {path} does not exist")
+        raise MissingPathError(f"{key}={ckpt_path}: {path} does not exist")
     return str(path)
 
 
@@ -80,12 +95,14 @@ def check_resume(ckpt_path: str, ckpt: dict, net, schedule) -> None:
     if mismatch:
         more = f" (and {len(shown) - 1} more: {', '.join(k for k, _, _ in differences[1:])})" if len(shown) > 1 else ""
         what = f"was trained with {shown[0]}{more}" if shown else f"does not fit the model: {mismatch}"
-        raise ValueError(
+        raise ConfigError(
             f"ckpt_path={ckpt_path} {what}; resume with that run's config (its .hydra/overrides.yaml), or start "
             "a new run from its weights with init_from="
         )
     if shown:
-        print(f"resuming {ckpt_path} with config changes: {'; '.join(shown)}")
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        rank_zero_only(log.info)(f"resuming {ckpt_path} with config changes: {'; '.join(shown)}")
 
 
 def slurm_requeue_path(output_dir: Path) -> str | None:
@@ -104,9 +121,122 @@ def effective_batch(batch_size: int, trainer) -> tuple[int, str]:
     return total, f"{batch_size} per device x {devices} devices x {nodes} nodes x {accumulate} accumulation"
 
 
+def build(cfg: DictConfig, key: str, **kwargs):
+    """instantiate(cfg.<key>, **kwargs); an error the config caused becomes one ConfigError naming `key`."""
+    node = OmegaConf.select(cfg, key)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        error = config_error(key, cause, target=_target_of(node), values=_values_of(node))
+        if error is None:
+            raise
+        raise error from cause
+
+
+def build_optimizer(cfg: DictConfig):
+    """The optimizer factory of cfg.optim.optimizer, tried once on a dummy parameter so that a bad value
+    (optim.lr=-1) is named now rather than deep inside trainer.fit."""
+    import torch
+
+    factory = build(cfg, "optim.optimizer")
+    try:
+        factory([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        error = config_error("optim.optimizer", e, values=_values_of(cfg.optim.optimizer))
+        if error is None:
+            raise
+        raise error from e
+    return factory
+
+
+def _target_of(node):
+    try:
+        return get_object(str(node._target_))
+    except Exception:  # no _target_, or it cannot be imported: Hydra's own error says so
+        return None
+
+
+def _values_of(node) -> dict:
+    try:
+        values = OmegaConf.to_container(node, resolve=True)
+    except Exception:  # an interpolation that does not resolve: nothing to check types against
+        return {}
+    return {k: v for k, v in values.items() if not str(k).startswith("_")}
+
+
+def relaunches_in_local_sweep(cfg: DictConfig) -> bool:
+    """Whether cfg.trainer starts more processes by re-running this script (Lightning's DDP launches
+    `sys.argv` again): inside a local `-m` sweep they would re-run the whole sweep."""
+    trainer = cfg.trainer
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, DictConfig):
+        popen = str(strategy.get("_target_", "")).endswith("DDPStrategy")
+        popen = popen and strategy.get("start_method", "popen") == "popen"
+    else:
+        popen = str(strategy or "").startswith("ddp") and not any(w in str(strategy) for w in ("spawn", "fork"))
+    devices = trainer.get("devices", 1)
+    several = devices not in (1, "1") and not (isinstance(devices, list | tuple) and len(devices) == 1)
+    return popen and (several or int(trainer.get("num_nodes", 1) or 1) > 1)
+
+
+def run_job(cfg: DictConfig) -> float | None:
+    """train(cfg); in a sweep, a job that diverges or fails on its own config logs why, leaves `failed.txt` in
+    its folder and returns NaN to the sweeper (to Optuna the worst value, see failed_value), so the sweep goes on."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return train(cfg)
+    if hydra_cfg.launcher._target_.endswith("BasicLauncher") and relaunches_in_local_sweep(cfg):
+        raise ConfigError(
+            "trainer=ddp cannot run inside a local -m sweep (Lightning relaunches the script with the sweep's "
+            "arguments); run each job separately, or sweep with hydra/launcher=slurm"
+        )
+    try:
+        return train(cfg)
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None:
+            raise
+        log.error(f"job {hydra_cfg.job.num} failed: {message}")
+        (Path(cfg.paths.output_dir) / FAILED_FILE).write_text(message + "\n")
+        return failed_value(hydra_cfg.sweeper.get("direction"))
+
+
+def failed_value(direction) -> float | list[float]:
+    """What a failed job returns to its sweeper: NaN, or for Optuna (which has a `direction` and fails the whole
+    sweep on NaN) the worst value in each direction: +inf when minimizing, -inf when maximizing."""
+    if direction is None:
+        return float("nan")
+
+    def worst(d) -> float:
+        return math.inf if str(d).lower().endswith("minimize") else -math.inf
+
+    return worst(direction) if isinstance(direction, str) else [worst(d) for d in direction]
+
+
+class SweepReport(Callback):
+    """At the end of a sweep, lists the jobs that failed (those that left `failed.txt` in their folder)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        failed = sorted(sweep.rglob(FAILED_FILE))
+        if not failed:
+            return
+        jobs = len(list(sweep.rglob(".hydra/overrides.yaml")))
+        lines = [f"sweep: {len(failed)} of {jobs} jobs failed (each returned NaN, or to Optuna the worst value):"]
+        for path in failed:
+            overrides = OmegaConf.load(path.parent / ".hydra" / "overrides.yaml")
+            lines.append(f"  {path.parent} ({' '.join(overrides)}): {path.read_text().strip()}")
+        log.warning("\n".join(lines))
+
+
 def train(cfg: DictConfig) -> float | None:
     """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged)."""
     import lightning as L
+
+    if logging.getLogger().handlers:  # Hydra's console and train.log show Lightning's messages already; its own
+        for handler in list(logging.getLogger("lightning").handlers):  # stderr handler would print each twice
+            logging.getLogger("lightning").removeHandler(handler)
 
     from diffusion.checkpoint import read_checkpoint
     from diffusion.finetune import init_from_checkpoint
@@ -118,21 +248,21 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_path = slurm_requeue_path(output_dir)  # a preempted SLURM job continues in its own folder
     resumed = read_checkpoint(ckpt_path) if ckpt_path is not None else None  # a clear error now, not in Lightning
     if resumed is None and occupied(output_dir):
-        raise FileExistsError(occupied(output_dir))
+        raise PathExistsError(occupied(output_dir))
     init_path = resolve_ckpt_path(cfg.get("init_from"), cfg.paths.runs_dir, key="init_from")
     init = cfg.get("init") or {}
     if init.get("required") and init_path is None:
-        raise ValueError("init_from is required (init.required=true, e.g. experiment=finetune): init_from=PATH")
+        raise ConfigError("init_from is required (init.required=true, e.g. experiment=finetune): init_from=PATH")
     if init_path is not None:
         if ckpt_path is not None:
-            raise ValueError(
+            raise ConfigError(
                 "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
                 "init_from starts a new one from a checkpoint's weights"
             )
 
-    datamodule = instantiate(cfg.data)
-    schedule = instantiate(cfg.schedule)
-    net = instantiate(cfg.model)
+    datamodule = build(cfg, "data")
+    schedule = build(cfg, "schedule")
+    net = build(cfg, "model")
     if resumed is not None:
         check_resume(ckpt_path, resumed, net, schedule)
     if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
@@ -143,13 +273,13 @@ def train(cfg: DictConfig) -> float | None:
             strict=init.get("strict", True),
             use_ema=init.get("use_ema", True),
         )
-        print(report.summary())
-    module = instantiate(cfg.module, net=net, schedule=schedule, optimizer=instantiate(cfg.optim.optimizer))
+        L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
+    module = build(cfg, "module", net=net, schedule=schedule, optimizer=build_optimizer(cfg))
     if init_path is not None and init.get("ema_from_init", True):
         module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c and "_target_" in c]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [build(cfg, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
+    loggers = [build(cfg, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
+    trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     batch, batch_parts = effective_batch(int(getattr(datamodule, "batch_size", cfg.data.get("batch_size", 0))), trainer)
@@ -158,24 +288,24 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(resolved)
     n_params = sum(p.numel() for p in net.parameters())
     if trainer.is_global_zero:
-        print(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")
-        print(f"effective batch {batch} ({batch_parts}), lr {cfg.optim.get('lr')}, precision {trainer.precision}")
+        log.info(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")
+        log.info(f"effective batch {batch} ({batch_parts}), lr {cfg.optim.get('lr')}, precision {trainer.precision}")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     if trainer.is_global_zero:
-        print(f"done at step {trainer.global_step}; run folder: {output_dir}")
+        log.info(f"done at step {trainer.global_step}; run folder: {output_dir}")
     metric = cfg.get("optimized_metric")
     value = trainer.callback_metrics.get(metric) if metric else None
     value = float(value) if value is not None else None
     if trainer.is_global_zero and metric:
-        print(f"optimized_metric {metric} = {value}")
+        log.info(f"optimized_metric {metric} = {value}")
     return value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return exit_on_user_error(train, cfg)
+    return exit_on_user_error(run_job, cfg)
 
 
 if __name__ == "__main__":

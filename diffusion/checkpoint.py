@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusion.errors import BadFileError, IsAFolderError, MissingPathError
 from diffusion.schedule import NoiseSchedule
 
 FORMAT = 1
@@ -80,17 +81,17 @@ def check_description(description, *, source: str) -> dict:
     keys are `NoiseSchedule`'s arguments with plain values. `source` names the file in messages.
     """
     if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ValueError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
+        raise BadFileError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
     target, config = check_net(description.get("net"), source=source)
     schedule = description.get("schedule")
     fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
     if fetched:
-        raise ValueError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
+        raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
     if not isinstance(schedule, dict) or not is_plain(schedule):
-        raise ValueError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
+        raise BadFileError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
     unknown = sorted(set(schedule) - SCHEDULE_KEYS)
     if unknown:
-        raise ValueError(f"{source}: the schedule description has keys NoiseSchedule does not take: {unknown}")
+        raise BadFileError(f"{source}: the schedule description has keys NoiseSchedule does not take: {unknown}")
     return description
 
 
@@ -98,13 +99,13 @@ def check_net(net, *, source: str) -> tuple[str, dict]:
     """The (target, config) of a description's "net" entry: a registered class and a dict of plain values."""
     target = net.get("target") if isinstance(net, dict) else None
     if not isinstance(target, str) or target not in NETWORKS:
-        raise ValueError(
+        raise BadFileError(
             f"{source} names network class {target!r}, which is not one of the network classes this project "
             f"builds ({', '.join(sorted(NETWORKS))}); refused"
         )
     config = net.get("config")
     if not isinstance(config, dict) or not is_plain(config):
-        raise ValueError(f"{source}: the config of {target} is not a dict of plain values (str keys); refused")
+        raise BadFileError(f"{source}: the config of {target} is not a dict of plain values (str keys); refused")
     return target, config
 
 
@@ -114,11 +115,11 @@ def build_net(description: dict, *, source: str = "checkpoint") -> nn.Module:
     module_name, _, cls_name = target.rpartition(".")
     cls = getattr(importlib.import_module(module_name), cls_name)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):  # a registry entry gone stale
-        raise ValueError(f"{source} names {target}, which is not an nn.Module class")
+        raise BadFileError(f"{source} names {target}, which is not an nn.Module class")
     try:
         return cls(**config)
     except TypeError as e:
-        raise ValueError(f"{source}: {target} cannot be built from the checkpoint's config ({e})") from e
+        raise BadFileError(f"{source}: {target} cannot be built from the checkpoint's config ({e})") from e
 
 
 def refusal_reason(e: BaseException) -> str:
@@ -135,21 +136,21 @@ def read_checkpoint(path: str | Path) -> dict:
     """torch.load a checkpoint safely, with one-line errors naming the file for every way it can be wrong."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingPathError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {path} is a folder, not a .ckpt file")
+        raise IsAFolderError(f"checkpoint {path} is a folder, not a .ckpt file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(
+        raise BadFileError(
             f"{path} holds Python code or objects ({refusal_reason(e)}), which this project never loads: a "
             "checkpoint may hold only tensors and plain values, so that reading one cannot run code"
         ) from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} is not a readable checkpoint ({first})") from e
+        raise BadFileError(f"{path} is not a readable checkpoint ({first})") from e
     if not isinstance(ckpt, dict) or "diffusion" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
+        raise BadFileError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
     check_description(ckpt["diffusion"], source=f"checkpoint {path}")
     return ckpt
 
@@ -209,7 +210,7 @@ def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
     """Load `state` into `net` strictly; a one-line ValueError naming `source` and the differences otherwise."""
     problems = weights_mismatch(net, state)
     if problems:
-        raise ValueError(f"{source}: its weights do not match its own network description: {problems}")
+        raise BadFileError(f"{source}: its weights do not match its own network description: {problems}")
     net.load_state_dict(state)
 
 

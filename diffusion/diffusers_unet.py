@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion.errors import ConfigError, MissingPathError, PathError
+
 _PRIVATE_PREFIX = "_"
 
 
@@ -54,12 +56,12 @@ def load_pretrained_unet(pretrained: str):
         for folder in (path, path / "unet"):
             if (folder / "config.json").is_file():
                 return UNet2DModel.from_pretrained(str(folder), low_cpu_mem_usage=False)
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"model.pretrained={pretrained} holds no config.json (nor unet/config.json): "
             "not a folder written by save_pretrained"
         )
     if path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
-        raise FileNotFoundError(f"model.pretrained={pretrained} is not a folder written by save_pretrained")
+        raise MissingPathError(f"model.pretrained={pretrained} is not a folder written by save_pretrained")
     offline = _offline()
     errors = []
     for subfolder in (None, "unet"):  # model repos keep the U-Net at the root, pipeline repos in unet/
@@ -70,7 +72,7 @@ def load_pretrained_unet(pretrained: str):
         except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line below
             errors.append(" ".join(str(e).split())[:200] or type(e).__name__)
     where = "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" if offline else errors[0]
-    raise OSError(
+    raise PathError(
         f"model.pretrained={pretrained}: could not load it from the Hugging Face Hub ({where}); download it once "
         "while online, or pass a local folder written by save_pretrained"
     )
@@ -102,30 +104,30 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         UNet2DModel = import_diffusers().UNet2DModel
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
+            raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
         source = load_pretrained_unet(pretrained) if pretrained else None
         config = {k: v for k, v in (source.config if source is not None else unet or {}).items()}
         config = {k: _plain(v) for k, v in config.items() if not k.startswith(_PRIVATE_PREFIX)}
         where = f"model.pretrained={pretrained}" if pretrained else "model.unet"
         if config.get("class_embed_type") not in (None, "none"):
-            raise ValueError(f"{where}: class_embed_type={config['class_embed_type']!r} is not supported (use null)")
+            raise ConfigError(f"{where}: class_embed_type={config['class_embed_type']!r} is not supported (use null)")
         if pretrained:
             if config.get("in_channels", 3) != in_channels:
-                raise ValueError(
+                raise ConfigError(
                     f"model.pretrained={pretrained} takes in_channels={config.get('in_channels')} but the data has "
                     f"{in_channels} (data.channels)"
                 )
             embeds = config.get("num_class_embeds")
             if embeds is not None and num_classes is None:
-                raise ValueError(
+                raise ConfigError(
                     f"model.pretrained={pretrained} is class-conditional ({embeds} label embeddings): set "
                     f"model.num_classes (={embeds - 1} if its last embedding is the null class)"
                 )
         elif config.get("num_class_embeds") not in (None, num_classes + 1 if num_classes else None):
-            raise ValueError("model.unet.num_class_embeds is set by the adapter: use model.num_classes=K instead")
+            raise ConfigError("model.unet.num_class_embeds is set by the adapter: use model.num_classes=K instead")
         out_channels = config.setdefault("out_channels", in_channels)
         if out_channels != in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: out_channels={out_channels} differs from in_channels={in_channels}; learned-variance "
                 "outputs are not supported (the loss trains one prediction per pixel and channel)"
             )
@@ -138,13 +140,13 @@ class DiffusersUNet(nn.Module):
         default_blocks = inspect.signature(UNet2DModel.__init__).parameters["down_block_types"].default
         levels = len(config.get("down_block_types") or default_blocks)
         if image_size % 2 ** (levels - 1):
-            raise ValueError(f"model.image_size={image_size} must be divisible by 2^{levels - 1} for {levels} levels")
+            raise ConfigError(f"model.image_size={image_size} must be divisible by 2^{levels - 1} for {levels} levels")
         self.unet = UNet2DModel.from_config(config)
         if source is not None:
             missing, unexpected = self.unet.load_state_dict(source.state_dict(), strict=False)
             fresh = [k for k in missing if not k.startswith("class_embedding.")]
             if fresh or unexpected:  # only a new label embedding may be missing
-                raise ValueError(f"model.pretrained={pretrained} weights do not fit: {fresh[:5]} {unexpected[:5]}")
+                raise ConfigError(f"model.pretrained={pretrained} weights do not fit: {fresh[:5]} {unexpected[:5]}")
         # Plain values, enough to rebuild this network (saved into checkpoints); the weights come from there.
         self.config = dict(
             image_size=image_size,
@@ -165,5 +167,5 @@ class DiffusersUNet(nn.Module):
             if y is None:  # unconditional: the null class
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
         elif y is not None:
-            raise ValueError("class labels were given to an unconditional model (model.num_classes is null)")
+            raise ConfigError("class labels were given to an unconditional model (model.num_classes is null)")
         return self.unet(x, t, class_labels=y).sample

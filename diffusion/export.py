@@ -21,6 +21,7 @@ from typing import Literal, get_args
 import torch
 
 from diffusion.checkpoint import LoadedModel, build_net, check_description, load_model, load_weights
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError
 from diffusion.files import move_tree, write_bytes
 from diffusion.schedule import NoiseSchedule, make_betas
 
@@ -60,9 +61,9 @@ def scheduler_config(schedule: NoiseSchedule) -> dict:
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"out={out} is a file, not a folder")
+        raise PathExistsError(f"out={out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"out={out} is not empty; choose another folder or set overwrite=true")
+        raise PathExistsError(f"out={out} is not empty; choose another folder or set overwrite=true")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -71,12 +72,12 @@ def check_diffusers_exportable(model: LoadedModel) -> None:
     from diffusion.diffusers_unet import DiffusersUNet
 
     if not isinstance(model.net, DiffusersUNet):
-        raise ValueError(
+        raise ConfigError(
             f"format=diffusers needs a diffusers-backed model (model=diffusers_unet); this checkpoint holds "
             f"{type(model.net).__name__}: use format=safetensors"
         )
     if model.net.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"format=diffusers: DDPMPipeline cannot pass class labels, and this model is class-conditional "
             f"(num_classes={model.net.num_classes}); use format=safetensors"
         )
@@ -118,7 +119,7 @@ def export(
 ) -> LoadedModel:
     """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written."""
     if format not in get_args(ExportFormat):
-        raise ValueError(f"format={format!r} is not one of 'diffusers', 'safetensors'")
+        raise ConfigError(f"format={format!r} is not one of 'diffusers', 'safetensors'")
     out = Path(out).expanduser()
     model = load_model(ckpt, use_ema=use_ema)
     if format == "diffusers":
@@ -134,12 +135,12 @@ def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu")
 
     folder = Path(folder).expanduser()
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
+        raise MissingPathError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
     source = str(folder / CONFIG_NAME)
     try:
         config = json.loads((folder / CONFIG_NAME).read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{source} is not JSON ({e})") from e
+        raise BadFileError(f"{source} is not JSON ({e})") from e
     check_description(config, source=source)
     net = build_net(config["net"], source=source)
     load_weights(net, load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))

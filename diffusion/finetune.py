@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.checkpoint import net_state_dict, read_checkpoint
+from diffusion.errors import ConfigError
 
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
 
@@ -108,12 +109,12 @@ def init_from_state_dict(
     # 3. strict or partial
     problems = report.problems()
     if problems and strict:
-        raise ValueError(
+        raise ConfigError(
             f"init_from={report.path} does not fit the model: {problems}. Set init.strict=false to load the "
             "matching tensors and keep the rest freshly initialised, or name keys to skip in init.ignore_keys"
         )
     if not loadable:
-        raise ValueError(f"init_from={report.path} shares no tensor with the model ({problems or 'all ignored'})")
+        raise ConfigError(f"init_from={report.path} shares no tensor with the model ({problems or 'all ignored'})")
     with torch.no_grad():
         for key, value in loadable.items():
             target[key].copy_(value)  # state_dict() tensors share storage with the parameters and buffers

@@ -11,6 +11,7 @@ resumed run (`ckpt_path=`, a SLURM requeue) continues the same W&B run, online a
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import secrets
@@ -21,6 +22,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 
 def wandb_credentials_found() -> bool:
@@ -59,9 +62,12 @@ class RunFolderWandbLogger(WandbLogger):
 
     @rank_zero_only
     def _record_checkpoint_paths(self, checkpoint_callback) -> None:
+        saved = [Path(p) for p in getattr(checkpoint_callback, "best_k_models", {}) if Path(p).exists()]
+        # last.ckpt is ResumeCheckpoint's (it reports it as last_model_path); for Snapshots, the same folder's
+        last = getattr(checkpoint_callback, "last_model_path", "") or Path(checkpoint_callback.dirpath, "last.ckpt")
         paths = {
-            "checkpoint/last": getattr(checkpoint_callback, "last_model_path", ""),
-            "checkpoint/latest": getattr(checkpoint_callback, "_last_checkpoint_saved", ""),
+            "checkpoint/last": last,
+            "checkpoint/latest": max(saved, key=lambda p: p.stat().st_mtime) if saved else "",
             "checkpoint/best": getattr(checkpoint_callback, "best_model_path", ""),
         }
         self.experiment.summary.update({k: str(v) for k, v in paths.items() if v})
@@ -95,7 +101,7 @@ def wandb_logger(
             if mode in ("offline", "dryrun")
             else "no W&B credentials (WANDB_API_KEY / wandb login)"
         )
-        _print_once(
+        rank_zero_only(log.info)(
             f"wandb: {reason}: logging offline; upload later with: wandb sync {Path(save_dir) / 'wandb'}/offline-run-*"
         )
     return RunFolderWandbLogger(
@@ -108,8 +114,3 @@ def wandb_logger(
         offline=offline,
         **kwargs,
     )
-
-
-@rank_zero_only
-def _print_once(line: str) -> None:
-    print(line, flush=True)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
+from diffusion.errors import ConfigError, UserError
 from diffusion.schedule import NoiseSchedule
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -42,7 +43,7 @@ LRDecay = Literal["constant", "cosine"]
 NonFinite = Literal["error", "skip", "off"]
 
 
-class NonFiniteLossError(FloatingPointError, ValueError):
+class NonFiniteLossError(UserError, FloatingPointError, ValueError):
     """A training step produced a non-finite loss or gradient; the weights were not updated by it."""
 
 
@@ -89,17 +90,17 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"optim.lr_decay={lr_decay!r} is not one of 'constant', 'cosine'")
+            raise ConfigError(f"optim.lr_decay={lr_decay!r} is not one of 'constant', 'cosine'")
         if warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={warmup_steps} must be >= 0")
+            raise ConfigError(f"optim.warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= cond_drop_prob <= 1.0:
-            raise ValueError(f"module.cond_drop_prob={cond_drop_prob} must be in [0, 1]")
+            raise ConfigError(f"module.cond_drop_prob={cond_drop_prob} must be in [0, 1]")
         if not 1 <= val_buckets <= schedule.num_steps:
-            raise ValueError(f"module.val_buckets={val_buckets} must be in [1, {schedule.num_steps}]")
+            raise ConfigError(f"module.val_buckets={val_buckets} must be in [1, {schedule.num_steps}]")
         if nonfinite not in ("error", "skip", "off"):
-            raise ValueError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
+            raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
-            raise ValueError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
+            raise ConfigError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
         self.save_hyperparameters(ignore=["net", "schedule", "optimizer"])
         self.net = net
         self.schedule = schedule
@@ -150,7 +151,7 @@ class DiffusionModule(L.LightningModule):
         if self.num_classes is None:
             return None
         if (y < 0).any():
-            raise ValueError(
+            raise ConfigError(
                 "model.num_classes is set but the data has no class labels (use data.labels=true or a labeled dataset)"
             )
         if train and self.cond_drop_prob > 0:
@@ -251,7 +252,7 @@ class DiffusionModule(L.LightningModule):
         if trainer is None or not trainer.gradient_clip_val or not optimizer.defaults.get("fused"):
             return
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"trainer.gradient_clip_val={trainer.gradient_clip_val} with optim.optimizer.fused=true under "
                 f"trainer.precision={trainer.precision}: a fused optimizer unscales 16-bit gradients inside its "
                 "step, after clipping; use trainer.precision=bf16-mixed, optim.optimizer.fused=false, or "

@@ -25,6 +25,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from diffusion.errors import ConfigError
 from diffusion.schedule import NoiseSchedule
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
@@ -53,7 +54,7 @@ def draw_noise(
     if isinstance(generator, torch.Generator):
         return torch.randn(shape, generator=generator, device=generator.device).to(device)
     if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} per-image generators for a batch of {shape[0]} images")
+        raise ConfigError(f"got {len(generator)} per-image generators for a batch of {shape[0]} images")
     per_image = [torch.randn(shape[1:], generator=g, device=g.device).to(device) for g in generator]
     return torch.stack(per_image)  # (B, ...)
 
@@ -92,7 +93,7 @@ def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.dev
     x) stays fp32, since x_t and the schedule tables never pass through autocast. "fp32" returns `model` as is.
     """
     if precision not in get_args(SamplePrecision):
-        raise ValueError(f"precision={precision!r} is not one of 'fp32', 'bf16', 'fp16'")
+        raise ConfigError(f"precision={precision!r} is not one of 'fp32', 'bf16', 'fp16'")
     if precision == "fp32":
         return model
     device_type = torch.device(device).type
@@ -117,14 +118,14 @@ def guided_model(net: nn.Module, *, labels: Tensor | None = None, guidance: floa
     num_classes = getattr(net, "num_classes", None)
     if labels is None:
         if guidance != 1.0 and num_classes is None:
-            raise ValueError(f"guidance={guidance} needs a class-conditional model, but this one is unconditional")
+            raise ConfigError(f"guidance={guidance} needs a class-conditional model, but this one is unconditional")
         return lambda x, t: net(x, t)
     if num_classes is None:
-        raise ValueError("label=... was given but the model is unconditional (trained with model.num_classes=null)")
+        raise ConfigError("label=... was given but the model is unconditional (trained with model.num_classes=null)")
     labels = labels.long()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-        raise ValueError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
+        raise ConfigError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
     null = torch.full_like(labels, num_classes)
 
     def model(x: Tensor, t: Tensor) -> Tensor:
@@ -154,13 +155,13 @@ def sampling_timesteps(
     """
     if spacing not in get_args(TimestepSpacing):
         choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
-        raise ValueError(f"sampler.spacing={spacing!r} is not one of {choices}")
+        raise ConfigError(f"sampler.spacing={spacing!r} is not one of {choices}")
     if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"sampler.steps={steps} must be in [1, {num_train_steps}] (the schedule's num_steps)")
+        raise ConfigError(f"sampler.steps={steps} must be in [1, {num_train_steps}] (the schedule's num_steps)")
     T = num_train_steps
     if spacing == "logsnr":
         if alpha_bar is None:
-            raise ValueError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
+            raise ConfigError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
         return _logsnr_timesteps(alpha_bar, steps)
     if spacing == "leading":
         ts = [i * (T // steps) for i in range(steps)]
@@ -239,7 +240,7 @@ def ddpm_sample(
     sec. 4): beta_t = 1 - alpha_bar_t / alpha_bar_{t'} between consecutive visited timesteps.
     """
     if variance not in get_args(PosteriorVariance):
-        raise ValueError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
+        raise ConfigError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
     s = schedule
     ts = sampling_timesteps(s.num_steps, s.num_steps if steps is None else steps, spacing, alpha_bar=s.alpha_bar)
     x = noise
@@ -281,7 +282,7 @@ def ddim_sample(
     sigma = eta * sqrt((1 - ab_{t'}) / (1 - ab_t)) * sqrt(1 - ab_t / ab_{t'}) (eq. 16), t' the next timestep.
     """
     if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be >= 0")
+        raise ConfigError(f"sampler.eta={eta} must be >= 0")
     s = schedule
     ts = sampling_timesteps(s.num_steps, steps, spacing, alpha_bar=s.alpha_bar)
     x = noise
@@ -327,7 +328,7 @@ def dpmpp_sample(
     sampler is deterministic; `generator` is accepted for the common signature and unused.
     """
     if order not in (1, 2):
-        raise ValueError(f"sampler.order={order} must be 1 or 2")
+        raise ConfigError(f"sampler.order={order} must be 1 or 2")
     s = schedule
     ts = sampling_timesteps(s.num_steps, steps, spacing, alpha_bar=s.alpha_bar)
     ab = s.alpha_bar.double()  # lambda differences lose precision in float32 near t = 0

@@ -19,6 +19,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
+from diffusion.errors import ConfigError
+
 ScheduleKind = Literal["linear", "cosine", "sigmoid"]
 Prediction = Literal["eps", "v", "x0"]
 
@@ -26,7 +28,7 @@ Prediction = Literal["eps", "v", "x0"]
 def _check_choice(name: str, value: str, literal) -> None:
     choices = get_args(literal)
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
 def make_betas(
@@ -51,7 +53,7 @@ def make_betas(
     """
     _check_choice("schedule.kind", kind, ScheduleKind)
     if num_steps < 1:
-        raise ValueError(f"schedule.num_steps={num_steps} must be >= 1")
+        raise ConfigError(f"schedule.num_steps={num_steps} must be >= 1")
     if kind == "linear":
         scale = 1000.0 / num_steps
         return torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64).clamp(max=max_beta)
@@ -107,7 +109,7 @@ class NoiseSchedule(nn.Module):
         super().__init__()
         _check_choice("schedule.prediction", prediction, Prediction)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"schedule.min_snr_gamma={min_snr_gamma} must be > 0 (or null to turn it off)")
+            raise ConfigError(f"schedule.min_snr_gamma={min_snr_gamma} must be > 0 (or null to turn it off)")
         # Plain values, enough to rebuild this schedule (saved into checkpoints).
         self.config = dict(
             kind=kind,

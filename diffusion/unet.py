@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from diffusion.errors import ConfigError
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer: (B,) -> (B, dim)."""
@@ -71,7 +73,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = max(1, channels // head_dim)
         if channels % self.heads:
-            raise ValueError(f"{channels} channels do not split into {self.heads} attention heads")
+            raise ConfigError(f"{channels} channels do not split into {self.heads} attention heads")
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
@@ -155,17 +157,17 @@ class UNet(nn.Module):
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         out_channels = out_channels or in_channels
         if image_size % 2 ** (len(channel_mult) - 1):
-            raise ValueError(
+            raise ConfigError(
                 f"model.image_size={image_size} must be divisible by 2^{len(channel_mult) - 1} "
                 f"for {len(channel_mult)} levels (model.channel_mult={list(channel_mult)})"
             )
         for ch in {base_channels * m for m in channel_mult}:
             if ch % norm_groups:
-                raise ValueError(f"model.norm_groups={norm_groups} does not divide {ch} channels")
+                raise ConfigError(f"model.norm_groups={norm_groups} does not divide {ch} channels")
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
+            raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"model.dropout={dropout} must be in [0, 1)")
+            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
         # Plain values, enough to rebuild this network (saved into checkpoints).
         self.config = dict(
             in_channels=in_channels,
@@ -245,7 +247,7 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.label_emb(y)
         elif y is not None:
-            raise ValueError("class labels were given to an unconditional model (model.num_classes is null)")
+            raise ConfigError("class labels were given to an unconditional model (model.num_classes is null)")
         h = self.conv_in(x.to(dtype))
         skips = [h]
         for layers in self.down:

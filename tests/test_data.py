@@ -221,7 +221,8 @@ def _all_batches(dm):
     return torch.cat(xs), torch.cat(ys)
 
 
-def test_cache_matches_decoding_and_is_rebuilt_when_stale(image_folder, tmp_path, capsys):
+def test_cache_matches_decoding_and_is_rebuilt_when_stale(image_folder, tmp_path, caplog):
+    caplog.set_level("INFO")
     write_image(image_folder / "cats" / "rgba.png", (40, 30), "RGBA", seed=5)
     kw = dict(path=str(image_folder), image_size=16, num_workers=0, val_fraction=0.0, flip=False, labels=True)
     decoded = ImageFolderDataModule(**kw)
@@ -229,7 +230,8 @@ def test_cache_matches_decoding_and_is_rebuilt_when_stale(image_folder, tmp_path
     cached = ImageFolderDataModule(**kw, cache=True, cache_dir=str(tmp_path / "cache"))
     cached.prepare_data()
     cached.setup()
-    assert "building the cache" in capsys.readouterr().out
+    assert "building the cache" in caplog.text
+    caplog.clear()
     x0, y0 = _all_batches(decoded)
     x1, y1 = _all_batches(cached)
     assert x0.shape == (14, 3, 16, 16) and x0.dtype == torch.float32
@@ -240,7 +242,7 @@ def test_cache_matches_decoding_and_is_rebuilt_when_stale(image_folder, tmp_path
     # same files, same preprocessing: reused, not rebuilt
     again = ImageFolderDataModule(**kw, cache=True, cache_dir=str(tmp_path / "cache"))
     again.setup()
-    assert again.cache_file == first and "building" not in capsys.readouterr().out
+    assert again.cache_file == first and "building" not in caplog.text
 
     # a changed file: a new cache, with the new pixels; the stale one is gone
     write_image(image_folder / "cats" / "c0.png", (40, 36), "RGB", seed=1234)

@@ -254,7 +254,6 @@ def test_callback_logs_fid_in_a_run(tmp_path):
         "callbacks.fid.kid_subset_size=5",
         f"callbacks.fid.cache_dir={cache}",
         "callbacks.sample_grid=null",
-        "callbacks.lr_monitor=null",
         "trainer.max_steps=3",
         "trainer.val_check_interval=100",
         "logger=csv",

@@ -39,19 +39,19 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_offline_without_credentials_with_tensorboard_and_csv(tmp_path, monkeypatch, capsys):
+def test_wandb_offline_without_credentials_with_tensorboard_and_csv(tmp_path, monkeypatch, caplog):
     import wandb
 
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))  # no `wandb login` either
+    caplog.set_level("INFO")  # messages go through logging (into train.log under Hydra)
     run = tmp_path / "run"
     try:
         run_train(run, ["logger=many_loggers", "trainer.max_steps=2"])
     finally:
         wandb.finish()
-    out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if line.startswith("wandb: no W&B credentials")]
+    lines = [m for m in caplog.messages if m.startswith("wandb: no W&B credentials")]
     assert len(lines) == 1 and f"wandb sync {run / 'wandb'}/offline-run-*" in lines[0]
 
     (wandb_file,) = (run / "wandb").glob("offline-run-*/run-*.wandb")

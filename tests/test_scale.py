@@ -117,7 +117,8 @@ def test_nonfinite_skip_mode_drops_and_counts_the_step(tmp_path):
     assert all(int(s["step"]) == 3 for s in ckpt["optimizer_states"][0]["state"].values())
 
 
-def test_speed_options_train_and_keep_plain_checkpoints(tmp_path, capsys):
+def test_speed_options_train_and_keep_plain_checkpoints(tmp_path, caplog):
+    caplog.set_level("INFO")
     run = tmp_path / "run"
     options = [
         "trainer.accumulate_grad_batches=2",
@@ -128,9 +129,7 @@ def test_speed_options_train_and_keep_plain_checkpoints(tmp_path, capsys):
         *NO_GRIDS,
     ]
     cfg, _ = run_train(run, options)
-    assert (
-        "effective batch 32 (16 per device x 1 devices x 1 nodes x 2 accumulation), lr 0.002" in capsys.readouterr().out
-    )
+    assert "effective batch 32 (16 per device x 1 devices x 1 nodes x 2 accumulation), lr 0.002" in caplog.text
     hparams = yaml.safe_load((run / "csv" / "version_0" / "hparams.yaml").read_text())
     assert hparams["effective_batch_size"] == 32 and hparams["optim"]["lr"] == 0.002
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
@@ -152,9 +151,9 @@ def test_bad_nonfinite_option_is_named():
         DiffusionModule(net=net, schedule=NoiseSchedule(num_steps=10), nonfinite="ignore")
 
 
-def tiny_multirun(sweep: Path, *overrides: str) -> list[float]:
-    """`python train.py -m <overrides>` of tiny 2-step CPU runs into `sweep`; each job's optimized metric."""
-    result = run_cli(
+def run_tiny_multirun(sweep: Path, *overrides: str):
+    """`python train.py -m <overrides>` of tiny 2-step CPU runs into `sweep`; the finished process."""
+    return run_cli(
         "train.py",
         "-m",
         *overrides,
@@ -165,6 +164,11 @@ def tiny_multirun(sweep: Path, *overrides: str) -> list[float]:
         f"hydra.sweep.dir={sweep}",
         timeout=240,
     )
+
+
+def tiny_multirun(sweep: Path, *overrides: str) -> list[float]:
+    """run_tiny_multirun, which must succeed; each job's optimized metric."""
+    result = run_tiny_multirun(sweep, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     prefix = "optimized_metric val/loss = "
     return [float(line[len(prefix) :]) for line in result.stdout.splitlines() if line.startswith(prefix)]

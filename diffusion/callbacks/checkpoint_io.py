@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion.errors import PathError
 from diffusion.files import atomic_write
 
 
@@ -31,4 +32,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             atomic_write(path, lambda f: torch.save(checkpoint, f))
         except OSError as e:
             kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was there before"
-            raise OSError(f"could not save checkpoint {path} ({e.strerror or e}); {kept}") from e
+            raise PathError(f"could not save checkpoint {path} ({e.strerror or e}); {kept}") from e

@@ -18,6 +18,8 @@ from weakref import proxy
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
+from diffusion.errors import ConfigError
+
 LAST = "last.ckpt"
 
 
@@ -44,11 +46,11 @@ class ResumeCheckpoint(Checkpoint):
         clock: Callable[[], float] | None = None,
     ) -> None:
         if every_n_steps is not None and every_n_steps < 0:
-            raise ValueError(f"callbacks.resume_checkpoint.every_n_steps={every_n_steps} must be >= 0 (0: off)")
+            raise ConfigError(f"callbacks.resume_checkpoint.every_n_steps={every_n_steps} must be >= 0 (0: off)")
         if every_n_minutes is not None and every_n_minutes < 0:
-            raise ValueError(f"callbacks.resume_checkpoint.every_n_minutes={every_n_minutes} must be >= 0 (0: off)")
+            raise ConfigError(f"callbacks.resume_checkpoint.every_n_minutes={every_n_minutes} must be >= 0 (0: off)")
         if check_every_n_steps < 1:
-            raise ValueError(f"callbacks.resume_checkpoint.check_every_n_steps={check_every_n_steps} must be >= 1")
+            raise ConfigError(f"callbacks.resume_checkpoint.check_every_n_steps={check_every_n_steps} must be >= 1")
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps or 0
         self.every_n_seconds = 60.0 * (every_n_minutes or 0.0)
@@ -110,7 +112,7 @@ class Snapshots(ModelCheckpoint):
 
     def __init__(self, *, dirpath: str, every_n_train_steps: int = 1000, keep_last: int | None = None) -> None:
         if keep_last is not None and keep_last != -1 and keep_last < 1:
-            raise ValueError(f"callbacks.model_checkpoint.keep_last={keep_last} must be >= 1, or -1/null to keep all")
+            raise ConfigError(f"callbacks.model_checkpoint.keep_last={keep_last} must be >= 1, or -1/null to keep all")
         super().__init__(
             dirpath=dirpath,
             filename="step_{step:06d}",

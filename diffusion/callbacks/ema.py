@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from diffusion.checkpoint import EMA_KEY
+from diffusion.errors import ConfigError
 
 
 def ema_decay(
@@ -72,15 +73,15 @@ class EMA(L.Callback):
         validate_with_ema: bool = True,
     ) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"callbacks.ema.decay={decay} must be in [0, 1)")
+            raise ConfigError(f"callbacks.ema.decay={decay} must be in [0, 1)")
         if not 0.0 <= min_decay <= decay:
-            raise ValueError(f"callbacks.ema.min_decay={min_decay} must be in [0, callbacks.ema.decay={decay}]")
+            raise ConfigError(f"callbacks.ema.min_decay={min_decay} must be in [0, callbacks.ema.decay={decay}]")
         if inv_gamma <= 0 or power <= 0:
-            raise ValueError(f"callbacks.ema.inv_gamma={inv_gamma} and callbacks.ema.power={power} must be > 0")
+            raise ConfigError(f"callbacks.ema.inv_gamma={inv_gamma} and callbacks.ema.power={power} must be > 0")
         if update_every_n_steps < 1:
-            raise ValueError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
+            raise ConfigError(f"callbacks.ema.update_every_n_steps={update_every_n_steps} must be >= 1")
         if start_step < 0:
-            raise ValueError(f"callbacks.ema.start_step={start_step} must be >= 0")
+            raise ConfigError(f"callbacks.ema.start_step={start_step} must be >= 0")
         self.decay = decay
         self.warmup = warmup
         self.inv_gamma = inv_gamma

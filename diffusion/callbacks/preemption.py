@@ -18,6 +18,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from diffusion.callbacks.checkpoints import LAST
+from diffusion.errors import ConfigError
 
 
 class PreemptionCheckpoint(L.Callback):
@@ -33,9 +34,9 @@ class PreemptionCheckpoint(L.Callback):
     def __init__(self, *, dirpath: str, signal: str | None = None, check_every_n_steps: int = 10) -> None:
         name = signal or "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
         if not hasattr(signals, name) or not name.startswith("SIG"):
-            raise ValueError(f"callbacks.preemption.signal={name!r} is not a signal name such as 'SIGUSR2'")
+            raise ConfigError(f"callbacks.preemption.signal={name!r} is not a signal name such as 'SIGUSR2'")
         if check_every_n_steps < 1:
-            raise ValueError(f"callbacks.preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
+            raise ConfigError(f"callbacks.preemption.check_every_n_steps={check_every_n_steps} must be >= 1")
         self.dirpath = Path(dirpath)
         self.signum = getattr(signals, name)
         self.check_every_n_steps = check_every_n_steps

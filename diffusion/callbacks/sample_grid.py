@@ -20,6 +20,7 @@ from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
 from diffusion.data import to_unit_range
+from diffusion.errors import ConfigError
 from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
 
 
@@ -89,7 +90,7 @@ class SampleGrid(L.Callback):
         use_ema: bool = True,
     ) -> None:
         if num_images < 1:
-            raise ValueError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
+            raise ConfigError(f"callbacks.sample_grid.num_images={num_images} must be >= 1")
         self.dirpath = Path(dirpath)
         self.sampler = sampler
         self.num_images = num_images

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from diffusion.errors import ConfigError
+
 
 def to_model_range(x: Tensor) -> Tensor:
     """[0, 1] -> [-1, 1]."""
@@ -179,7 +181,7 @@ def image_loader(
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A fixed-seed shuffle of range(n) split into (train, val); val gets round(n * val_fraction) items."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = round(n * val_fraction)
     if n_val == 0 and val_fraction > 0 and n > 1:
@@ -204,13 +206,13 @@ class _SplitDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"data.batch_size={batch_size} must be >= 1")
         if channels not in (1, 3):
-            raise ValueError(f"data.channels={channels} must be 1 (grayscale) or 3 (RGB)")
+            raise ConfigError(f"data.channels={channels} must be 1 (grayscale) or 3 (RGB)")
         if num_workers is not None and num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers} must be >= 0 (or null for automatic)")
+            raise ConfigError(f"data.num_workers={num_workers} must be >= 0 (or null for automatic)")
         if image_size < 1:
-            raise ValueError(f"data.image_size={image_size} must be >= 1")
+            raise ConfigError(f"data.image_size={image_size} must be >= 1")
         split_indices(0, val_fraction, seed)  # validates val_fraction early
         self.image_size = image_size
         self.channels = channels

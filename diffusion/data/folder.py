@@ -15,8 +15,10 @@ build leaves nothing half-written) and the stale one is deleted. Under DDP rank 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -24,20 +26,19 @@ from typing import Literal
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.data.base import ArrayImages, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
 
 CACHE_VERSION = 1
 
 
-def _rank_zero_print(message: str) -> None:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        print(message, flush=True)
+log = logging.getLogger(__name__)
+info = rank_zero_only(log.info)  # once per run, not once per DDP process
 
 
 class ImageFiles(Dataset):
@@ -58,12 +59,12 @@ class ImageFiles(Dataset):
             return load_image(self.files[i], self.prep)
         except OSError as e:
             if not self.skip_bad:
-                raise OSError(
+                raise PathError(
                     f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
                 ) from e
             if i not in self._warned:
                 self._warned.add(i)
-                _rank_zero_print(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
+                info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
             return self._load(int(torch.randint(len(self.files), ())))
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
@@ -145,15 +146,15 @@ class ImageFolderDataModule(_SplitDataModule):
             decoding=not cache,
         )
         if path is None or str(path) in ("", "???"):
-            raise ValueError("data.path is not set: pass data.path=/path/to/images")
+            raise ConfigError("data.path is not set: pass data.path=/path/to/images")
         if crop not in ("center", "random"):
-            raise ValueError(f"data.crop={crop!r} is not one of 'center', 'random'")
+            raise ConfigError(f"data.crop={crop!r} is not one of 'center', 'random'")
         if verify not in ("header", "full"):
-            raise ValueError(f"data.verify={verify!r} is not one of 'header', 'full'")
+            raise ConfigError(f"data.verify={verify!r} is not one of 'header', 'full'")
         if crop_size is not None and crop_size < 1:
-            raise ValueError(f"data.crop_size={crop_size} must be >= 1 (or null for the short side)")
+            raise ConfigError(f"data.crop_size={crop_size} must be >= 1 (or null for the short side)")
         if cache and crop == "random":
-            raise ValueError(
+            raise ConfigError(
                 "data.crop=random cannot be used with data.cache=true (the cache holds one crop per image)"
             )
         self.path = Path(path).expanduser()
@@ -175,28 +176,28 @@ class ImageFolderDataModule(_SplitDataModule):
         self._check_root()
         classes = sorted(e.name for e in os.scandir(self.path) if e.is_dir() and not e.name.startswith("."))
         if not classes:
-            raise ValueError(f"data.labels=true but data.path={self.path} has no subfolders to use as classes")
+            raise ConfigError(f"data.labels=true but data.path={self.path} has no subfolders to use as classes")
         return classes
 
     def _check_root(self) -> None:
         if not self.path.exists():
-            raise FileNotFoundError(f"data.path={self.path} does not exist")
+            raise MissingPathError(f"data.path={self.path} does not exist")
         if not self.path.is_dir():
-            raise NotADirectoryError(f"data.path={self.path} is not a folder")
+            raise NotAFolderError(f"data.path={self.path} is not a folder")
 
     def _scan(self) -> tuple[list[Path], list[int]]:
         """All image files (stable order) and their labels."""
         self._check_root()
         files = scan_images(self.path)
         if not files:
-            raise ValueError(f"data.path={self.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ConfigError(f"data.path={self.path} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         if not self.labels:
             return files, [-1] * len(files)
         index = {c: i for i, c in enumerate(self.classes)}
         labels = [index.get(f.relative_to(self.path).parts[0], -1) for f in files]
         stray = [f for f, y in zip(files, labels) if y < 0]
         if stray:
-            raise ValueError(f"data.labels=true but {stray[0]} is not inside a class subfolder")
+            raise ConfigError(f"data.labels=true but {stray[0]} is not inside a class subfolder")
         return files, labels
 
     def _problem(self, path: Path) -> str | None:
@@ -226,7 +227,7 @@ class ImageFolderDataModule(_SplitDataModule):
             for i, problem, image in batch:
                 problems[i] = problem
                 if problem is not None and not self.skip_bad:
-                    raise ValueError(f"{problem}; set data.skip_bad=true to skip such files")
+                    raise BadFileError(f"{problem}; set data.skip_bad=true to skip such files")
                 if image is not None and on_image is not None:
                     on_image(i, image)
         return problems
@@ -237,9 +238,9 @@ class ImageFolderDataModule(_SplitDataModule):
         self.num_skipped = len(files) - len(good)
         if self.num_skipped:
             first = next(p for p in problems if p is not None)
-            _rank_zero_print(f"data: skipped {self.num_skipped} of {len(files)} files in {self.path} (first: {first})")
+            info(f"data: skipped {self.num_skipped} of {len(files)} files in {self.path} (first: {first})")
         if not good:
-            raise ValueError(f"data.path={self.path} holds no usable images")
+            raise BadFileError(f"data.path={self.path} holds no usable images")
         return good
 
     # --- the cache -------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ class ImageFolderDataModule(_SplitDataModule):
         h = hashlib.sha256(json.dumps([root, prep], sort_keys=True).encode())
         tag_hash = h.hexdigest()[:8]
         for f in files:
-            st = f.stat()
+            st = f.stat() if f.exists() else f.lstat()  # a link loop (skipped under skip_bad) has no target
             h.update(f"{f.relative_to(self.path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         crop = self.prep.crop_size or "short"
         tag = f"{self.path.name or 'data'}-{tag_hash}-{self.image_size}px-{self.channels}ch-crop{crop}"
@@ -261,19 +262,19 @@ class ImageFolderDataModule(_SplitDataModule):
         tag, digest = self._cache_key(files)
         npy = self.cache_dir / f"{tag}-{digest}.npy"
         meta_path = npy.with_suffix(".json")
-        if meta_path.exists() and npy.exists():
-            meta = json.loads(meta_path.read_text())
+        skipped = self._cache_index(meta_path) if npy.exists() else None
+        if skipped is not None:
             problems = [None] * len(files)
-            for i, problem in meta["skipped"]:
+            for i, problem in skipped:
                 problems[i] = problem
                 if not self.skip_bad:
-                    raise ValueError(f"{problem}; set data.skip_bad=true to skip such files")
+                    raise BadFileError(f"{problem}; set data.skip_bad=true to skip such files")
             return npy, self._report(files, problems)
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OSError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
-        _rank_zero_print(f"data: building the cache {npy} from {len(files)} files (once)")
+            raise PathError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
+        info(f"data: building the cache {npy} from {len(files)} files (once)")
         tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
         try:
             array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *self._shape()))
@@ -294,10 +295,25 @@ class ImageFolderDataModule(_SplitDataModule):
         tmp_meta = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex}.tmp")
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
-        for stale in self.cache_dir.glob(f"{tag}-*"):
+        for stale in self.cache_dir.glob(f"{glob.escape(tag)}-*"):  # the folder's name may hold [ ] * ?
             if stale.stem != npy.stem:
                 stale.unlink(missing_ok=True)
         return npy, self._report(files, problems)
+
+    @staticmethod
+    def _cache_index(meta_path: Path) -> list | None:
+        """The cache index's [index, problem] list of skipped files; None when there is none or it is corrupt
+        (then the cache is rebuilt, and a line names the file)."""
+        if not meta_path.exists():
+            return None
+        try:
+            skipped = json.loads(meta_path.read_text())["skipped"]
+            if all(isinstance(i, int) and isinstance(p, str) for i, p in skipped):
+                return skipped
+            raise ValueError("unexpected entries in 'skipped'")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            info(f"data: the cache index {meta_path} is corrupt ({e}); rebuilding the cache")
+            return None
 
     def _shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
@@ -366,7 +382,7 @@ class CelebADataModule(ImageFolderDataModule):
                     root = candidate
                     break
             else:
-                raise FileNotFoundError(
+                raise MissingPathError(
                     f"data.path={path}: no img_align_celeba folder there; put CelebA's aligned images "
                     f"(img_align_celeba.zip, unzipped) at {Path(str(path)).expanduser() / 'img_align_celeba'}"
                 )

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffusion.errors import PathError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -38,7 +40,12 @@ def scan_images(root: Path) -> list[Path]:
             for entry in entries:
                 if entry.name.startswith("."):
                     continue
-                if entry.is_dir():
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # a symbolic link loop (ELOOP): listed, so the file check names or skips it
+                    found.append(entry.path)
+                    continue
+                if is_dir:
                     stack.append(entry.path)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
                     found.append(entry.path)
@@ -111,7 +118,7 @@ def load_image(path: Path, prep: Preprocess, generator: torch.Generator | None =
             img = _to_mode(img, prep.channels)
             img.load()
     except Exception as e:  # PIL raises many kinds for bad files; name the file in one line
-        raise OSError(f"cannot decode image {path}: {e}") from e
+        raise PathError(f"cannot decode image {path}: {e}") from e
     w, h = img.size
     side = min(w, h) if prep.crop_size is None else min(prep.crop_size, w, h)
     if prep.crop == "random":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion.data.base import ArrayImages, _SplitDataModule
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -71,7 +72,7 @@ class _ArrayDataModule(_SplitDataModule):
             flip=flip,
         )
         if root is None or str(root) in ("", "???"):
-            raise ValueError("data.root is not set: pass data.root=/path/to/datasets")
+            raise ConfigError("data.root is not set: pass data.root=/path/to/datasets")
         self.root = Path(root).expanduser()
         self.download = download
         self.num_classes = 10
@@ -92,7 +93,7 @@ class _ArrayDataModule(_SplitDataModule):
         try:
             self.fetch()
         except Exception as e:
-            raise OSError(
+            raise PathError(
                 f"data.download=true but fetching {self.name} into {self.root} failed ({e}); {self.missing()}"
             ) from e
 
@@ -103,7 +104,7 @@ class _ArrayDataModule(_SplitDataModule):
             self.prepare_data()
         problem = self.missing()
         if problem is not None:
-            raise FileNotFoundError(f"{problem} (or set data.download=true when online)")
+            raise MissingPathError(f"{problem} (or set data.download=true when online)")
         for train in (True, False):
             x, y = self.read(train)
             dataset = ArrayImages(resize_uint8(x, image_size=self.image_size, channels=self.channels), y)
@@ -166,6 +167,12 @@ class CIFAR10DataModule(_ArrayDataModule):
         for name in self._files(train):
             with open(self.folder / name, "rb") as f:
                 batch = pickle.load(f, encoding="latin1")
+            if not isinstance(batch, dict) or "data" not in batch or not {"labels", "fine_labels"} & set(batch):
+                keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+                raise BadFileError(
+                    f"{self.folder / name} is not a CIFAR batch file (it has {keys}, not 'data' and 'labels'); "
+                    "delete it and set data.download=true, or fetch the dataset again"
+                )
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))  # (N, 3, 32, 32)
             ys.extend(batch["labels"] if "labels" in batch else batch["fine_labels"])
         with open(self.folder / "batches.meta", "rb") as f:
