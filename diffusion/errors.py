@@ -11,7 +11,6 @@ reported. `HYDRA_FULL_ERROR=1` shows the traceback of user errors as well.
 from __future__ import annotations
 
 import errno
-import linecache
 import logging
 import os
 import re
@@ -19,7 +18,6 @@ import sys
 import traceback
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -71,21 +69,7 @@ USER_ERRNOS = {
     errno.ELOOP,
     errno.ENAMETOOLONG,
 }
-# Modules whose checks still raise plain ValueError / OSError; an explicit `raise` there is a user error until
-# they raise the kinds above.
-UNCONVERTED_MODULES = ("fid.py",)
-_PACKAGE = Path(__file__).resolve().parent
 _WORKER = re.compile(r"Caught (\w+) in DataLoader worker process (\d+)\.")
-
-
-def _raised_by_unconverted_check(exc: BaseException) -> bool:
-    """Whether `exc` is a ValueError / OSError from a `raise` statement in one of UNCONVERTED_MODULES."""
-    if not isinstance(exc, (ValueError, OSError)) or exc.__traceback__ is None:
-        return False
-    frame = traceback.extract_tb(exc.__traceback__)[-1]
-    path = Path(frame.filename).resolve()
-    in_package = path.name in UNCONVERTED_MODULES and _PACKAGE in path.parents
-    return in_package and linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise ")
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -96,7 +80,7 @@ def is_user_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError) and exc.filename is not None and exc.errno in USER_ERRNOS:
         return True
-    return _raised_by_unconverted_check(exc)
+    return False
 
 
 def worker_error_line(message: str) -> str | None:

@@ -47,6 +47,7 @@ from diffusion.callbacks.ema import ema_weights
 from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
 from diffusion.data.base import _FlipBatch
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
 from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
@@ -68,7 +69,7 @@ def inception_weights_file(weights_path: str | None) -> Path:
     if weights_path is not None:
         path = Path(weights_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"callbacks.fid.weights_path={weights_path} does not exist")
+            raise MissingPathError(f"callbacks.fid.weights_path={weights_path} does not exist")
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
     if not path.is_file():
@@ -77,7 +78,7 @@ def inception_weights_file(weights_path: str | None) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)  # temp file, then rename
         except Exception as e:  # offline: URLError, HTTPError, timeouts, ...
-            raise OSError(
+            raise PathError(
                 f"callbacks.fid: cannot download the FID Inception weights ({first_line(e)}); on offline machines "
                 f"download {INCEPTION_URL} once and pass callbacks.fid.weights_path=/path/to/{INCEPTION_WEIGHTS}"
             ) from e
@@ -90,13 +91,13 @@ def load_weights(path: Path, *, name: str) -> tuple[dict[str, Tensor], str]:
     try:
         data = path.read_bytes()  # read once: what is hashed is what is loaded
     except OSError as e:
-        raise OSError(f"{name} cannot be read ({e.strerror or first_line(e)})") from e
+        raise PathError(f"{name} cannot be read ({e.strerror or first_line(e)})") from e
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{name} is not a plain file of tensors (refused to unpickle it: {first_line(e)})") from e
+        raise BadFileError(f"{name} is not a plain file of tensors (refused to unpickle it: {first_line(e)})") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise ValueError(f"{name} holds no state dict of tensors")
+        raise BadFileError(f"{name} holds no state dict of tensors")
     return state, hashlib.sha256(data).hexdigest()
 
 
@@ -119,7 +120,7 @@ class InceptionFeatures(nn.Module):
     def __init__(self, *, num_features: int = 2048, weights_path: str | None = None) -> None:
         super().__init__()
         if num_features not in (64, 192, 768, 2048):
-            raise ValueError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
+            raise ConfigError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except ImportError as e:
@@ -139,7 +140,7 @@ class InceptionFeatures(nn.Module):
                 "inception-v3-compat", [str(num_features)], feature_extractor_weights_path=verified
             )
         except RuntimeError as e:  # load_state_dict: missing or unexpected keys, wrong shapes
-            raise ValueError(f"{name} is not the FID Inception-v3 weights ({first_line(e)})") from e
+            raise BadFileError(f"{name} is not the FID Inception-v3 weights ({first_line(e)})") from e
         self.num_features = num_features
         self.weights_sha256 = sha256
         self.cache_key = f"inception-v3-tf1x-{num_features}-{sha256[:16]}"
@@ -395,13 +396,13 @@ class FID(L.Callback):
         use_ema: bool = True,
     ) -> None:
         if num_samples < 2:
-            raise ValueError(f"callbacks.fid.num_samples={num_samples} must be >= 2")
+            raise ConfigError(f"callbacks.fid.num_samples={num_samples} must be >= 2")
         if num_real is not None and num_real < 2:
-            raise ValueError(f"callbacks.fid.num_real={num_real} must be >= 2 (or null for the whole split)")
+            raise ConfigError(f"callbacks.fid.num_real={num_real} must be >= 2 (or null for the whole split)")
         if real_split not in ("train", "val"):
-            raise ValueError(f"callbacks.fid.real_split={real_split!r} is not one of 'train', 'val'")
+            raise ConfigError(f"callbacks.fid.real_split={real_split!r} is not one of 'train', 'val'")
         if batch_size < 1:
-            raise ValueError(f"callbacks.fid.batch_size={batch_size} must be >= 1")
+            raise ConfigError(f"callbacks.fid.batch_size={batch_size} must be >= 1")
         self.sampler = sampler
         self.num_samples = num_samples
         self.num_real = num_real
@@ -433,10 +434,12 @@ class FID(L.Callback):
         """Rank 0 computes (or reads) the cached real features; the other ranks then read the file."""
         dm = trainer.datamodule
         if dm is None:
-            raise ValueError("callbacks.fid needs a datamodule (trainer.fit(..., datamodule=...)) for real images")
+            raise ConfigError("callbacks.fid needs a datamodule (trainer.fit(..., datamodule=...)) for real images")
         dataset = reference_images(dm, self.real_split)
         if dataset is None or len(dataset) < 2:
-            raise ValueError(f"callbacks.fid.real_split={self.real_split}: the datamodule has fewer than 2 such images")
+            raise ConfigError(
+                f"callbacks.fid.real_split={self.real_split}: the datamodule has fewer than 2 such images"
+            )
         kwargs = dict(
             key=describe_dataset(dm, self.real_split),
             cache_dir=self.cache_dir,
