@@ -93,7 +93,14 @@ def sample(cfg: DictConfig) -> Path:
     from diffusion.checkpoint import load_model
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
-    from diffusion.samplers import draw_noise, guided_model, image_generators, sampling_timesteps, with_precision
+    from diffusion.samplers import (
+        check_precision,
+        draw_noise,
+        guided_model,
+        image_generators,
+        sampling_timesteps,
+        with_precision,
+    )
     from train import resolve_ckpt_path
 
     # 1. check the plain options before touching the checkpoint
@@ -106,7 +113,7 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.nrow is not None and cfg.nrow < 1:
         raise ConfigError(f"nrow={cfg.nrow} must be >= 1")
     device = resolve_device(str(cfg.device))
-    with_precision(lambda x, t: x, str(cfg.precision), device)  # says which precisions exist
+    precision = check_precision(str(cfg.precision))
     ckpt = Path(str(cfg.ckpt)).expanduser()
     if str(cfg.ckpt) == "last" or ckpt.is_dir():
         ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir))
@@ -150,7 +157,7 @@ def sample(cfg: DictConfig) -> Path:
         generators = image_generators(cfg.seed + j for _, j in batch)
         noise = draw_noise((len(batch), *shape), generator=generators, device=device)
         labels = None if rows == [None] else torch.tensor([label for label, _ in batch], device=device)
-        model = with_precision(guided_model(net, labels=labels, guidance=guidance), str(cfg.precision), device)
+        model = with_precision(guided_model(net, labels=labels, guidance=guidance), precision, device)
         x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
         images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]

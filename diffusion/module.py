@@ -131,7 +131,7 @@ class DiffusionModule(L.LightningModule):
         # once (state_dict keys stay "net.*", and a compiled run resumes an eager one and back); samplers call
         # the eager network.
         self._compiled_forward = torch.compile(self.net.forward) if compile else None
-        self._pending_bad: tuple[Tensor, torch.cuda.Event | None, int] | None = None  # read one step late
+        self._pending_bad: tuple[Tensor, torch.cuda.Event, int] | None = None  # read one step late
         # Set by train.py for init_from runs (init.ema_from_init): the net's weights right after loading,
         # for an EMA callback to start its average from (when it is not resuming its own state).
         self.ema_init_state: dict[str, Tensor] | None = None
@@ -279,17 +279,17 @@ class DiffusionModule(L.LightningModule):
         the flag is read at once (on a CPU that costs nothing, there is no queue to stall). With 16-mixed the
         gradient scaler already skips overflowing gradients, so only the loss is checked.
         """
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = None
-        if gradient_clip_val and grads:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_val and params:
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
             else:
                 norm = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
-        self._check_finite(optimizer, grads, norm)
+        self._check_finite(optimizer, params, norm)
 
-    def _check_finite(self, optimizer: torch.optim.Optimizer, grads: list[Tensor], norm: Tensor | None) -> None:
+    def _check_finite(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], norm: Tensor | None) -> None:
+        """The guard of `configure_gradient_clipping`: `params` have gradients, `norm` is their clipping norm."""
         if getattr(optimizer, "found_inf", None) is not None:
             optimizer.found_inf = None  # set by this guard one step earlier
         if self.nonfinite == "off" or self._step_loss is None:
@@ -297,9 +297,9 @@ class DiffusionModule(L.LightningModule):
         bad = (~torch.isfinite(self._step_loss)).float()
         self._step_loss = None
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is None and grads:
+        if scaler is None and params:
             if norm is None:
-                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
             bad = bad + 2 * (~torch.isfinite(norm)).float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
@@ -317,9 +317,8 @@ class DiffusionModule(L.LightningModule):
             return
         flag = int(bad.item())
         if flag:
-            for group in optimizer.param_groups:  # optimizers leave parameters whose .grad is None untouched
-                for p in group["params"]:
-                    p.grad = None
+            for p in params:  # optimizers leave parameters whose .grad is None untouched
+                p.grad = None
         self._on_step_checked(flag, step, log=True)
 
     def _resolve_pending(self, *, log: bool = False) -> None:
@@ -328,8 +327,7 @@ class DiffusionModule(L.LightningModule):
             return
         host, event, step = self._pending_bad
         self._pending_bad = None
-        if event is not None:
-            event.synchronize()
+        event.synchronize()
         self._on_step_checked(int(host.item()), step, log=log)
 
     def _on_step_checked(self, flag: int, step: int, *, log: bool) -> None:

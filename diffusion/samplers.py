@@ -86,15 +86,20 @@ def precision_from_trainer(precision: str | None) -> SamplePrecision:
     return "fp32"
 
 
+def check_precision(precision: str) -> SamplePrecision:
+    """`precision` if it is a sampling precision, else a ConfigError naming the choices."""
+    if precision not in get_args(SamplePrecision):
+        raise ConfigError(f"precision={precision!r} is not one of 'fp32', 'bf16', 'fp16'")
+    return precision
+
+
 def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.device | str) -> ModelFn:
     """`model` whose network calls run under autocast in `precision`, returning fp32.
 
     Only the network runs in low precision: the sampler's own arithmetic (timesteps, alpha_bar, the update of
     x) stays fp32, since x_t and the schedule tables never pass through autocast. "fp32" returns `model` as is.
     """
-    if precision not in get_args(SamplePrecision):
-        raise ConfigError(f"precision={precision!r} is not one of 'fp32', 'bf16', 'fp16'")
-    if precision == "fp32":
+    if check_precision(precision) == "fp32":
         return model
     device_type = torch.device(device).type
     dtype = _AUTOCAST_DTYPES[precision]
