@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from diffusion.callbacks.checkpoints import LAST
+from diffusion.callbacks.checkpoints import LAST, ResumeCheckpoint
 from diffusion.errors import ConfigError
 
 
@@ -73,7 +73,11 @@ class PreemptionCheckpoint(L.Callback):
             return
         self.received = False
         path = self.dirpath / LAST
-        trainer.save_checkpoint(path)
+        resume = next((c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint) and c.path == path), None)
+        if resume is not None:  # its save records the step, so it does not write last.ckpt again at train end
+            resume.save(trainer)
+        else:
+            trainer.save_checkpoint(path)
         rank_zero_info(f"{signals.Signals(self.signum).name}: saved {path} at step {trainer.global_step}")
         trainer.should_stop = True  # a local run ends here; under submitit, rank zero's requeue ends the job
         if callable(self._previous):
