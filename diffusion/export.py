@@ -1,12 +1,19 @@
 """Export a trained checkpoint for use outside this project: a diffusers pipeline folder or plain safetensors.
 
-- `diffusers`: for diffusers-backed networks (`model=diffusers_unet`), a `DDPMPipeline` folder (unet/ with
-  config.json and weights, scheduler/ with a `DDPMScheduler` config that reproduces our schedule exactly:
-  `trained_betas`, the prediction type, x0 clipping, beta-tilde posterior variance). It loads with
-  `DDPMPipeline.from_pretrained(DIR)`; run it with `num_inference_steps` = the schedule's num_steps to get
-  our DDPM sampler (Ho et al. 2020, Algorithm 2).
+- `diffusers`: for diffusers-backed networks (`model=diffusers_unet`), a `DDPMPipeline` folder: unet/ (config.json
+  and weights) and scheduler/, the diffusers scheduler that defines our process (`diffusers_scheduler`):
+  - discrete: a `DDPMScheduler` config that reproduces our schedule exactly (`trained_betas`, the prediction type,
+    x0 clipping, beta-tilde posterior variance). `DDPMPipeline.from_pretrained(DIR)` run with
+    `num_inference_steps` = the schedule's num_steps is our DDPM sampler (Ho et al. 2020, Algorithm 2).
+  - edm: an `EDMEulerScheduler` (sigma_data, sigma_min, sigma_max, rho, "epsilon" = EDM's F preconditioning):
+    the scheduler loop (x = sigma_max noise, `scale_model_input`, unet, `step`) is our `euler_sample` on the
+    Karras grid. `DDPMPipeline.__call__` itself neither scales the inputs nor the starting noise, so for EDM run
+    that loop with the folder's unet and scheduler (docs/sampling.md shows it).
+  - flow: a `FlowMatchEulerDiscreteScheduler` (shift, num_train_timesteps = the network's time scale):
+    `set_timesteps(sigmas=1 - i / steps)` and the loop are our `euler_sample`; `DDPMPipeline.__call__` runs the
+    same Euler steps on diffusers' own grid, which ends at t = shift(1/1000) instead of stepping evenly to 0.
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
-  has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, schedule,
+  has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, process,
   which weights, step). `load_export` rebuilds the network from such a folder.
 """
 
@@ -23,7 +30,7 @@ import torch
 from diffusion.checkpoint import LoadedModel, build_net, check_description, load_model, load_weights
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError
 from diffusion.files import move_tree, write_bytes
-from diffusion.process import build_process
+from diffusion.process import Process, build_process
 from diffusion.schedule import NoiseSchedule, make_betas
 
 ExportFormat = Literal["diffusers", "safetensors"]
@@ -60,6 +67,32 @@ def scheduler_config(schedule: NoiseSchedule) -> dict:
     )
 
 
+def diffusers_scheduler(process: Process):
+    """The diffusers scheduler that defines the same process and Euler / DDPM sampler as ours (see above)."""
+    from diffusion.diffusers_unet import import_diffusers
+
+    diffusers = import_diffusers()
+    cfg = process.config
+    if process.family == "edm":
+        return diffusers.EDMEulerScheduler(
+            sigma_min=cfg["sigma_min"],
+            sigma_max=cfg["sigma_max"],
+            sigma_data=cfg["sigma_data"],
+            sigma_schedule="karras",
+            rho=cfg["rho"],
+            prediction_type="epsilon",  # D = c_skip x + c_out F: EDM's preconditioning
+            final_sigmas_type="zero",
+        )
+    if process.family == "flow":
+        if cfg["time_scale"] != int(cfg["time_scale"]):
+            raise ConfigError(
+                f"format=diffusers: schedule.time_scale={cfg['time_scale']} is not a whole number, which "
+                "FlowMatchEulerDiscreteScheduler's num_train_timesteps must be; use format=safetensors"
+            )
+        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(cfg["time_scale"]), shift=cfg["shift"])
+    return diffusers.DDPMScheduler(**scheduler_config(process))
+
+
 def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PathExistsError(f"out={out} is a file, not a folder")
@@ -90,7 +123,7 @@ def export_diffusers(model: LoadedModel, out: Path) -> None:
 
     check_diffusers_exportable(model)
     diffusers = import_diffusers()
-    scheduler = diffusers.DDPMScheduler(**scheduler_config(model.schedule))
+    scheduler = diffusers_scheduler(model.schedule)
     # diffusers writes into a fresh folder of ours; its files are then renamed into `out` (never through links)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
@@ -131,7 +164,7 @@ def export(
 
 
 def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild network and schedule from a folder written by `export(format="safetensors")`."""
+    """Rebuild network and process from a folder written by `export(format="safetensors")`."""
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
