@@ -1,6 +1,6 @@
 """Training recipes for the built-in digits compared at the same wall-clock budget, scored by the digit classifier.
 
-    python bench/recipes.py --minutes 10 --recipe digits --recipe small_600     # one row per recipe
+    python bench/recipes.py --minutes 2 --recipe small --recipe lean_b128       # one row per recipe
     python bench/recipes.py --list                                           # the recipes and their overrides
     python bench/recipes.py --table                                          # the rows gathered so far
 
@@ -9,13 +9,14 @@ defaults change). One recipe at a time, this
 1. times a few training steps of the recipe's network (and a sampling forward) in this process, and from that sets
    `trainer.max_steps` so that the whole `train.py` run (start-up, training, validation, sample grids,
    checkpoints) fits in `--minutes`, with `trainer.max_time` as the hard stop (the last checkpoint and EMA are
-   saved at that stop too); a recipe that pins `trainer.max_steps` keeps it;
+   saved at that stop too); a recipe that pins `trainer.max_steps` keeps it, and so does `default` (no
+   overrides: `python train.py` as conf/ has it);
 2. runs `python train.py <overrides>` as a subprocess, as a user would;
 3. draws 500 samples with fixed seeds (0..499) from the run's last checkpoint through `python sample.py` and its
    default sampler (DPM-Solver++, 20 steps), EMA weights;
-4. scores them with bench/digits_eval.py and prints one row: parameters, images seen, training images/s (the
-   run's own `train/images_per_sec`), wall time of the training run, share at p >= 0.9, classes drawn and FD next
-   to its real-vs-real floor.
+4. scores them with bench/digits_eval.py and prints one row: parameters, images seen, images/s in the training
+   loop (validation and grids included; start-up not), wall time of the whole train.py run, share at p >= 0.9,
+   classes drawn and FD next to its real-vs-real floor.
 Rows are added to a JSON file (default outputs/bench_recipes/results.json; a recipe run again replaces its row).
 Speed figures mean something only when nothing else runs on the machine (here: under `flock /tmp/heavy.lock`).
 """
@@ -23,7 +24,6 @@ Speed figures mean something only when nothing else runs on the machine (here: u
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -59,20 +59,22 @@ COMPACT = ["model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attentio
 # One block per level, three levels, attention at 4x4 (1.2M).
 LEAN = ["model.num_res_blocks=1"]
 RARE = ["trainer.val_check_interval=1000", "callbacks.sample_grid.every_n_steps=0"]  # validate, draw less often
+LEAN_B128 = [*BASE, *RARE, *LEAN, "data.batch_size=128", "optim.lr=3e-3"]  # the best at 2 minutes
 RECIPES: dict[str, list[str]] = {
     "small_600": [*BASE, "trainer.max_steps=600"],  # the old default as it shipped: 600 steps
     "small": BASE,  # the old default's recipe, trained for the budget
     "small_rare": [*BASE, *RARE],
     "small_b128": [*BASE, *RARE, "data.batch_size=128", "optim.lr=3e-3"],
     "lean": [*BASE, *RARE, *LEAN],
-    "lean_b128": [*BASE, *RARE, *LEAN, "data.batch_size=128", "optim.lr=3e-3"],
+    "lean_b128": LEAN_B128,
+    "lean_b128_eps": [*LEAN_B128, "schedule.prediction=eps"],
+    "lean_b128_minsnr": [*LEAN_B128, "schedule.min_snr_gamma=5.0"],
+    "lean_b128_lr5e-3": [*LEAN_B128, "optim.lr=5e-3"],
+    "lean_b128_ema_short": [*LEAN_B128, "callbacks.ema.power=0.5"],  # decay 0.9916 -> 0.972 at step 1300
+    "lean_b128_bf16": [*LEAN_B128, "trainer.precision=bf16-mixed"],
     "compact": [*BASE, *RARE, *COMPACT],
     "compact_b128": [*BASE, *RARE, *COMPACT, "data.batch_size=128", "optim.lr=3e-3"],
-    "lean_eps": [*BASE, *RARE, *LEAN, "schedule.prediction=eps"],
-    "lean_minsnr": [*BASE, *RARE, *LEAN, "schedule.min_snr_gamma=5.0"],
-    "lean_lr4e-3": [*BASE, *RARE, *LEAN, "optim.lr=4e-3"],
-    "lean_bf16": [*BASE, *RARE, *LEAN, "trainer.precision=bf16-mixed"],
-    "digits": ["model=unet_digits"],  # whatever conf/ now makes the default, as `python train.py` runs it
+    "default": [],  # `python train.py` as conf/ now has it, its own trainer.max_steps included
 }
 STARTUP_S = 12.0  # python, imports, Hydra, data: measured about 8-10 s on 2 cores
 SPEED_MARGIN = 0.9  # Lightning, EMA and logging on top of the bare steps the probe times
@@ -159,14 +161,13 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def logged_rate(run_dir: Path) -> float | None:
-    """The median of the run's logged train/images_per_sec (training only: validation and grids excluded)."""
-    found = sorted(run_dir.glob("csv/*/metrics.csv"))
-    if not found:
-        return None
-    with open(found[-1]) as f:
-        rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(f) if r.get("train/images_per_sec")]
-    return statistics.median(rates) if rates else None
+def train_seconds(ckpt: dict) -> float | None:
+    """Seconds in `trainer.fit`'s training loop (validation and sample grids inside it included), from the
+    state of Lightning's Timer callback (present because every run here has `trainer.max_time`)."""
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("Timer"):
+            return float(state["time_elapsed"]["train"])
+    return None
 
 
 def bench(name: str, overrides: list[str], *, minutes: float, work: Path, n: int = 500) -> dict:
@@ -175,17 +176,17 @@ def bench(name: str, overrides: list[str], *, minutes: float, work: Path, n: int
 
     budget = 60.0 * minutes
     p = probe(overrides)
-    pinned = overrides_value(overrides, "trainer.max_steps")
-    max_steps = int(pinned) if pinned else steps_for(budget, p)
+    pinned = not overrides or overrides_value(overrides, "trainer.max_steps") is not None
     run_dir = work / name
     extra = [
-        f"trainer.max_steps={max_steps}",
+        *([] if pinned else [f"trainer.max_steps={steps_for(budget, p)}"]),
         f"trainer.max_time='{clock(budget - STARTUP_S)}'",
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={run_dir}",
     ]
-    train_s = run([sys.executable, "train.py", *overrides, *(extra[1:] if pinned else extra)], work / f"{name}.log")
+    train_s = run([sys.executable, "train.py", *overrides, *extra], work / f"{name}.log")
     ckpt = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    loop_s = train_seconds(ckpt)
     samples = work / f"{name}_samples"
     sample_s = run(
         [sys.executable, "sample.py", f"ckpt={run_dir}", f"n={n}", "seed=0", "npz=true", "progress=false",
@@ -201,7 +202,8 @@ def bench(name: str, overrides: list[str], *, minutes: float, work: Path, n: int
         "batch": p["batch"],
         "steps": int(ckpt["global_step"]),
         "images_seen": int(ckpt["global_step"]) * p["batch"],
-        "images_per_s": logged_rate(run_dir),
+        "images_per_s": int(ckpt["global_step"]) * p["batch"] / loop_s if loop_s else None,
+        "loop_s": loop_s,
         "train_s": train_s,
         "sample_s": sample_s,
         **{k: scores[k] for k in ("share_p90", "classes", "counts", "fd", "fd_floor", "fd_real500", "real_p90")},
@@ -209,7 +211,7 @@ def bench(name: str, overrides: list[str], *, minutes: float, work: Path, n: int
 
 
 HEADER = (
-    f"{'recipe':14s} {'params':>7s} {'batch':>5s} {'steps':>6s} {'images':>8s} {'img/s':>6s} {'time':>6s} "
+    f"{'recipe':20s} {'params':>7s} {'batch':>5s} {'steps':>6s} {'images':>8s} {'img/s':>6s} {'time':>6s} "
     f"{'p>=0.9':>7s} {'classes':>7s} {'FD':>6s} {'floor':>6s}"
 )
 
@@ -217,7 +219,7 @@ HEADER = (
 def row(r: dict) -> str:
     rate = f"{r['images_per_s']:6.0f}" if r.get("images_per_s") else f"{'-':>6s}"
     return (
-        f"{r['recipe']:14s} {r['params'] / 1e6:6.2f}M {r['batch']:5d} {r['steps']:6d} {r['images_seen']:8d} {rate} "
+        f"{r['recipe']:20s} {r['params'] / 1e6:6.2f}M {r['batch']:5d} {r['steps']:6d} {r['images_seen']:8d} {rate} "
         f"{r['train_s']:5.0f}s {100 * r['share_p90']:6.1f}% {r['classes']:5d}/10 {r['fd']:6.2f} {r['fd_floor']:6.2f}"
     )
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = p.parse_args(argv)
     if args.list:
         for name, overrides in RECIPES.items():
-            print(f"{name:14s} {' '.join(overrides)}")
+            print(f"{name:20s} {' '.join(overrides)}")
         return []
     unknown = [r for r in args.recipe if r not in RECIPES]
     if unknown:
