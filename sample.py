@@ -1,10 +1,10 @@
 """Generate images from a trained checkpoint: python sample.py ckpt=PATH [sampler=dpmpp sampler.steps=20 n=64 ...].
 
-Loads the network (EMA weights when present), the schedule and the sampler chosen in conf/sample.yaml, draws
-`n` images in batches on the GPU when there is one, and writes `grid.png`, one PNG per image under `images/`
-and optionally `samples.npz` into `out`. Image i depends only on seed + i (its starting noise and any fresh
-noise a stochastic sampler draws come from its own generator), so `n=8` reproduces the first 8 images of `n=64`
-with any `batch_size`.
+Loads the network (EMA weights when present), the process (discrete schedule, EDM or flow) and the sampler
+chosen in conf/sample.yaml, draws `n` images in batches on the GPU when there is one, and writes `grid.png`, one
+PNG per image under `images/` and optionally `samples.npz` into `out`. Image i depends only on seed + i (its
+starting noise and any fresh noise a stochastic sampler draws come from its own generator), so `n=8` reproduces
+the first 8 images of `n=64` with any `batch_size`.
 """
 
 from __future__ import annotations
@@ -95,10 +95,10 @@ def sample(cfg: DictConfig) -> Path:
     from diffusion.files import atomic_write
     from diffusion.samplers import (
         check_precision,
+        check_sampler,
         draw_noise,
         guided_model,
         image_generators,
-        sampling_timesteps,
         with_precision,
     )
     from train import resolve_ckpt_path
@@ -128,12 +128,8 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
     if cfg.guidance is not None and rows == [None]:
         raise ConfigError(f"guidance={cfg.guidance} needs a label (label=7, label=[1,2] or label=all)")
-    steps = cfg.sampler.get("steps")
-    if steps is not None:  # fail now, not after the first batch
-        sampling_timesteps(
-            schedule.num_steps, steps, cfg.sampler.get("spacing", "trailing"), alpha_bar=schedule.alpha_bar
-        )
     sampler = instantiate(cfg.sampler)
+    check_sampler(sampler, schedule)  # a bad option or sampler / schedule pair fails now, not after the first batch
 
     # 3. the output folder, checked before any sampling
     out = Path(str(cfg.out)).expanduser()

@@ -262,6 +262,10 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = build(cfg, "data")
     schedule = build(cfg, "schedule")
+    if cfg.get("sampler") is not None:  # the sample grid's and FID's sampler must fit the process: fail now
+        from diffusion.samplers import check_sampler
+
+        check_sampler(build(cfg, "sampler"), schedule)
     net = build(cfg, "model")
     if resumed is not None:
         check_resume(ckpt_path, resumed, net, schedule)

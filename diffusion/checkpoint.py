@@ -1,19 +1,19 @@
-"""Self-describing checkpoints: rebuild the network, the schedule and the (EMA) weights from one file.
+"""Self-describing checkpoints: rebuild the network, the process and the (EMA) weights from one file.
 
 A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's own keys:
 - `checkpoint["diffusion"]`: {"format": 1, "net": {"target": "diffusion.unet.UNet", "config": {...}},
-  "schedule": {...NoiseSchedule kwargs...}}, written by `describe`;
+  "schedule": {"family": "discrete" | "edm" | "flow", ...the process's kwargs...}}, written by `describe`
+  (checkpoints from before EDM and flow hold only NoiseSchedule's kwargs: a discrete schedule);
 - `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.";
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
 Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file. The file
-is data: the description is validated (plain values only, schedule keys that `NoiseSchedule` takes) and the
+is data: the description is validated (plain values only, schedule keys that its family's class takes) and the
 only class it can name is a registered network class (`NETWORKS`), never an arbitrary callable.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import pickle
 import re
@@ -24,22 +24,22 @@ import torch
 from torch import nn
 
 from diffusion.errors import BadFileError, IsAFolderError, MissingPathError
-from diffusion.schedule import NoiseSchedule
+from diffusion.process import DEFAULT_FAMILY, Process, build_process, check_process_description
 
 FORMAT = 1
 NET_PREFIX = "net."
 EMA_KEY = "ema_state_dict"
 
 
-def describe(net: nn.Module, schedule: NoiseSchedule) -> dict:
-    """What `build_net`/`NoiseSchedule` need to rebuild `net` and `schedule`; plain, picklable-safe values."""
+def describe(net: nn.Module, schedule: Process) -> dict:
+    """What `build_net`/`build_process` need to rebuild `net` and the process; plain, picklable-safe values."""
     config = getattr(net, "config", None)
     if config is None:
         raise TypeError(f"{type(net).__name__} has no `config` dict, so its checkpoints cannot rebuild it")
     return {
         "format": FORMAT,
         "net": {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)},
-        "schedule": dict(schedule.config),
+        "schedule": schedule.description(),
     }
 
 
@@ -51,7 +51,6 @@ NETWORKS: dict[str, tuple[str, ...]] = {
     "diffusion.diffusers_unet.DiffusersUNet": ("pretrained",),
 }
 PLAIN = (type(None), bool, int, float, str)
-SCHEDULE_KEYS = frozenset(inspect.signature(NoiseSchedule.__init__).parameters) - {"self"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
@@ -77,8 +76,9 @@ def is_plain(value) -> bool:
 def check_description(description, *, source: str) -> dict:
     """`description` (a checkpoint's "diffusion" entry) if it is valid data, else a one-line ValueError.
 
-    It must name a registered network class, with a config of plain values and str keys, and a schedule whose
-    keys are `NoiseSchedule`'s arguments with plain values. `source` names the file in messages.
+    It must name a registered network class, with a config of plain values and str keys, and a schedule (the
+    process) of a known family whose keys are that family's arguments, with plain values. `source` names the
+    file in messages.
     """
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise BadFileError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
@@ -89,9 +89,7 @@ def check_description(description, *, source: str) -> dict:
         raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
     if not isinstance(schedule, dict) or not is_plain(schedule):
         raise BadFileError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
-    unknown = sorted(set(schedule) - SCHEDULE_KEYS)
-    if unknown:
-        raise BadFileError(f"{source}: the schedule description has keys NoiseSchedule does not take: {unknown}")
+    check_process_description(schedule, source=source)
     return description
 
 
@@ -157,10 +155,10 @@ def read_checkpoint(path: str | Path) -> dict:
 
 @dataclass
 class LoadedModel:
-    """A network and schedule rebuilt from a checkpoint, with where its weights came from."""
+    """A network and process rebuilt from a checkpoint, with where its weights came from."""
 
     net: nn.Module
-    schedule: NoiseSchedule
+    schedule: Process
     weights: str  # "ema" or "raw"
     global_step: int
     description: dict = field(repr=False)
@@ -196,7 +194,7 @@ def flat_description(description: dict) -> dict[str, object]:
     """A description as config keys: {"model._target_": ..., "model.base_channels": 32, "schedule.kind": ...}."""
     net = description["net"]
     flat = {"model._target_": net["target"], **{f"model.{k}": v for k, v in net["config"].items()}}
-    flat.update({f"schedule.{k}": v for k, v in description["schedule"].items()})
+    flat.update({f"schedule.{k}": v for k, v in {"family": DEFAULT_FAMILY, **description["schedule"]}.items()})
     return {k: json.loads(json.dumps(v)) for k, v in flat.items()}  # tuples -> lists, as in the other side
 
 
@@ -215,13 +213,13 @@ def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
 
 
 def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild network + schedule from `path` and load its EMA weights (or raw weights)."""
+    """Rebuild network + process from `path` and load its EMA weights (or raw weights)."""
     ckpt = read_checkpoint(path)
     description = ckpt["diffusion"]
     net = build_net(description["net"], source=f"checkpoint {path}")
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
     load_weights(net, state, source=f"checkpoint {path}")
-    schedule = NoiseSchedule(**description["schedule"])
+    schedule = build_process(description["schedule"])
     net.eval().to(map_location)
     schedule.to(map_location)
     return LoadedModel(

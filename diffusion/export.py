@@ -23,6 +23,7 @@ import torch
 from diffusion.checkpoint import LoadedModel, build_net, check_description, load_model, load_weights
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError
 from diffusion.files import move_tree, write_bytes
+from diffusion.process import build_process
 from diffusion.schedule import NoiseSchedule, make_betas
 
 ExportFormat = Literal["diffusers", "safetensors"]
@@ -144,7 +145,7 @@ def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu")
     check_description(config, source=source)
     net = build_net(config["net"], source=source)
     load_weights(net, load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
-    schedule = NoiseSchedule(**config["schedule"])
+    schedule = build_process(config["schedule"])
     net.eval().to(map_location)
     schedule.to(map_location)
     return LoadedModel(

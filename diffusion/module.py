@@ -1,11 +1,13 @@
 """DiffusionModule: the LightningModule that trains a denoising network (DDPM, Ho et al. 2020, Algorithm 1).
 
-Training step: sample t uniformly, noise x_0 into x_t with the schedule, predict the schedule's target
-(eps, v or x0), and take the (optionally min-SNR-weighted) MSE in fp32. Validation uses fixed seeds and
-stratified fixed timesteps so that `val/loss` is comparable across runs, and reports it per timestep bucket
-(`val/loss_t0-99`, ...). The optimizer is any `torch.optim` factory (AdamW in the configs) with a linear
-warm-up and an optional cosine decay. Checkpoints carry what is needed to rebuild the network and schedule
-(see `diffusion.checkpoint`).
+Training step: draw a noise level from the process (`diffusion.process`: a timestep of a discrete schedule,
+EDM's sigma, flow matching's t), noise x_0 into x_t, give the network what the process says it takes, and take
+the process's weighted MSE against its target in fp32. The module never asks which family it trains. Validation
+uses fixed seeds and stratified fixed noise levels (equally likely buckets of the training distribution) so
+that `val/loss` is comparable across runs, and reports it per bucket (`val/loss_t0-99` on a discrete schedule,
+`val/loss_sigma0.06-0.13` on EDM, `val/loss_t0.3-0.4` on flow, ...). The optimizer is any `torch.optim` factory
+(AdamW in the configs) with a linear warm-up and an optional cosine decay. Checkpoints carry what is needed to
+rebuild the network and process (see `diffusion.checkpoint`).
 
 Speed and safety options (all off by default except the non-finite check): `compile` runs the network's
 forward through `torch.compile` (the checkpoint keeps the plain network's keys), `channels_last` stores
@@ -36,7 +38,7 @@ from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
 from diffusion.errors import ConfigError, UserError
-from diffusion.schedule import NoiseSchedule
+from diffusion.process.base import Process
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LRDecay = Literal["constant", "cosine"]
@@ -48,18 +50,19 @@ class NonFiniteLossError(UserError, FloatingPointError, ValueError):
 
 
 class DiffusionModule(L.LightningModule):
-    """Wraps a denoising network and a noise schedule into a trainable model.
+    """Wraps a denoising network and a diffusion process into a trainable model.
 
     Args:
-        net: maps (x_t, t, y) to the prediction target; e.g. `diffusion.unet.UNet`.
-        schedule: the noise schedule (also decides the prediction target and loss weighting).
+        net: maps (x, t, y) to the prediction target; e.g. `diffusion.unet.UNet`.
+        schedule: the process (`diffusion.process.Process`: a discrete `NoiseSchedule`, `EDM` or `Flow`): how
+            levels are drawn, what the network is given and asked for, and the loss weighting.
         optimizer: a factory taking the parameters, e.g. `functools.partial(torch.optim.AdamW, lr=2e-4)`.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the trainer's last step.
         cond_drop_prob: for class-conditional nets, the chance a label is replaced by the null class
             during training, so the net also learns the unconditional model (classifier-free guidance).
-        val_seed: seed of the validation noise and timesteps.
-        val_buckets: number of equal timestep buckets the validation loss is broken into.
+        val_seed: seed of the validation noise and noise levels.
+        val_buckets: number of equally likely noise-level buckets the validation loss is broken into.
         nonfinite: what a non-finite loss or gradient does: "error" stops training before the optimizer step
             (so no checkpoint holds the bad step), "skip" drops that step and counts it in
             `train/skipped_steps`, "off" does not check (saves one host-device sync per step).
@@ -75,7 +78,7 @@ class DiffusionModule(L.LightningModule):
         self,
         *,
         net: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: Process,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
         lr_decay: LRDecay = "constant",
@@ -95,8 +98,6 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"optim.warmup_steps={warmup_steps} must be >= 0")
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ConfigError(f"module.cond_drop_prob={cond_drop_prob} must be in [0, 1]")
-        if not 1 <= val_buckets <= schedule.num_steps:
-            raise ConfigError(f"module.val_buckets={val_buckets} must be in [1, {schedule.num_steps}]")
         if nonfinite not in ("error", "skip", "off"):
             raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
@@ -110,8 +111,7 @@ class DiffusionModule(L.LightningModule):
         self.cond_drop_prob = cond_drop_prob
         self.val_seed = val_seed
         self.num_classes = getattr(net, "num_classes", None)
-        T = schedule.num_steps
-        self.bucket_edges = [round(i * T / val_buckets) for i in range(val_buckets + 1)]
+        self.bucket_names = schedule.bucket_names(val_buckets)  # raises for a bad module.val_buckets
         self.val_loss = MeanMetric()
         self.val_bucket_loss = nn.ModuleList(MeanMetric() for _ in range(val_buckets))
         self.nonfinite = nonfinite
@@ -159,22 +159,22 @@ class DiffusionModule(L.LightningModule):
             y = torch.where(drop, torch.full_like(y, self.num_classes), y)
         return y
 
-    def per_sample_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
-        """Weighted MSE between the net's output and the schedule's target, per sample, in fp32: (B,)."""
-        x_t = self.schedule.q_sample(x0, t, noise)
-        out = self.net_forward(x_t, t, y)
-        target = self.schedule.target(x0, noise, t)
+    def per_sample_loss(self, x0: Tensor, level: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
+        """Weighted MSE between the net's output and the process's target at `level`, per sample, in fp32: (B,)."""
+        x_t = self.schedule.q_sample(x0, level, noise)
+        out = self.net_forward(*self.schedule.net_input(x_t, level), y)
+        target = self.schedule.target(x0, noise, level)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        return mse * self.schedule.loss_weight(t)
+        return mse * self.schedule.loss_weight(level)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x0, y = batch
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with self.training_rng(x0.device):
-            t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
+            level = self.schedule.draw_levels(x0.shape[0], device=x0.device)
             noise = torch.randn_like(x0)
-            loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
+            loss = self.per_sample_loss(x0, level, noise, self._labels(y, train=True)).mean()
         if self.nonfinite != "off":  # checked once per optimizer step, in configure_gradient_clipping
             self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -364,18 +364,16 @@ class DiffusionModule(L.LightningModule):
     def on_train_end(self) -> None:
         self._resolve_pending()
 
-    # --- validation at fixed noise and timesteps ------------------------------------------------------
+    # --- validation at fixed noise and noise levels ---------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, y = batch
         b, k = x0.shape[0], len(self.val_bucket_loss)
         g = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx)
-        # Stratified timesteps: sample i falls in bucket i mod k, at a seeded position inside it.
+        # Stratified levels: sample i falls in bucket i mod k, at a seeded position inside it.
         bucket = torch.arange(b) % k
-        lo = torch.tensor(self.bucket_edges[:-1])[bucket]
-        width = torch.tensor(self.bucket_edges[1:])[bucket] - lo
-        t = (lo + (torch.rand(b, generator=g) * width).long()).to(x0.device)
+        level = self.schedule.val_levels(bucket, torch.rand(b, generator=g), k).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=False))
+        loss = self.per_sample_loss(x0, level, noise, self._labels(y, train=False))
         self.val_loss.update(loss)
         bucket = bucket.to(x0.device)
         for i, metric in enumerate(self.val_bucket_loss):
@@ -388,8 +386,7 @@ class DiffusionModule(L.LightningModule):
         self.val_loss.reset()
         for i, metric in enumerate(self.val_bucket_loss):
             if metric.update_count:  # torchmetrics syncs the sums across ranks in compute()
-                lo, hi = self.bucket_edges[i], self.bucket_edges[i + 1] - 1
-                self.log(f"val/loss_t{lo}-{hi}", metric.compute())
+                self.log(f"val/loss_{self.bucket_names[i]}", metric.compute())
             metric.reset()
 
     # --- optimization ------------------------------------------------------------------------------------

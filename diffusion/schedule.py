@@ -1,4 +1,4 @@
-"""Noise schedules and the forward process of a discrete-time diffusion model.
+"""Noise schedules and the forward process of a discrete-time diffusion model: the "discrete" process family.
 
 The schedule owns beta_t and alpha_bar_t = prod_{s<=t} (1 - beta_s) for t = 0..T-1, the forward noising
 q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I) (Ho et al. 2020, eq. 4), the three prediction
@@ -8,27 +8,23 @@ Everything is plain torch: no Lightning, no Hydra. Tables are computed in float6
 schedule's device, whatever dtype the owning module is cast to: a Lightning `bf16-true` run casts every floating
 buffer to bfloat16, which would round alpha_bar to 1 for the first timesteps and zero the min-SNR weights. So the
 tables are plain tensors, not buffers, and an empty integer buffer (which `.to(dtype)` / `.half()` leave alone)
-tracks the device the schedule was moved to.
+tracks the device the schedule was moved to. `NoiseSchedule` implements `diffusion.process.Process`: its levels
+are the integer timesteps, and the network is given x_t and t.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion.errors import ConfigError
+from diffusion.process.base import Process, check_choice
 
 ScheduleKind = Literal["linear", "cosine", "sigmoid"]
 Prediction = Literal["eps", "v", "x0"]
-
-
-def _check_choice(name: str, value: str, literal) -> None:
-    choices = get_args(literal)
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}")
 
 
 def make_betas(
@@ -51,7 +47,7 @@ def make_betas(
     - sigmoid: Jabri et al. 2022: alpha_bar(t) follows a scaled, flipped sigmoid over [start, end] / tau.
     Cosine and sigmoid betas are clipped at max_beta to avoid the singularity at t = T.
     """
-    _check_choice("schedule.kind", kind, ScheduleKind)
+    check_choice("schedule.kind", kind, ScheduleKind)
     if num_steps < 1:
         raise ConfigError(f"schedule.num_steps={num_steps} must be >= 1")
     if kind == "linear":
@@ -80,7 +76,7 @@ class _Table:
         return self if schedule is None else schedule.table(self.name)
 
 
-class NoiseSchedule(nn.Module):
+class NoiseSchedule(Process):
     """A discrete noise schedule with T steps; t is an integer in [0, T).
 
     Args:
@@ -91,6 +87,8 @@ class NoiseSchedule(nn.Module):
         beta_start, beta_end: the linear schedule's endpoints (DDPM: 1e-4, 0.02 for T = 1000).
         cosine_s, sigmoid_start, sigmoid_end, sigmoid_tau: the other schedules' shape parameters.
     """
+
+    family = "discrete"
 
     def __init__(
         self,
@@ -107,7 +105,7 @@ class NoiseSchedule(nn.Module):
         sigmoid_tau: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_choice("schedule.prediction", prediction, Prediction)
+        check_choice("schedule.prediction", prediction, Prediction)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ConfigError(f"schedule.min_snr_gamma={min_snr_gamma} must be > 0 (or null to turn it off)")
         # Plain values, enough to rebuild this schedule (saved into checkpoints).
@@ -154,8 +152,6 @@ class NoiseSchedule(nn.Module):
             "loss_weight": self._min_snr_weight(snr),
         }
         self._float32: dict[torch.device, dict[str, Tensor]] = {}  # float32 copies of the tables, per device
-        # Follows the owner's .to(device); integer, so .to(torch.bfloat16) and .half() leave it as it is.
-        self.register_buffer("device_anchor", torch.empty(0, dtype=torch.long), persistent=False)
 
     def _min_snr_weight(self, snr: Tensor) -> Tensor:
         """Per-timestep weight of the MSE on the prediction target; ones unless min-SNR-gamma is on.
@@ -176,11 +172,6 @@ class NoiseSchedule(nn.Module):
         return f"kind={self.kind}, num_steps={self.num_steps}, prediction={self.prediction}"
 
     # --- the tables, float32 on a device -----------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        """The device the schedule was last moved to (with its owner, or by `.to(device)`)."""
-        return self.device_anchor.device
-
     def table(self, name: str, device: torch.device | str | None = None) -> Tensor:
         """The float32 table `name` (T,) on `device` (default: the schedule's), made once per device."""
         device = self.device if device is None else torch.device(device)
@@ -261,3 +252,54 @@ class NoiseSchedule(nn.Module):
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight of the MSE on the prediction target, float32: ones unless min-SNR-gamma is on."""
         return self.table("loss_weight", t.device)[t]
+
+    # --- the process interface (diffusion.process.base) ---------------------------------------------------
+    def draw_levels(self, n: int, *, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Uniform integer timesteps in [0, T) (DDPM Algorithm 1)."""
+        return torch.randint(0, self.num_steps, (n,), device=device, generator=generator)
+
+    def quantile_levels(self, u: Tensor) -> Tensor:
+        return (u * self.num_steps).floor().long().clamp(max=self.num_steps - 1)
+
+    def bucket_edges(self, k: int) -> list[int]:
+        """The k + 1 timestep edges of k equal buckets; a ConfigError unless 1 <= k <= T."""
+        if not 1 <= k <= self.num_steps:
+            raise ConfigError(f"module.val_buckets={k} must be in [1, {self.num_steps}]")
+        return [round(i * self.num_steps / k) for i in range(k + 1)]
+
+    def val_levels(self, bucket: Tensor, r: Tensor, k: int) -> Tensor:
+        """Timestep lo + floor(r * width) in bucket [lo, hi) of `bucket_edges`."""
+        edges = torch.tensor(self.bucket_edges(k))
+        lo = edges[:-1][bucket]
+        return lo + (r * (edges[1:][bucket] - lo)).long()
+
+    def bucket_names(self, k: int) -> list[str]:
+        edges = self.bucket_edges(k)
+        return [f"t{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        t = level.long()
+        return self.table("sqrt_alpha_bar", t.device)[t], self.table("sqrt_one_minus_alpha_bar", t.device)[t]
+
+    def alpha_sigma64(self, level) -> tuple[float, float]:
+        if level is None:
+            return 1.0, 0.0
+        ab = self.tables64["alpha_bar"][int(level)]
+        return float(ab.sqrt()), float((1 - ab).sqrt())
+
+    def to_x0(self, output: Tensor, x_t: Tensor, level: Tensor) -> Tensor:
+        return self.to_x0_eps(output, x_t, level)[0]
+
+    def output_from_x0(self, x0: Tensor, x_t: Tensor, level: Tensor) -> Tensor:
+        return self.from_x0_eps(x0, self.eps_from_x0(x_t, x0, level), level)
+
+    def level_tensor(self, level, n: int, device: torch.device) -> Tensor:
+        return torch.full((n,), int(level), device=device, dtype=torch.long)
+
+    def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[int]:
+        """`sampling_timesteps` (all T for steps=None); spacing None is logsnr for dpmpp, else trailing."""
+        from diffusion.samplers import sampling_timesteps
+
+        spacing = spacing or ("logsnr" if sampler == "dpmpp" else "trailing")
+        T = self.num_steps
+        return sampling_timesteps(T, T if steps is None else steps, spacing, alpha_bar=self.alpha_bar)

@@ -1,0 +1,109 @@
+"""Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023), with Esser et al. 2024's (SD3) choices.
+
+x_t = (1 - t) x0 + t eps for t in [0, 1] (alpha = 1 - t, sigma = t). The network predicts the velocity
+v = dx_t/dt = eps - x0, unweighted MSE. Training draws t uniformly or logit-normally, t = sigmoid(m + s n) with
+n ~ N(0, 1) (Esser et al. 2024, sec. 3.1: m = 0, s = 1 works well), and the network is given 1000 t (the timestep
+scale of SD3 and diffusers' `FlowMatchEulerDiscreteScheduler`). Samplers walk t from 1 to 0 on a uniform grid
+bent by the resolution shift t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, sec. 5.3.2; shift > 1 spends
+more steps at high noise, for high resolutions). The probability-flow ODE is dx/dt = v = (x - x0) / t: the EDM
+form with t in the place of sigma, so Euler and Heun are EDM's with sigma_ode = t.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffusion.errors import ConfigError
+from diffusion.process.base import Process, broadcast, check_choice, check_spacing
+
+TSampling = Literal["uniform", "logit_normal"]
+FlowSpacing = Literal["uniform"]
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift t' = shift t / (1 + (shift - 1) t): identity for shift = 1, 0 and 1 stay fixed."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+class Flow(Process):
+    """Rectified flow with velocity prediction (see the module docstring).
+
+    Args:
+        t_sampling: the training distribution of t, "uniform" or "logit_normal".
+        logit_mean, logit_std: m and s of the logit-normal distribution.
+        shift: the sampling grid's resolution shift (1 = none; SD3 uses 3 at 1024 px).
+        time_scale: the network is given time_scale * t.
+    """
+
+    family = "flow"
+    bucket_prefix = "t"
+
+    def __init__(
+        self,
+        *,
+        t_sampling: TSampling = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 1.0,
+        time_scale: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        check_choice("schedule.t_sampling", t_sampling, TSampling)
+        for name, value in (("logit_std", logit_std), ("shift", shift), ("time_scale", time_scale)):
+            if not value > 0:
+                raise ConfigError(f"schedule.{name}={value} must be > 0")
+        self.config = dict(t_sampling=t_sampling, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+                           time_scale=time_scale)  # fmt: skip
+        self.t_sampling, self.logit_mean, self.logit_std = t_sampling, logit_mean, logit_std
+        self.shift, self.time_scale = shift, time_scale
+
+    # --- training ---------------------------------------------------------------------------------------
+    def draw_levels(self, n: int, *, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        if self.t_sampling == "uniform":
+            return torch.rand(n, device=device, generator=generator)
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, generator=generator))
+
+    def quantile_levels(self, u: Tensor) -> Tensor:
+        if self.t_sampling == "uniform":
+            return u
+        return torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+
+    def alpha_sigma(self, level: Tensor) -> tuple[Tensor, Tensor]:
+        t = level if level.is_floating_point() else level.float()
+        return 1 - t, t
+
+    def net_input(self, x_t: Tensor, level: Tensor) -> tuple[Tensor, Tensor]:
+        return x_t, level.float() * self.time_scale
+
+    def from_net_input(self, x_in: Tensor, t_in: Tensor) -> tuple[Tensor, Tensor]:
+        return x_in, t_in / self.time_scale
+
+    def target(self, x0: Tensor, noise: Tensor, level: Tensor) -> Tensor:
+        """The velocity dx_t/dt = eps - x0."""
+        return noise - x0
+
+    def loss_weight(self, level: Tensor) -> Tensor:
+        return torch.ones_like(level, dtype=torch.float32)
+
+    def to_x0(self, output: Tensor, x_t: Tensor, level: Tensor) -> Tensor:
+        return x_t - broadcast(level.float(), x_t.ndim) * output  # x0 = x_t - t v
+
+    def output_from_x0(self, x0: Tensor, x_t: Tensor, level: Tensor) -> Tensor:
+        return (x_t - x0) / broadcast(level.to(x0.dtype), x_t.ndim)  # v = (x_t - x0) / t
+
+    # --- sampling ---------------------------------------------------------------------------------------
+    def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[float]:
+        """t_i = shift(1 - i / steps) for i < steps: `steps` equal steps in the unshifted time, from t = 1."""
+        check_spacing(spacing, FlowSpacing, "flow")
+        if steps is None or steps < 1:
+            raise ConfigError(
+                f"sampler.steps={'null' if steps is None else steps} on schedule=flow: give a number of steps >= 1"
+            )
+        u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+        return shift_time(u, self.shift).tolist()
+
+    def ode_frame(self, level) -> tuple[float, float]:
+        return 1.0, float(level)
