@@ -129,9 +129,10 @@ def test_speed_options_train_and_keep_plain_checkpoints(tmp_path, caplog):
         *NO_GRIDS,
     ]
     cfg, _ = run_train(run, options)
-    assert "effective batch 32 (16 per device x 1 devices x 1 nodes x 2 accumulation), lr 0.002" in caplog.text
+    lr = cfg.optim.lr  # the default's
+    assert f"effective batch 32 (16 per device x 1 devices x 1 nodes x 2 accumulation), lr {lr}" in caplog.text
     hparams = yaml.safe_load((run / "csv" / "version_0" / "hparams.yaml").read_text())
-    assert hparams["effective_batch_size"] == 32 and hparams["optim"]["lr"] == 0.002
+    assert hparams["effective_batch_size"] == 32 and hparams["optim"]["lr"] == lr
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
     plain = UNet(**load_model(run / "checkpoints" / "last.ckpt").net.config)
