@@ -1,8 +1,9 @@
-"""Images per second: decoding JPEGs per step (data.cache=false) vs the uint8 memmap cache (data.cache=true).
+"""Images per second: decoding JPEGs per step (data.cache=false), the uint8 memmap cache (data.cache=true) and
+streaming the same JPEGs from local tar shards (data=shards, written by `python -m diffusion.data.shards write`).
 
 Generates N random-ish JPEGs (smooth gradients plus noise, so they compress like photos) in a temp folder, then
-times full passes over the training loader of ImageFolderDataModule both ways, side by side in one run, after
-one warm-up pass each (the cache build is timed separately). Run:
+times full passes over the training loader of each path, side by side in one run, after one warm-up pass each
+(the cache build and the shard write are timed separately). Run:
 
     python bench/dataloader.py --num-images 3000 --source-size 64 --image-size 64 --workers 2
 """
@@ -19,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.data import ImageFolderDataModule  # noqa: E402
+from diffusion.data import ImageFolderDataModule, ShardDataModule  # noqa: E402
+from diffusion.data.shards import write_shards  # noqa: E402
 
 
 def make_jpegs(folder: Path, n: int, size: int) -> None:
@@ -33,7 +35,7 @@ def make_jpegs(folder: Path, n: int, size: int) -> None:
         Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=90)
 
 
-def images_per_second(dm: ImageFolderDataModule, passes: int) -> float:
+def images_per_second(dm, passes: int) -> float:
     loader = dm.train_dataloader()
     for _ in loader:  # warm-up: workers started, page cache filled
         pass
@@ -76,17 +78,33 @@ def main() -> None:
         start = time.perf_counter()
         ImageFolderDataModule(**kw, cache=True).setup()
         reuse_s = time.perf_counter() - start
+        start = time.perf_counter()
+        write_shards(folder, Path(tmp) / "shards", val_fraction=0.0)
+        write_s = time.perf_counter() - start
+        streamed = ShardDataModule(
+            path=str(Path(tmp) / "shards"),
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            labels=False,
+        )
         folder_ips = images_per_second(decode, args.passes)
         cache_ips = images_per_second(cached, args.passes)
+        shards_ips = images_per_second(streamed, args.passes)
 
     print(
         f"{args.num_images} JPEGs {args.source_size}px -> {args.image_size}px, batch {args.batch_size}, "
         f"{args.workers} workers"
     )
-    print(f"setup: header check {setup_s:.2f} s; cache build {build_s:.2f} s; cache reuse {reuse_s:.2f} s")
+    print(
+        f"setup: header check {setup_s:.2f} s; cache build {build_s:.2f} s; cache reuse {reuse_s:.2f} s; "
+        f"shard write {write_s:.2f} s"
+    )
     print(f"folder (decode per step): {folder_ips:9.0f} images/s")
     print(f"cache  (uint8 memmap):    {cache_ips:9.0f} images/s")
+    print(f"shards (tar stream):      {shards_ips:9.0f} images/s")
     print(f"ratio cache/folder:       {cache_ips / folder_ips:9.1f}x")
+    print(f"ratio shards/folder:      {shards_ips / folder_ips:9.1f}x")
 
 
 if __name__ == "__main__":

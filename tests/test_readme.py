@@ -219,15 +219,27 @@ class Session:
                 write_image(folder / f"{sub}{i}.png", (24, 20), "RGB", seed=i)
         return folder
 
+    def shards(self, name: str, labels: bool) -> Path:
+        """The shard set `python -m diffusion.data.shards write` made (or makes) of the folder `name`."""
+        from diffusion.data.shards import write_shards
+
+        folder = self.home / "shards" / name
+        if not folder.exists():
+            write_shards(self.images(name.removesuffix("-shards"), labels), folder, labels=labels)
+        return folder
+
     def substitute(self, args: list[str], kind: str) -> list[str]:
         """The README's paths made real: ~ -> a fabricated home, example run folders -> real ones."""
         out = []
+        labeled = "data.labels=true" in args or any(a.startswith(("model.num_classes=", "--labels")) for a in args)
         for arg in args:
             key, eq, value = arg.partition("=")
             if eq and value.startswith(PLACEHOLDER_RUN):
                 value = str(self.run_folder(kind)) + value[len(PLACEHOLDER_RUN) :]
+            elif eq and key == "data.path" and "data=shards" in args:
+                value = str(self.shards(Path(value).name, labels=labeled))
             elif eq and key in ("data.path",):
-                value = str(self.images(Path(value).name, labels="data.labels=true" in args))
+                value = str(self.images(Path(value).name, labels=labeled))
             elif eq and key in ("out",):
                 value = str(self.home / "out" / f"{self.count}_{value}")
             out.append(f"{key}={value}" if eq else arg)
@@ -289,8 +301,12 @@ def run_train_inprocess(session: Session, argv: list[str]) -> None:
     args = session.substitute(argv[2:], "base")
     model = next((a.split("=", 1)[1] for a in args if a.startswith("model=")), None)
     tiny = [t for t in TINY_TRAIN if not (model == "diffusers_unet" and t.startswith("model="))]
-    if any(a == "data=folder" for a in args):
+    if any(a in ("data=folder", "data=shards", "data=hf") for a in args):
         tiny += TINY_FOLDER
+    if "data=shards" in args:  # the fabricated folder's 7 training images fill no batch of 16 (nothing is padded)
+        tiny.append("data.batch_size=4")
+    if "data=hf" in args:  # load_dataset's Arrow cache, inside the test's home
+        tiny.append(f"data.cache_dir={session.home / 'hf_cache'}")
     if any(a.startswith("ckpt_path=") for a in args):
         tiny.append("trainer.max_steps=4")  # the base run ended at step 2: resuming trains 2 more
     root = session.new_root()
@@ -345,5 +361,12 @@ def test_readme_command_runs(command: str, mark: str | None, session: Session, m
             run_train_inprocess(session, argv)
         elif argv[1] in ("sample.py", "export.py"):
             run_sample_or_export(session, argv)
+        elif argv[1:3] == ["-m", "diffusion.data.shards"]:
+            from diffusion.data.shards import main
+
+            write, src, dst, *flags = argv[3:]  # the folder and the shard folder made real, as data.path is
+            labeled = "--labels" in flags
+            target = session.home / "shards" / Path(dst).name
+            assert main([write, str(session.images(Path(src).name, labeled)), str(target), *flags]) == 0
         else:
             raise AssertionError(f"{command!r}: teach tests/test_readme.py to run it, or mark it # needs: ...")

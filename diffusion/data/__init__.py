@@ -5,11 +5,15 @@ labels long (-1 when unlabeled), and exposes `image_size`, `channels` and `num_c
 - `ImageFolderDataModule` (`data=folder`): any folder tree of images, optionally cached as a uint8 memmap.
 - `CelebADataModule` (`data=celeba`): aligned CelebA, center crop then resize (the standard 64x64 recipe).
 - `CIFAR10DataModule` (`data=cifar10`), `MNISTDataModule` (`data=mnist`): the standard sets, in memory.
+- `ShardDataModule` (`data=shards`): tar shards streamed from a folder or a bucket, exactly once per epoch.
+- `HFDataModule` (`data=hf`): a Hugging Face `datasets` dataset (saved to disk, an imagefolder, or the Hub).
 """
 
 from diffusion.data.base import DigitsDataModule, image_loader, split_indices, to_model_range, to_unit_range
 from diffusion.data.folder import CelebADataModule, ImageFolderDataModule
+from diffusion.data.hf import HFDataModule
 from diffusion.data.images import IMAGE_EXTENSIONS, load_image, scan_images
+from diffusion.data.shards import ShardDataModule
 from diffusion.data.standard import CIFAR10DataModule, MNISTDataModule
 
 __all__ = [
@@ -17,8 +21,10 @@ __all__ = [
     "CIFAR10DataModule",
     "CelebADataModule",
     "DigitsDataModule",
+    "HFDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "ShardDataModule",
     "load_image",
     "scan_images",
     "image_loader",

@@ -43,15 +43,15 @@ def default_num_workers(*, decoding: bool) -> int:
 
 
 class Uint8Batch:
-    """Collate for datasets whose `__getitems__` returns a whole batch `(uint8 (B, C, H, W), long (B,))`.
+    """Collate for datasets whose `__getitems__` returns a whole batch `(uint8 (B, C, H, W), long (B,)[, ...])`.
 
-    Scales the batch to float in [-1, 1]. Runs in the loader workers, so the main process receives ready batches.
-    A class, not a closure, so spawned workers can pickle it.
+    Scales the images to float in [-1, 1]; what follows them (labels, captions) passes as it is. Runs in the loader
+    workers, so the main process receives ready batches. A class, not a closure, so spawned workers can pickle it.
     """
 
-    def __call__(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        x, y = batch  # (B, C, H, W) uint8, (B,) long
-        return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0), y  # one float buffer: [0, 255] -> [-1, 1]
+    def __call__(self, batch: tuple) -> tuple:
+        x, *rest = batch  # (B, C, H, W) uint8, then (B,) long labels [, B captions]
+        return (x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0), *rest)  # one float buffer: [0, 255] -> [-1, 1]
 
 
 def flip_mask(seed: int, epoch: int, indices: Sequence[int]) -> Tensor:
@@ -287,8 +287,8 @@ class _FlipBatch(Dataset):
         return flip_mask(self.seed, int(self._epoch), indices)
 
     def __getitem__(self, i: int):
-        x, y = self.dataset[i]
-        return (x.flip(-1) if self._mask([i])[0] else x), y
+        x, *rest = self.dataset[i]
+        return ((x.flip(-1) if self._mask([i])[0] else x), *rest)
 
     def __getitems__(self, indices: list[int]):
         flips = self._mask(indices)
@@ -296,11 +296,11 @@ class _FlipBatch(Dataset):
             batch = self.dataset.__getitems__(indices)
         else:
             batch = [self.dataset[i] for i in indices]
-        if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), (B,)
-            x, y = batch
+        if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), (B,)[, captions]
+            x = batch[0]
             x[flips] = x[flips].flip(-1)  # x is this batch's own copy
-            return x, y
-        return [(x.flip(-1) if f else x, y) for (x, y), f in zip(batch, flips, strict=True)]
+            return batch
+        return [(x.flip(-1) if f else x, *rest) for (x, *rest), f in zip(batch, flips, strict=True)]
 
 
 class DigitsDataModule(_SplitDataModule):
