@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -186,6 +187,53 @@ def test_training_writes_snapshots_and_a_resume_continues_them_exactly(run, tmp_
     resumed = read_checkpoint(copy / "checkpoints" / "last.ckpt")["posthoc_ema"]
     for a, b in zip(ckpt["posthoc_ema"]["profiles"], resumed["profiles"], strict=True):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class DumpProfiles(L.Callback):
+    """Test helper: each DDP rank saves its PostHocEMA profiles when training ends."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = Path(dirpath)
+
+    def on_train_end(self, trainer, pl_module):
+        (cb,) = [c for c in trainer.callbacks if isinstance(c, PostHocEMA)]
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        torch.save(cb.profiles, self.dirpath / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_track_the_same_profiles_and_rank_zero_writes(tmp_path):
+    run, dump = tmp_path / "run", tmp_path / "dump"
+    result = run_cli(
+        "train.py",
+        "model=unet_tiny",
+        "trainer=cpu",
+        "+trainer.strategy=ddp",
+        "trainer.devices=2",
+        "trainer.max_steps=4",
+        "+trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false",
+        "schedule.num_steps=20",
+        "data.batch_size=8",
+        "callbacks.sample_grid=null",
+        "callbacks=[default,posthoc_ema]",
+        "callbacks.posthoc_ema.every_n_steps=2",
+        "+callbacks.dump._target_=tests.test_posthoc_ema.DumpProfiles",
+        f"+callbacks.dump.dirpath={dump}",
+        "logger=none",
+        f"hydra.run.dir={run}",
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = (torch.load(dump / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for a, b in zip(r0, r1, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # one file per (step, profile), no temp files left, nothing superseded
+    names = sorted(p.name for p in (run / "ema_snapshots").iterdir())
+    assert names == [f"step_{s:06d}_sigma_{x:.3f}.pt" for s in (2, 4) for x in (0.05, 0.1)]
+    for profile, x in zip(r0, (0.05, 0.1), strict=True):
+        written = torch.load(run / "ema_snapshots" / f"step_000004_sigma_{x:.3f}.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(profile[k], written[k]) for k in profile)
 
 
 def compose_cli(config: str, *overrides: str):
