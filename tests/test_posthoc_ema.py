@@ -24,6 +24,7 @@ from diffusion.callbacks.posthoc_ema import PostHocEMA
 from diffusion.checkpoint import load_model, read_checkpoint
 from diffusion.errors import user_error_message
 from tests.conftest import CONF, ROOT, run_cli, run_train
+from tests.test_ema import DDP_TINY
 
 
 class Vec(nn.Module):
@@ -206,16 +207,7 @@ def test_ddp_ranks_track_the_same_profiles_and_rank_zero_writes(tmp_path):
     run, dump = tmp_path / "run", tmp_path / "dump"
     result = run_cli(
         "train.py",
-        "model=unet_tiny",
-        "trainer=cpu",
-        "+trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.max_steps=4",
-        "+trainer.limit_val_batches=0",
-        "trainer.enable_progress_bar=false",
-        "schedule.num_steps=20",
-        "data.batch_size=8",
-        "callbacks.sample_grid=null",
+        *DDP_TINY,
         "callbacks=[default,posthoc_ema]",
         "callbacks.posthoc_ema.every_n_steps=2",
         "+callbacks.dump._target_=tests.test_posthoc_ema.DumpProfiles",
