@@ -93,6 +93,7 @@ def sample(cfg: DictConfig) -> Path:
     from diffusion.checkpoint import load_model
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
+    from diffusion.posthoc import with_posthoc_ema
     from diffusion.samplers import (
         check_precision,
         check_sampler,
@@ -120,6 +121,7 @@ def sample(cfg: DictConfig) -> Path:
 
     # 2. the model, its labels and guidance, the sampler
     loaded = load_model(ckpt, use_ema=cfg.use_ema, map_location=device)
+    loaded = with_posthoc_ema(loaded, ckpt, **cfg.ema, use_ema=cfg.use_ema)  # ema.sigma_rel: post-hoc EMA
     net, schedule = loaded.net, loaded.schedule
     num_classes = getattr(net, "num_classes", None)
     rows = parse_labels(OmegaConf.to_object(cfg.label) if isinstance(cfg.label, ListConfig) else cfg.label, net)

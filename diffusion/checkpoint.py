@@ -130,6 +130,21 @@ def refusal_reason(e: BaseException) -> str:
     return lines[-1] if lines else type(e).__name__
 
 
+def load_data(path: Path, *, what: str, mmap: bool = False):
+    """torch.load `path` weights-only (tensors and plain values, never code); a one-line BadFileError naming the
+    file and `what` it should be otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise BadFileError(
+            f"{path} holds Python code or objects ({refusal_reason(e)}), which this project never loads: a "
+            f"{what} may hold only tensors and plain values, so that reading one cannot run code"
+        ) from None
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadFileError(f"{path} is not a readable {what} ({first})") from e
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """torch.load a checkpoint safely, with one-line errors naming the file for every way it can be wrong."""
     path = Path(path).expanduser()
@@ -137,16 +152,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise MissingPathError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise IsAFolderError(f"checkpoint {path} is a folder, not a .ckpt file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise BadFileError(
-            f"{path} holds Python code or objects ({refusal_reason(e)}), which this project never loads: a "
-            "checkpoint may hold only tensors and plain values, so that reading one cannot run code"
-        ) from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadFileError(f"{path} is not a readable checkpoint ({first})") from e
+    ckpt = load_data(path, what="checkpoint")
     if not isinstance(ckpt, dict) or "diffusion" not in ckpt or "state_dict" not in ckpt:
         raise BadFileError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
     check_description(ckpt["diffusion"], source=f"checkpoint {path}")

@@ -15,6 +15,9 @@
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, process,
   which weights, step). `load_export` rebuilds the network from such a folder.
+- `ckpt`: `model.ckpt`, a slim checkpoint of this project (description, raw weights, and the exported weights
+  as its `ema_state_dict`, no optimizer state) that sample.py, init_from and export.py read like any other.
+Any format can carry a post-hoc EMA (`sigma_rel`, see `diffusion.posthoc`) instead of the stored one.
 """
 
 from __future__ import annotations
@@ -27,16 +30,25 @@ from typing import Literal, get_args
 
 import torch
 
-from diffusion.checkpoint import LoadedModel, build_net, check_description, load_model, load_weights
+from diffusion.checkpoint import (
+    EMA_KEY,
+    LoadedModel,
+    build_net,
+    check_description,
+    load_model,
+    load_weights,
+    read_checkpoint,
+)
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError
-from diffusion.files import move_tree, write_bytes
+from diffusion.files import atomic_write, move_tree, write_bytes
 from diffusion.process import Process, build_process
 from diffusion.schedule import NoiseSchedule, make_betas
 
-ExportFormat = Literal["diffusers", "safetensors"]
+ExportFormat = Literal["diffusers", "safetensors", "ckpt"]
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CKPT_NAME = "model.ckpt"
 
 
 def scheduler_config(schedule: NoiseSchedule) -> dict:
@@ -143,6 +155,19 @@ def export_safetensors(model: LoadedModel, out: Path) -> None:
     write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
 
 
+def export_ckpt(model: LoadedModel, out: Path, ckpt: dict) -> None:
+    """Write model.ckpt: `ckpt`'s description and raw weights, with `model`'s weights as its EMA (unless raw)."""
+    slim = {
+        "diffusion": ckpt["diffusion"],
+        "state_dict": ckpt["state_dict"],
+        "global_step": model.global_step,
+        "exported_weights": model.weights,
+    }
+    if model.weights != "raw":
+        slim[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
+    atomic_write(out / CKPT_NAME, lambda f: torch.save(slim, f))
+
+
 def export(
     ckpt: str | Path,
     out: str | Path,
@@ -150,16 +175,29 @@ def export(
     format: ExportFormat = "diffusers",
     use_ema: bool = True,
     overwrite: bool = False,
+    sigma_rel: float | None = None,
+    snapshots: str | Path | None = None,
 ) -> LoadedModel:
-    """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written."""
+    """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written.
+
+    `sigma_rel`: export the post-hoc EMA of that length, rebuilt from the run's snapshots (`snapshots`, default
+    `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA.
+    """
+    from diffusion.posthoc import with_posthoc_ema
+
     if format not in get_args(ExportFormat):
-        raise ConfigError(f"format={format!r} is not one of 'diffusers', 'safetensors'")
+        raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, get_args(ExportFormat)))}")
     out = Path(out).expanduser()
-    model = load_model(ckpt, use_ema=use_ema)
+    model = with_posthoc_ema(
+        load_model(ckpt, use_ema=use_ema), ckpt, sigma_rel=sigma_rel, snapshots=snapshots, use_ema=use_ema
+    )
     if format == "diffusers":
         check_diffusers_exportable(model)  # before touching `out`
     _prepare_out(out, overwrite)
-    (export_diffusers if format == "diffusers" else export_safetensors)(model, out)
+    if format == "ckpt":
+        export_ckpt(model, out, read_checkpoint(ckpt))
+    else:
+        (export_diffusers if format == "diffusers" else export_safetensors)(model, out)
     return model
 
 

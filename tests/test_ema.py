@@ -194,21 +194,27 @@ def test_checkpoint_resume_and_no_leak(tmp_path):
     _assert_equal_states(c8["ema_state_dict"], a8["ema_state_dict"])
 
 
+# A 4-step run in two CPU processes (gloo), for the DDP tests of the averaging callbacks.
+DDP_TINY = [
+    "model=unet_tiny",
+    "trainer=cpu",
+    "+trainer.strategy=ddp",
+    "trainer.devices=2",
+    "trainer.max_steps=4",
+    "+trainer.limit_val_batches=0",
+    "trainer.enable_progress_bar=false",
+    "schedule.num_steps=20",
+    "data.batch_size=8",
+    "callbacks.sample_grid=null",
+]
+
+
 def test_ema_identical_on_both_ddp_ranks(tmp_path):
     """Two CPU processes (gloo) see different batches; their averages must match bit for bit."""
     run, dump = tmp_path / "run", tmp_path / "dump"
     result = run_cli(
         "train.py",
-        "model=unet_tiny",
-        "trainer=cpu",
-        "+trainer.strategy=ddp",
-        "trainer.devices=2",
-        "trainer.max_steps=4",
-        "+trainer.limit_val_batches=0",
-        "trainer.enable_progress_bar=false",
-        "schedule.num_steps=20",
-        "data.batch_size=8",
-        "callbacks.sample_grid=null",
+        *DDP_TINY,
         "callbacks.ema.decay=0.9",
         "+callbacks.dump._target_=tests.test_ema.DumpWeights",
         f"+callbacks.dump.dirpath={dump}",

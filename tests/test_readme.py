@@ -265,6 +265,8 @@ def one_thread():
 
 
 def kind_of(args: list[str]) -> str:
+    if any(a.startswith("ema.sigma_rel=") for a in args):
+        return "posthoc"
     if any(a.startswith(("label=", "guidance=")) for a in args):
         return "cond"
     if "format=diffusers" in args:
@@ -317,7 +319,11 @@ def run_train_inprocess(session: Session, argv: list[str]) -> None:
 
     train.train(cfg)
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+    saved = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # .hydra/config.yaml, as Hydra writes it
+    (Path(cfg.paths.output_dir) / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(saved, Path(cfg.paths.output_dir) / ".hydra" / "config.yaml")
     kind = "diffusers" if "diffusers" in cfg.model._target_ else "cond" if cfg.model.get("num_classes") else None
+    kind = "posthoc" if (cfg.get("callbacks") or {}).get("posthoc_ema") else kind
     if kind:
         session.roots.setdefault(kind, root)
 
