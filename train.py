@@ -3,6 +3,8 @@
 Composes the Hydra config in conf/, builds the datamodule, network, schedule, LightningModule, callbacks,
 loggers and Trainer from it, and fits. Every run writes into its own folder (the resolved config in
 .hydra/, checkpoints/, samples/, logs). Returns the metric named by `optimized_metric` for sweepers.
+Each run starts with `extras` (the config tree, tags); `validate_only=true` evaluates the checkpoint `ckpt_path`
+instead of training (`validate`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -29,9 +32,13 @@ from diffusion.errors import (
     exit_on_user_error,
     user_error_message,
 )
+from diffusion.extras import config_tree, run_tags, write_json, write_text
 
 log = logging.getLogger(__name__)
 FAILED_FILE = "failed.txt"  # in a sweep job's folder: the one-line reason the job failed
+CONFIG_TREE_FILE = "config_tree.log"  # in the run folder: the composed config as printed at the start
+TAGS_FILE = "tags.log"  # in the run folder: the run's tags, one per line
+VALIDATE_FILE = "validate.json"  # in the run folder of a validate_only=true run: the checkpoint's metrics
 
 
 def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_path") -> str | None:
@@ -65,11 +72,17 @@ def occupied(output_dir: Path) -> str | None:
 
 
 class RunFolderGuard(Callback):
-    """Refuses a new run into a folder that holds checkpoints before Hydra writes anything there.
+    """Refuses a new run into a folder that holds checkpoints before Hydra writes anything there; lets a sweep
+    resolve its folder.
 
     Hydra writes .hydra/config.yaml, hydra.yaml and overrides.yaml when the job starts, before `train` runs:
     `on_run_start` comes first. A callback's exceptions only become warnings in Hydra, so this one exits.
     """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # The sweeper resolves hydra.sweep.dir (paths.runs_dir -> ${hydra:runtime.cwd}) before any job has set
+        # HydraConfig: without this, `python train.py -m ...` without hydra.sweep.dir= fails at once.
+        HydraConfig.instance().set_config(config)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1:
@@ -80,12 +93,13 @@ class RunFolderGuard(Callback):
             sys.exit(1)
 
 
-def check_resume(ckpt_path: str, ckpt: dict, net, schedule) -> None:
+def check_resume(ckpt_path: str, ckpt: dict, net, schedule, *, verb: str = "resume") -> None:
     """A one-line ValueError when checkpoint `ckpt` (at ckpt_path) cannot be resumed with `net` and `schedule`.
 
     Its weights must fit the network the config builds; the message names the config keys where the
     checkpoint's own description differs from the config (or, if none does, the tensors that differ).
     Config changes that keep the weights' shapes (e.g. model.gradient_checkpointing) are allowed and printed.
+    `verb` is what the run does with the checkpoint ("resume", "validate"), for the messages.
     """
     from diffusion.checkpoint import describe, description_differences, net_state_dict, weights_mismatch
 
@@ -96,13 +110,13 @@ def check_resume(ckpt_path: str, ckpt: dict, net, schedule) -> None:
         more = f" (and {len(shown) - 1} more: {', '.join(k for k, _, _ in differences[1:])})" if len(shown) > 1 else ""
         what = f"was trained with {shown[0]}{more}" if shown else f"does not fit the model: {mismatch}"
         raise ConfigError(
-            f"ckpt_path={ckpt_path} {what}; resume with that run's config (its .hydra/overrides.yaml), or start "
+            f"ckpt_path={ckpt_path} {what}; {verb} with that run's config (its .hydra/overrides.yaml), or start "
             "a new run from its weights with init_from="
         )
     if shown:
         from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-        rank_zero_only(log.info)(f"resuming {ckpt_path} with config changes: {'; '.join(shown)}")
+        rank_zero_only(log.info)(f"{verb}: {ckpt_path} with config changes: {'; '.join(shown)}")
 
 
 def slurm_requeue_path(output_dir: Path) -> str | None:
@@ -181,9 +195,11 @@ def relaunches_in_local_sweep(cfg: DictConfig) -> bool:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    """train(cfg); in a sweep, a job that diverges or fails on its own config logs why, leaves `failed.txt` in
-    its folder and returns NaN to the sweeper (to Optuna the worst value, see failed_value), so the sweep goes on."""
+    """extras(cfg), then train(cfg); in a sweep, a job that diverges or fails on its own config logs why, leaves
+    `failed.txt` in its folder and returns NaN to the sweeper (to Optuna the worst value, see failed_value), so the
+    sweep goes on."""
     hydra_cfg = HydraConfig.get()
+    extras(cfg)  # a refusal here (extras.enforce_tags) stops a whole sweep: every job would be refused alike
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return train(cfg)
     if hydra_cfg.launcher._target_.endswith("BasicLauncher") and relaunches_in_local_sweep(cfg):
@@ -230,16 +246,119 @@ class SweepReport(Callback):
         log.warning("\n".join(lines))
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged)."""
+def lightning_logging() -> None:
+    """Lightning's messages through Hydra's logging only, at the level hydra.verbose asks.
+
+    Hydra's console and train.log show them already, so Lightning's own stderr handler (it would print each
+    twice) is dropped; and importing Lightning sets its logger to INFO after Hydra configured the levels, so a
+    `hydra.verbose` that names it (debug=fdr: each hook call, in order) is applied again.
+    """
+    if logging.getLogger().handlers:
+        for handler in list(logging.getLogger("lightning").handlers):
+            logging.getLogger("lightning").removeHandler(handler)
+    verbose = HydraConfig.get().verbose if HydraConfig.initialized() else False
+    if verbose is True:  # every logger
+        names = ["lightning.pytorch", "lightning.fabric"]
+    else:
+        names = [verbose] if isinstance(verbose, str) else list(verbose or [])
+    for name in names:
+        if name == "lightning" or name.startswith("lightning."):
+            logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def build_group(cfg: DictConfig, group: str) -> list:
+    """The objects of a group of several (callbacks, logger): one per entry with a `_target_`, in config order.
+
+    Entries without one build nothing: `callbacks.ema=null`, and keys that debug= sets for a callback the run
+    does not have (its `callbacks.fid.num_samples` without callbacks.fid).
+    """
+    return [build(cfg, f"{group}.{k}") for k, c in (cfg.get(group) or {}).items() if c and "_target_" in c]
+
+
+def extras(cfg: DictConfig) -> None:
+    """What every run does first (cfg.extras): warnings off, tags checked, the config tree printed and saved.
+
+    With extras.enforce_tags a run without tags stops with a one-line error. Never a prompt: runs start on
+    clusters, in sweeps and in CI, where nobody answers one, and a refusal is the same everywhere.
+    """
+    options = cfg.get("extras") or {}
+    tags = run_tags(cfg.get("tags"))
+    if options.get("enforce_tags") and not tags:
+        raise ConfigError("extras.enforce_tags=true: give the run tags, e.g. tags=[baseline,cosine]")
+    if options.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
+    output_dir = Path(cfg.paths.output_dir)
+    if tags:
+        write_text(output_dir / TAGS_FILE, "\n".join(tags))
+    if options.get("print_config"):
+        try:
+            tree = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an interpolation that does not resolve: building names it; show the config as written
+            tree = OmegaConf.to_container(cfg, resolve=False)
+        text = config_tree(tree, label=f"config ({output_dir / CONFIG_TREE_FILE})")
+        write_text(output_dir / CONFIG_TREE_FILE, text)
+        log.info(text)
+
+
+def validate(cfg: DictConfig) -> float | None:
+    """Evaluate checkpoint cfg.ckpt_path with cfg's data and callbacks: val/loss (and its buckets) over the
+    validation set, val/fid and val/kid when callbacks.fid is configured. Uses the checkpoint's EMA weights when
+    it has them (as sample.py does), else its raw ones. Logs the metrics and writes them with the checkpoint's
+    path and step to `<run folder>/validate.json`; returns cfg.optimized_metric's value."""
     import lightning as L
 
-    if logging.getLogger().handlers:  # Hydra's console and train.log show Lightning's messages already; its own
-        for handler in list(logging.getLogger("lightning").handlers):  # stderr handler would print each twice
-            logging.getLogger("lightning").removeHandler(handler)
+    from diffusion.callbacks.ema import EMA
+    from diffusion.checkpoint import load_weights, net_state_dict, read_checkpoint
 
+    lightning_logging()
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.runs_dir)
+    if ckpt_path is None:
+        raise ConfigError("validate_only=true evaluates a checkpoint: ckpt_path=PATH (a .ckpt, a run folder or last)")
+    ckpt = read_checkpoint(ckpt_path)
+    datamodule = build(cfg, "data")
+    schedule = build(cfg, "schedule")
+    net = build(cfg, "model")
+    check_resume(ckpt_path, ckpt, net, schedule, verb="validate")
+    state, weights = net_state_dict(ckpt, use_ema=True)
+    load_weights(net, state, source=f"ckpt_path={ckpt_path}")
+    module = build(cfg, "module", net=net, schedule=schedule, optimizer=build_optimizer(cfg))
+    # The net holds the average already: an EMA callback would average it again. The others act in training only,
+    # except FID, which evaluates at the end of a validate run.
+    callbacks = [c for c in build_group(cfg, "callbacks") if not isinstance(c, EMA)]
+    trainer = build(cfg, "trainer", callbacks=callbacks, logger=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/loss, its buckets in order, FID
+    if trainer.is_global_zero:
+        step = int(ckpt.get("global_step", 0))
+        path = write_json(
+            Path(cfg.paths.output_dir) / VALIDATE_FILE,
+            {"ckpt_path": ckpt_path, "global_step": step, "weights": weights, "metrics": metrics},
+        )
+        lines = [f"validate: {ckpt_path} (step {step}, {weights} weights)"]
+        lines += [f"  {k} = {v:.6g}" for k, v in metrics.items()]
+        log.info("\n".join([*lines, f"metrics written to {path}"]))
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Build everything from `cfg` and fit; returns cfg.optimized_metric's last value (if logged).
+
+    With cfg.validate_only, evaluates the checkpoint cfg.ckpt_path instead (`validate`).
+    """
+    if cfg.get("validate_only"):
+        return validate(cfg)
+    import lightning as L
+
+    lightning_logging()
     from diffusion.checkpoint import read_checkpoint
     from diffusion.finetune import init_from_checkpoint
+    from diffusion.loggers import log_tags
 
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -281,15 +400,18 @@ def train(cfg: DictConfig) -> float | None:
     module = build(cfg, "module", net=net, schedule=schedule, optimizer=build_optimizer(cfg))
     if init_path is not None and init.get("ema_from_init", True):
         module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    callbacks = [build(cfg, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]
-    loggers = [build(cfg, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c and "_target_" in c]
+    callbacks = build_group(cfg, "callbacks")
+    # Under fast_dev_run (debug=fdr) Lightning swaps the loggers for a dummy one: build none, so none writes files.
+    loggers = [] if cfg.trainer.get("fast_dev_run") else build_group(cfg, "logger")
     trainer = build(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     batch, batch_parts = effective_batch(int(getattr(datamodule, "batch_size", cfg.data.get("batch_size", 0))), trainer)
     resolved["effective_batch_size"] = batch
+    resolved["tags"] = run_tags(cfg.get("tags"))
     for logger in loggers:
         logger.log_hyperparams(resolved)
+    log_tags(loggers, resolved["tags"])
     n_params = sum(p.numel() for p in net.parameters())
     if trainer.is_global_zero:
         log.info(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")

@@ -5,8 +5,10 @@
 `WANDB_MODE=offline`, it runs offline and prints one line saying how to upload the run later with `wandb sync`.
 Metrics, the resolved config (train.py's `log_hyperparams`), sample grids and the paths of saved checkpoints
 (in the run summary, `checkpoint/last` and `checkpoint/latest`) go to W&B; checkpoints themselves are uploaded
-only with `log_model=true`. A run folder keeps one W&B run: its id is kept in `<run folder>/wandb/run_id.txt`, so a
-resumed run (`ckpt_path=`, a SLURM requeue) continues the same W&B run, online and offline.
+only with `log_model=true`. The run's `tags` (train.yaml) are W&B tags; `log_tags` also shows them in TensorBoard
+(a text entry), and every logger has them in its hyperparameters. A run folder keeps one W&B run: its id is kept
+in `<run folder>/wandb/run_id.txt`, so a resumed run (`ckpt_path=`, a SLURM requeue) continues the same W&B run,
+online and offline.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from diffusion.extras import run_tags
 from diffusion.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -109,8 +112,22 @@ def wandb_logger(
         project=project,
         name=name,
         entity=entity,
-        tags=tags,
+        tags=run_tags(tags),
         log_model=log_model,
         offline=offline,
         **kwargs,
     )
+
+
+def log_tags(loggers, tags: list[str]) -> None:
+    """Show the run's tags where a logger has a place for them beyond its hyperparameters: TensorBoard's text tab.
+
+    W&B takes them when the run starts (`wandb_logger(tags=...)`); CSV and TensorBoard have them in hparams.yaml.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if not tags:
+        return
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text("tags", ", ".join(tags), global_step=0)

@@ -6,6 +6,7 @@ A preempted run loses what it trained since its last checkpoint, so the checkpoi
 ends (also when `trainer.max_steps` is not a multiple of the period). Snapshots to keep (`step_XXXXXX.ckpt`, for
 comparing or going back) come from `Snapshots`, a ModelCheckpoint every N steps that keeps the newest
 `keep_last` of them. Both write through the Trainer's checkpoint IO (atomic renames, see `checkpoint_io.py`).
+Neither writes under `trainer.fast_dev_run` (debug=fdr), as Lightning's own checkpoint callbacks do not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 from diffusion.errors import ConfigError
 
 LAST = "last.ckpt"
+
+
+def checkpointing_off(trainer: L.Trainer) -> bool:
+    """Whether this run writes no checkpoints: fast_dev_run (Lightning's ModelCheckpoint skips then too)."""
+    return bool(trainer.fast_dev_run)
 
 
 class ResumeCheckpoint(Checkpoint):
@@ -85,7 +91,7 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step == 0 or step == self.last_saved_step:
+        if step == 0 or step == self.last_saved_step or checkpointing_off(trainer):
             return  # no optimizer step since the last save (gradient accumulation, or nothing yet)
         # The final step is saved here, not in on_train_end: after an epoch's last batch Lightning has already
         # advanced its loop counters by on_train_end, and a checkpoint written then resumes one batch short.
@@ -94,7 +100,7 @@ class ResumeCheckpoint(Checkpoint):
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step > 0 and trainer.global_step != self.last_saved_step:
+        if trainer.global_step > 0 and trainer.global_step != self.last_saved_step and not checkpointing_off(trainer):
             self.save(trainer)
 
     def state_dict(self) -> dict:

@@ -22,7 +22,8 @@ They are read weights-only here, before torch-fidelity sees them (it would unpic
 handed to it as tensors we serialised ourselves. A FID that cannot run (no weights offline, a file that is not
 plain tensors, no torch-fidelity) stops the run when the callback is built, before training. Any `nn.Module`
 mapping images in [-1, 1] to (B, D) features can be injected instead (tests use `RandomFeatures`); its
-`cache_key` names it in the cache hash.
+`cache_key` names it in the cache hash. FID is skipped under `trainer.fast_dev_run` (debug=fdr) and runs once at
+the end of `trainer.validate` (train.py validate_only=true).
 """
 
 from __future__ import annotations
@@ -427,7 +428,7 @@ class FID(L.Callback):
         self.history: list[dict] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
+        if stage in ("fit", "validate"):
             self.extractor = self.extractor.eval().to(pl_module.device)
 
     def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -504,9 +505,15 @@ class FID(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if trainer.fast_dev_run:  # debug=fdr: one batch to find a crash, not thousands of samples
+            return
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_step:
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.at_end and trainer.global_step != self.last_step:
+        if self.at_end and trainer.global_step != self.last_step and not trainer.fast_dev_run:
+            self.evaluate(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # trainer.validate (train.py validate_only=true): the checkpoint's FID
             self.evaluate(trainer, pl_module)
