@@ -128,14 +128,35 @@ class TransformerTextEncoder(nn.Module):
         self._unk, self._bos = vocab[UNK], vocab[BOS]
 
     def fit(self, captions: list[str]) -> None:
-        """Build the tokenizer from the training captions (once; a restored or given tokenizer is kept)."""
-        if self._tokenizer is not None:
-            return
+        """Build the tokenizer from the training captions; a tokenizer it already has (given, or loaded from a
+        checkpoint to fine-tune) keeps its words and ids and learns the captions' new words, while rows are free."""
         if not captions:
             raise ConfigError("the text encoder's tokenizer needs training captions, and the data has none")
-        self.set_tokenizer(word_tokenizer(captions, vocab_size=self.vocab_size))
-        words = len(self._tokenizer.get_vocab()) - 3
-        log.info(f"text encoder: tokenizer of {words} words built from {len(captions)} training captions")
+        if self._tokenizer is None:
+            self.set_tokenizer(word_tokenizer(captions, vocab_size=self.vocab_size))
+            words = len(self._tokenizer.get_vocab()) - 3
+            log.info(f"text encoder: tokenizer of {words} words built from {len(captions)} training captions")
+            return
+        from collections import Counter
+
+        from tokenizers import models
+
+        tokenizer, vocab = self._tokenizer, self._tokenizer.get_vocab()
+        counts = Counter(
+            word
+            for caption in dict.fromkeys(captions)
+            for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(tokenizer.normalizer.normalize_str(caption))
+            if word not in vocab
+        )
+        if not counts:
+            return
+        start = max(vocab.values()) + 1
+        new = [w for w, _ in counts.most_common()][: max(self.vocab_size - start, 0)]
+        if len(new) < len(counts):
+            log.warning(f"text encoder: no room for {len(counts) - len(new)} new words (vocab_size={self.vocab_size})")
+        tokenizer.model = models.WordLevel({**vocab, **{w: start + i for i, w in enumerate(new)}}, unk_token=UNK)
+        self.set_tokenizer(tokenizer.to_str())
+        log.info(f"text encoder: {len(new)} new words from the training captions: {', '.join(new[:10])}")
 
     def get_extra_state(self) -> dict:
         return {"tokenizer": self._tokenizer_json}

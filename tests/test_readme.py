@@ -253,6 +253,8 @@ def one_thread():
 
 
 def kind_of(args: list[str]) -> str:
+    if any(a.startswith(("prompt=", "prompts=")) for a in args):
+        return "text"
     if any(a.startswith(("label=", "guidance=")) for a in args):
         return "cond"
     if "format=diffusers" in args:
@@ -302,6 +304,7 @@ def run_train_inprocess(session: Session, argv: list[str]) -> None:
     train.train(cfg)
     assert (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
     kind = "diffusers" if "diffusers" in cfg.model._target_ else "cond" if cfg.model.get("num_classes") else None
+    kind = "text" if cfg.model.get("context_dim") else kind
     if kind:
         session.roots.setdefault(kind, root)
 
