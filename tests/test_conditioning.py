@@ -182,9 +182,6 @@ def test_digits_text_trains_samples_with_prompts_and_resumes(tmp_path):
     (tmp_path / "prompts.txt").write_text("a handwritten seven\n\nthe digit 1\n")
     sample_in_process(tmp_path / "file", f"ckpt={run}", f"prompts={tmp_path}/prompts.txt", "n=3", "sampler.steps=2")
     assert len(list((tmp_path / "file" / "images").iterdir())) == 6
-    a = sample_in_process(tmp_path / "a", f"ckpt={run}", "prompt=the digit 1", "n=2", "sampler.steps=2", "npz=true")
-    b = sample_in_process(tmp_path / "b", f"ckpt={run}", "prompt=the digit 7", "n=2", "sampler.steps=2", "npz=true")
-    assert not np.array_equal(np.load(a / "samples.npz")["arr_0"], np.load(b / "samples.npz")["arr_0"])
     with pytest.raises(ValueError, match="label=... is for class-conditional models"):
         sample_in_process(tmp_path / "bad", f"ckpt={run}", "label=3")
     with pytest.raises(ValueError, match="guidance=3.0 needs a prompt"):
