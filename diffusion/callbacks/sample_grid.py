@@ -19,9 +19,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
+from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.data import to_unit_range
 from diffusion.errors import ConfigError
 from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
+
+
+def module_conditioning(pl_module) -> Conditioning:
+    """The module's conditioning; for modules without one, what its network implies (class labels or none)."""
+    conditioning = getattr(pl_module, "conditioning", None)
+    return conditioning or class_or_none(num_classes=getattr(pl_module.net, "num_classes", None))
 
 
 @torch.no_grad()
@@ -45,8 +52,8 @@ def generate(
     net, schedule = pl_module.net, pl_module.schedule
     cfg = getattr(net, "config", {})
     shape = (cfg.get("in_channels", 3), cfg.get("image_size", 32), cfg.get("image_size", 32))
-    conditioning = getattr(pl_module, "conditioning", None)
-    conditions = conditioning.preview_conditions() if conditioning is not None else None
+    conditioning = module_conditioning(pl_module)
+    conditions = conditioning.preview_conditions()
     indices = list(indices)
     was_training = net.training
     net.eval()
@@ -125,8 +132,7 @@ class SampleGrid(L.Callback):
 
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
-        conditioning = getattr(pl_module, "conditioning", None)
-        conditions = conditioning.preview_conditions() if conditioning is not None else None
+        conditions = module_conditioning(pl_module).preview_conditions()
         images, nrow = class_rows(images, len(conditions) if conditions else None, self.nrow)
         grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
