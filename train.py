@@ -386,6 +386,7 @@ def train(cfg: DictConfig) -> float | None:
 
         check_sampler(build(cfg, "sampler"), schedule)
     net = build(cfg, "model")
+    conditioning = build(cfg, "conditioning")
     if resumed is not None:
         check_resume(ckpt_path, resumed, net, schedule)
     if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
@@ -395,9 +396,11 @@ def train(cfg: DictConfig) -> float | None:
             ignore_keys=list(init.get("ignore_keys") or []),
             strict=init.get("strict", True),
             use_ema=init.get("use_ema", True),
+            conditioning=conditioning,
         )
         L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
-    module = build(cfg, "module", net=net, schedule=schedule, optimizer=build_optimizer(cfg))
+    conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
+    module = build(cfg, "module", net=net, schedule=schedule, conditioning=conditioning, optimizer=build_optimizer(cfg))
     if init_path is not None and init.get("ema_from_init", True):
         module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     callbacks = build_group(cfg, "callbacks")

@@ -2,9 +2,11 @@
 
 A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's own keys:
 - `checkpoint["diffusion"]`: {"format": 1, "net": {"target": "diffusion.unet.UNet", "config": {...}},
-  "schedule": {"family": "discrete" | "edm" | "flow", ...the process's kwargs...}}, written by `describe`
-  (checkpoints from before EDM and flow hold only NoiseSchedule's kwargs: a discrete schedule);
-- `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.";
+  "schedule": {"family": "discrete" | "edm" | "flow", ...the process's kwargs...}, "conditioning": {"target": ...,
+  "config": {...}}}, written by `describe` (checkpoints from before EDM and flow hold only NoiseSchedule's kwargs:
+  a discrete schedule; checkpoints without "conditioning" are class-conditional or unconditional, as their net says);
+- `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.", a trainable text
+  encoder's with "conditioning." (a frozen pretrained one is named by path or id in the description instead);
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
 Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file. The file
 is data: the description is validated (plain values only, schedule keys that its family's class takes) and the
@@ -19,6 +21,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,21 +29,29 @@ from torch import nn
 from diffusion.errors import BadFileError, IsAFolderError, MissingPathError
 from diffusion.process import DEFAULT_FAMILY, Process, build_process, check_process_description
 
+if TYPE_CHECKING:
+    from diffusion.conditioning import Conditioning
+
 FORMAT = 1
 NET_PREFIX = "net."
+CONDITIONING_PREFIX = "conditioning."
 EMA_KEY = "ema_state_dict"
 
 
-def describe(net: nn.Module, schedule: Process) -> dict:
-    """What `build_net`/`build_process` need to rebuild `net` and the process; plain, picklable-safe values."""
+def describe(net: nn.Module, schedule: Process, conditioning: Conditioning | None = None) -> dict:
+    """What `build_net`/`build_process`/`build_conditioning` need to rebuild `net`, the process and
+    `conditioning`; plain, picklable-safe values."""
     config = getattr(net, "config", None)
     if config is None:
         raise TypeError(f"{type(net).__name__} has no `config` dict, so its checkpoints cannot rebuild it")
-    return {
+    description = {
         "format": FORMAT,
         "net": {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)},
         "schedule": schedule.description(),
     }
+    if conditioning is not None:
+        description["conditioning"] = conditioning.describe()
+    return description
 
 
 # The network classes a checkpoint may name, with the config keys that must be null when built from one (a
@@ -165,17 +176,22 @@ class LoadedModel:
 
     net: nn.Module
     schedule: Process
+    conditioning: Conditioning
     weights: str  # "ema" or "raw"
     global_step: int
     description: dict = field(repr=False)
+
+
+def sub_state_dict(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix` ("net.", "conditioning."), with the prefix taken off."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def net_state_dict(ckpt: dict, *, use_ema: bool = True) -> tuple[dict, str]:
     """The network weights in a checkpoint: the EMA copy when present and asked for, else the raw ones."""
     if use_ema and ckpt.get(EMA_KEY):
         return ckpt[EMA_KEY], "ema"
-    raw = {k[len(NET_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
-    return raw, "raw"
+    return sub_state_dict(ckpt["state_dict"], NET_PREFIX), "raw"
 
 
 def weights_mismatch(net: nn.Module, state: dict) -> str:
@@ -218,19 +234,39 @@ def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
     net.load_state_dict(state)
 
 
-def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild network + process from `path` and load its EMA weights (or raw weights)."""
+def load_model(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    text_encoder: str | None = None,
+) -> LoadedModel:
+    """Rebuild network + schedule + conditioning from `path` and load its EMA weights (or raw weights).
+
+    `text_encoder` replaces the path / Hub id of a frozen pretrained text encoder the checkpoint names.
+    """
+    from diffusion.conditioning import build_conditioning
+
     ckpt = read_checkpoint(path)
     description = ckpt["diffusion"]
-    net = build_net(description["net"], source=f"checkpoint {path}")
+    source = f"checkpoint {path}"
+    net = build_net(description["net"], source=source)
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
-    load_weights(net, state, source=f"checkpoint {path}")
+    load_weights(net, state, source=source)
     schedule = build_process(description["schedule"])
+    conditioning = build_conditioning(description.get("conditioning"), net=net, source=source, pretrained=text_encoder)
+    try:
+        conditioning.load_state_dict(sub_state_dict(ckpt["state_dict"], CONDITIONING_PREFIX))
+    except RuntimeError as e:
+        raise BadFileError(f"{source}: its text encoder weights do not fit its description ({e})") from None
+    conditioning.check_network(net)
     net.eval().to(map_location)
+    conditioning.eval().to(map_location)
     schedule.to(map_location)
     return LoadedModel(
         net=net,
         schedule=schedule,
+        conditioning=conditioning,
         weights=weights,
         global_step=int(ckpt.get("global_step", 0)),
         description=description,

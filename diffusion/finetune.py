@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion.checkpoint import net_state_dict, read_checkpoint
+from diffusion.checkpoint import CONDITIONING_PREFIX, net_state_dict, read_checkpoint, sub_state_dict
 from diffusion.errors import ConfigError
 
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
@@ -128,12 +128,20 @@ def init_from_checkpoint(
     ignore_keys: Sequence[str] = (),
     strict: bool = True,
     use_ema: bool = True,
+    conditioning: nn.Module | None = None,
 ) -> InitReport:
     """Load the network weights of the checkpoint at `path` into `net` (see `init_from_state_dict`).
 
-    `use_ema`: take the checkpoint's EMA weights when it has them (else its raw weights).
+    `use_ema`: take the checkpoint's EMA weights when it has them (else its raw weights). `conditioning`: also
+    load the checkpoint's conditioning state into it (a trained text encoder and its tokenizer), when it has one.
     """
     ckpt = read_checkpoint(path)
+    cond_state = sub_state_dict(ckpt["state_dict"], CONDITIONING_PREFIX)
+    if conditioning is not None and cond_state:
+        try:
+            conditioning.load_state_dict(cond_state)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from={path}: its text encoder does not fit conditioning.encoder ({e})") from None
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
     report = InitReport(path=str(path), weights=weights, global_step=int(ckpt.get("global_step", 0)))
     return init_from_state_dict(net, state, ignore_keys=list(ignore_keys), strict=strict, report=report)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
+from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.errors import ConfigError, UserError
 from diffusion.process.base import Process
 
@@ -53,14 +54,18 @@ class DiffusionModule(L.LightningModule):
     """Wraps a denoising network and a diffusion process into a trainable model.
 
     Args:
-        net: maps (x, t, y) to the prediction target; e.g. `diffusion.unet.UNet`.
+        net: maps (x, t, **conditioning kwargs) to the prediction target; e.g. `diffusion.unet.UNet`.
         schedule: the process (`diffusion.process.Process`: a discrete `NoiseSchedule`, `EDM` or `Flow`): how
             levels are drawn, what the network is given and asked for, and the loss weighting.
+        conditioning: turns a batch's conditions (labels, captions) into the net's keyword arguments
+            (`diffusion.conditioning`); default: class labels when the net has `num_classes`, else none. A
+            trainable text encoder inside it is trained with the net.
         optimizer: a factory taking the parameters, e.g. `functools.partial(torch.optim.AdamW, lr=2e-4)`.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the trainer's last step.
-        cond_drop_prob: for class-conditional nets, the chance a label is replaced by the null class
-            during training, so the net also learns the unconditional model (classifier-free guidance).
+        cond_drop_prob: for conditional nets, the chance a condition is replaced by the null one (the null class,
+            the empty caption) during training, so the net also learns the unconditional model (classifier-free
+            guidance).
         val_seed: seed of the validation noise and noise levels.
         val_buckets: number of equally likely noise-level buckets the validation loss is broken into.
         nonfinite: what a non-finite loss or gradient does: "error" stops training before the optimizer step
@@ -79,6 +84,7 @@ class DiffusionModule(L.LightningModule):
         *,
         net: nn.Module,
         schedule: Process,
+        conditioning: Conditioning | None = None,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
         lr_decay: LRDecay = "constant",
@@ -102,9 +108,11 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
             raise ConfigError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "schedule", "conditioning", "optimizer"])
         self.net = net
         self.schedule = schedule
+        self.conditioning = conditioning or class_or_none(num_classes=getattr(net, "num_classes", None))
+        self.conditioning.check_network(net)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.warmup_steps = warmup_steps
         self.lr_decay = lr_decay
@@ -137,44 +145,37 @@ class DiffusionModule(L.LightningModule):
         self.ema_init_state: dict[str, Tensor] | None = None
 
     # --- the objective ---------------------------------------------------------------------------------
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.net(x_t, t, y)
+    def forward(self, x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self.net(x_t, t, **cond)
 
-    def net_forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def net_forward(self, x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         """The network's forward as training and validation run it: compiled when `compile` is on."""
         if self._compiled_forward is not None:
-            return self._compiled_forward(x_t, t, y)
-        return self.net(x_t, t, y)
+            return self._compiled_forward(x_t, t, **cond)
+        return self.net(x_t, t, **cond)
 
-    def _labels(self, y: Tensor, train: bool) -> Tensor | None:
-        """Labels for the net: None for unconditional nets; with label dropout to the null class in training."""
-        if self.num_classes is None:
-            return None
-        if (y < 0).any():
-            raise ConfigError(
-                "model.num_classes is set but the data has no class labels (use data.labels=true or a labeled dataset)"
-            )
-        if train and self.cond_drop_prob > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return y
+    def conditions(self, cond, device: torch.device, *, train: bool) -> dict[str, Tensor]:
+        """The net's keyword arguments for a batch's conditions; in training some go to the null condition."""
+        return self.conditioning(cond, device=device, drop_prob=self.cond_drop_prob if train else 0.0)
 
-    def per_sample_loss(self, x0: Tensor, level: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
-        """Weighted MSE between the net's output and the process's target at `level`, per sample, in fp32: (B,)."""
+    def per_sample_loss(self, x0: Tensor, level: Tensor, noise: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
+        """Weighted MSE between the net's output and the process's target at `level`, per sample, in fp32: (B,).
+
+        `cond`: the net's conditioning keyword arguments (`conditions`), None for none."""
         x_t = self.schedule.q_sample(x0, level, noise)
-        out = self.net_forward(*self.schedule.net_input(x_t, level), y)
+        out = self.net_forward(*self.schedule.net_input(x_t, level), **(cond or {}))
         target = self.schedule.target(x0, noise, level)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
         return mse * self.schedule.loss_weight(level)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> Tensor:
         x0, y = batch
         if self.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         with self.training_rng(x0.device):
             level = self.schedule.draw_levels(x0.shape[0], device=x0.device)
             noise = torch.randn_like(x0)
-            loss = self.per_sample_loss(x0, level, noise, self._labels(y, train=True)).mean()
+            loss = self.per_sample_loss(x0, level, noise, self.conditions(y, x0.device, train=True)).mean()
         if self.nonfinite != "off":  # checked once per optimizer step, in configure_gradient_clipping
             self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -365,7 +366,7 @@ class DiffusionModule(L.LightningModule):
         self._resolve_pending()
 
     # --- validation at fixed noise and noise levels ---------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> None:
         x0, y = batch
         b, k = x0.shape[0], len(self.val_bucket_loss)
         g = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx)
@@ -373,7 +374,7 @@ class DiffusionModule(L.LightningModule):
         bucket = torch.arange(b) % k
         level = self.schedule.val_levels(bucket, torch.rand(b, generator=g), k).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        loss = self.per_sample_loss(x0, level, noise, self._labels(y, train=False))
+        loss = self.per_sample_loss(x0, level, noise, self.conditions(y, x0.device, train=False))
         self.val_loss.update(loss)
         bucket = bucket.to(x0.device)
         for i, metric in enumerate(self.val_bucket_loss):
@@ -401,7 +402,9 @@ class DiffusionModule(L.LightningModule):
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
+        # the net and a trainable text encoder (frozen encoders have no gradients)
+        trainable = [p for p in self.conditioning.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory([*self.net.parameters(), *trainable])
         self._check_fused_clipping(optimizer)
         self._configured_lrs = [group["lr"] for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
@@ -443,7 +446,7 @@ class DiffusionModule(L.LightningModule):
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
-        checkpoint["diffusion"] = describe(self.net, self.schedule)
+        checkpoint["diffusion"] = describe(self.net, self.schedule, self.conditioning)
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self.consecutive_skips
         if self.rng_state is not None:

@@ -30,11 +30,12 @@ class Probe(L.Callback):
         self.weights = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
         self.ema_init_state = pl_module.ema_init_state
 
-        def record(module, args):
-            if module.training and len(args) > 2 and args[2] is not None:
-                self.labels.append(args[2].detach().cpu())
+        def record(module, args, kwargs):
+            y = args[2] if len(args) > 2 else kwargs.get("y")
+            if module.training and y is not None:
+                self.labels.append(y.detach().cpu())
 
-        pl_module.net.register_forward_pre_hook(record)
+        pl_module.net.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def folder(root: Path, n: int, seed: int) -> Path:

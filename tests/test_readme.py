@@ -267,6 +267,8 @@ def one_thread():
 def kind_of(args: list[str]) -> str:
     if any(a.startswith("ema.sigma_rel=") for a in args):
         return "posthoc"
+    if any(a.startswith(("prompt=", "prompts=")) for a in args):
+        return "text"
     if any(a.startswith(("label=", "guidance=")) for a in args):
         return "cond"
     if "format=diffusers" in args:
@@ -328,6 +330,7 @@ def run_train_inprocess(session: Session, argv: list[str]) -> None:
     OmegaConf.save(saved, out / ".hydra" / "config.yaml")
     kind = "diffusers" if "diffusers" in cfg.model._target_ else "cond" if cfg.model.get("num_classes") else None
     kind = "posthoc" if (cfg.get("callbacks") or {}).get("posthoc_ema") else kind
+    kind = "text" if cfg.model.get("context_dim") else kind
     if kind:
         session.roots.setdefault(kind, root)
 
