@@ -90,7 +90,8 @@ def sample(cfg: DictConfig) -> Path:
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from diffusion.checkpoint import load_model
+    from diffusion.checkpoint import image_shape, load_model
+    from diffusion.codec import sampler_for
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
     from diffusion.samplers import (
@@ -133,14 +134,14 @@ def sample(cfg: DictConfig) -> Path:
         sampling_timesteps(
             schedule.num_steps, steps, cfg.sampler.get("spacing", "trailing"), alpha_bar=schedule.alpha_bar
         )
-    sampler = instantiate(cfg.sampler)
+    sampler = sampler_for(instantiate(cfg.sampler), loaded.codec)  # latents are never clipped to [-1, 1]
 
     # 3. the output folder, checked before any sampling
     out = Path(str(cfg.out)).expanduser()
     prepare_out(out, overwrite=cfg.overwrite)
 
     # 4. sample: item k is (row label, column j) and starts from seed + j
-    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+    shape = image_shape(net)  # in the codec's latent space
     items = [(label, j) for label in rows for j in range(cfg.n)]
     log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
@@ -159,7 +160,7 @@ def sample(cfg: DictConfig) -> Path:
         labels = None if rows == [None] else torch.tensor([label for label, _ in batch], device=device)
         model = with_precision(guided_model(net, labels=labels, guidance=guidance), precision, device)
         x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
-        images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
+        images.append(to_unit_range(loaded.codec.decode(x).float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
 
     # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)

@@ -2,7 +2,8 @@
 
 A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's own keys:
 - `checkpoint["diffusion"]`: {"format": 1, "net": {"target": "diffusion.unet.UNet", "config": {...}},
-  "schedule": {...NoiseSchedule kwargs...}}, written by `describe`;
+  "schedule": {...NoiseSchedule kwargs...}, "codec": {"kind": "vae", "path": ...}}, written by `describe` (the
+  codec is named, not copied; no "codec" means pixels);
 - `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.";
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
 Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file. The file
@@ -18,6 +19,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,16 +33,39 @@ NET_PREFIX = "net."
 EMA_KEY = "ema_state_dict"
 
 
-def describe(net: nn.Module, schedule: NoiseSchedule) -> dict:
-    """What `build_net`/`NoiseSchedule` need to rebuild `net` and `schedule`; plain, picklable-safe values."""
+def describe_net(net: nn.Module) -> dict:
+    """{"target": class path, "config": ...}: what `build_net` needs to rebuild `net`."""
     config = getattr(net, "config", None)
     if config is None:
         raise TypeError(f"{type(net).__name__} has no `config` dict, so its checkpoints cannot rebuild it")
-    return {
-        "format": FORMAT,
-        "net": {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)},
-        "schedule": dict(schedule.config),
-    }
+    return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)}
+
+
+def describe(net: nn.Module, schedule: NoiseSchedule, codec: nn.Module | None = None) -> dict:
+    """What `build_net`/`NoiseSchedule`/`build_codec` need to rebuild `net`, `schedule` and `codec`; plain values."""
+    description = {"format": FORMAT, "net": describe_net(net), "schedule": dict(schedule.config)}
+    codec_config = getattr(codec, "config", None)
+    if codec_config and codec_config.get("kind") != "identity":
+        description["codec"] = dict(codec_config)
+    return description
+
+
+def keep_in_state_dict(module: nn.Module, keep: frozenset[str]) -> None:
+    """Make `module`'s state dicts hold only its tensors named in `keep` (names relative to it); loading a state dict
+    leaves the others as they are (a LoRA checkpoint holds the adapters, a codec is named rather than copied)."""
+    module.register_state_dict_post_hook(partial(_drop_unkept, keep))
+    module.register_load_state_dict_pre_hook(partial(_fill_unkept, keep))
+
+
+def _drop_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in keep]:
+        del state[key]
+
+
+def _fill_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, *args) -> None:
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in keep:
+            state.setdefault(prefix + name, tensor.detach())
 
 
 # The network classes a checkpoint may name, with the config keys that must be null when built from one (a
@@ -49,6 +74,9 @@ def describe(net: nn.Module, schedule: NoiseSchedule) -> dict:
 NETWORKS: dict[str, tuple[str, ...]] = {
     "diffusion.unet.UNet": (),
     "diffusion.diffusers_unet.DiffusersUNet": ("pretrained",),
+    "diffusion.diffusers_unet.DiffusersCondUNet": ("pretrained",),
+    # adapters on a base that the config names by path (a checkpoint, read weights-only, or a pretrained folder)
+    "diffusion.finetune.LoRANet": (),
 }
 PLAIN = (type(None), bool, int, float, str)
 SCHEDULE_KEYS = frozenset(inspect.signature(NoiseSchedule.__init__).parameters) - {"self"}
@@ -82,11 +110,11 @@ def check_description(description, *, source: str) -> dict:
     """
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise BadFileError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
-    target, config = check_net(description.get("net"), source=source)
+    check_net(description.get("net"), source=source)
     schedule = description.get("schedule")
-    fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
-    if fetched:
-        raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
+    codec = description.get("codec")
+    if codec is not None and (not isinstance(codec, dict) or not is_plain(codec)):
+        raise BadFileError(f"{source}: the codec description is not a dict of plain values (str keys); refused")
     if not isinstance(schedule, dict) or not is_plain(schedule):
         raise BadFileError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
     unknown = sorted(set(schedule) - SCHEDULE_KEYS)
@@ -106,6 +134,9 @@ def check_net(net, *, source: str) -> tuple[str, dict]:
     config = net.get("config")
     if not isinstance(config, dict) or not is_plain(config):
         raise BadFileError(f"{source}: the config of {target} is not a dict of plain values (str keys); refused")
+    fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
+    if fetched:
+        raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
     return target, config
 
 
@@ -164,6 +195,7 @@ class LoadedModel:
     weights: str  # "ema" or "raw"
     global_step: int
     description: dict = field(repr=False)
+    codec: nn.Module | None = field(default=None, repr=False)  # diffusion.codec.Codec: decode samples through it
 
 
 def net_state_dict(ckpt: dict, *, use_ema: bool = True) -> tuple[dict, str]:
@@ -197,6 +229,7 @@ def flat_description(description: dict) -> dict[str, object]:
     net = description["net"]
     flat = {"model._target_": net["target"], **{f"model.{k}": v for k, v in net["config"].items()}}
     flat.update({f"schedule.{k}": v for k, v in description["schedule"].items()})
+    flat.update({f"codec.{k}": v for k, v in (description.get("codec") or {}).items()})
     return {k: json.loads(json.dumps(v)) for k, v in flat.items()}  # tuples -> lists, as in the other side
 
 
@@ -214,6 +247,12 @@ def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
     net.load_state_dict(state)
 
 
+def build_codec(config: dict | None, *, source: str):
+    from diffusion.codec import build_codec as build
+
+    return build(config, source=source)
+
+
 def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild network + schedule from `path` and load its EMA weights (or raw weights)."""
     ckpt = read_checkpoint(path)
@@ -222,12 +261,20 @@ def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | to
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
     load_weights(net, state, source=f"checkpoint {path}")
     schedule = NoiseSchedule(**description["schedule"])
+    codec = build_codec(description.get("codec"), source=f"checkpoint {path}")
     net.eval().to(map_location)
     schedule.to(map_location)
+    codec.to(map_location)
     return LoadedModel(
         net=net,
         schedule=schedule,
         weights=weights,
         global_step=int(ckpt.get("global_step", 0)),
         description=description,
+        codec=codec,
     )
+
+
+def image_shape(net: nn.Module) -> tuple[int, int, int]:
+    """(C, S, S): the shape of one sample of `net` (in the codec's latent space when there is one)."""
+    return (net.in_channels, net.image_size, net.image_size)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
+from diffusion.codec import Codec, IdentityCodec
 from diffusion.errors import ConfigError, UserError
 from diffusion.schedule import NoiseSchedule
 
@@ -53,6 +54,8 @@ class DiffusionModule(L.LightningModule):
     Args:
         net: maps (x_t, t, y) to the prediction target; e.g. `diffusion.unet.UNet`.
         schedule: the noise schedule (also decides the prediction target and loss weighting).
+        codec: what the network models in place of pixels (`diffusion.codec`): batches are encoded through it
+            (pixels, or a latent cache's moments), and samples decode through it; default pixels.
         optimizer: a factory taking the parameters, e.g. `functools.partial(torch.optim.AdamW, lr=2e-4)`.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the trainer's last step.
@@ -76,6 +79,7 @@ class DiffusionModule(L.LightningModule):
         *,
         net: nn.Module,
         schedule: NoiseSchedule,
+        codec: Codec | None = None,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
         lr_decay: LRDecay = "constant",
@@ -101,9 +105,10 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
             raise ConfigError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
-        self.save_hyperparameters(ignore=["net", "schedule", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "schedule", "codec", "optimizer"])
         self.net = net
         self.schedule = schedule
+        self.codec = codec if codec is not None else IdentityCodec()  # frozen; its tensors stay out of checkpoints
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.warmup_steps = warmup_steps
         self.lr_decay = lr_decay
@@ -168,10 +173,11 @@ class DiffusionModule(L.LightningModule):
         return mse * self.schedule.loss_weight(t)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, y = batch
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with self.training_rng(x0.device):
+        x, y = batch
+        with self.training_rng(x.device):
+            x0 = self.codec.encode(x)  # a latent sample (or the mean, codec.sample=false) on the training stream
+            if self.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
             noise = torch.randn_like(x0)
             loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
@@ -366,7 +372,8 @@ class DiffusionModule(L.LightningModule):
 
     # --- validation at fixed noise and timesteps ------------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        x0, y = batch
+        x, y = batch
+        x0 = self.codec.encode(x, sample=False)  # the latent mean: the same val/loss every time
         b, k = x0.shape[0], len(self.val_bucket_loss)
         g = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx)
         # Stratified timesteps: sample i falls in bucket i mod k, at a seeded position inside it.
@@ -404,7 +411,8 @@ class DiffusionModule(L.LightningModule):
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.net.parameters())
+        # only what trains (e.g. LoRA adapters): frozen weights get no optimizer state
+        optimizer = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
         self._check_fused_clipping(optimizer)
         self._configured_lrs = [group["lr"] for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
@@ -446,7 +454,7 @@ class DiffusionModule(L.LightningModule):
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
-        checkpoint["diffusion"] = describe(self.net, self.schedule)
+        checkpoint["diffusion"] = describe(self.net, self.schedule, self.codec)
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self.consecutive_skips
         if self.rng_state is not None:

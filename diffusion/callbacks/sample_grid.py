@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
+from diffusion.checkpoint import image_shape
+from diffusion.codec import sampler_for
 from diffusion.data import to_unit_range
 from diffusion.errors import ConfigError
 from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
@@ -34,7 +36,8 @@ def generate(
     batch_size: int = 64,
     precision: SamplePrecision = "fp32",
 ) -> Tensor:
-    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode.
+    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode, decoded to
+    pixels through the module's codec.
 
     Sample i starts from noise seeded seed + i and, for class-conditional nets, is conditioned on class
     i mod num_classes; so which samples exist depends only on the indices, not on how they are split into
@@ -42,8 +45,8 @@ def generate(
     network's autocast precision ("bf16" under a bf16 trainer); the sampler's arithmetic stays fp32.
     """
     net, schedule = pl_module.net, pl_module.schedule
-    cfg = getattr(net, "config", {})
-    shape = (cfg.get("in_channels", 3), cfg.get("image_size", 32), cfg.get("image_size", 32))
+    codec = getattr(pl_module, "codec", None)
+    shape = image_shape(net)  # in the codec's latent space
     num_classes = getattr(net, "num_classes", None)
     indices = list(indices)
     was_training = net.training
@@ -59,7 +62,8 @@ def generate(
             if num_classes:
                 y = torch.tensor([i % num_classes for i in chunk], device=pl_module.device)
             model = with_precision(lambda x, t, y=y: net(x, t, y), precision, pl_module.device)
-            out.append(sampler(model, schedule, noise, generator=generators))
+            z = sampler_for(sampler, codec)(model, schedule, noise, generator=generators)
+            out.append(codec.decode(z) if codec is not None else z)  # pixels in [-1, 1]
     finally:
         net.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *shape)
