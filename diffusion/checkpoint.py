@@ -277,4 +277,7 @@ def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | to
 
 def image_shape(net: nn.Module) -> tuple[int, int, int]:
     """(C, S, S): the shape of one sample of `net` (in the codec's latent space when there is one)."""
-    return (net.in_channels, net.image_size, net.image_size)
+    config = getattr(net, "config", {})
+    channels = getattr(net, "in_channels", config.get("in_channels"))
+    size = getattr(net, "image_size", config.get("image_size"))
+    return (channels, size, size)
