@@ -1,8 +1,10 @@
-"""Export a checkpoint: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors] [ema=true].
+"""Export a checkpoint: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|lora|pipeline] [ema=true].
 
 `format=diffusers` writes a DDPMPipeline folder (for model=diffusers_unet) that loads with
 `diffusers.DDPMPipeline.from_pretrained(DIR)`; `format=safetensors` writes model.safetensors + config.json for
-any model. The work is done by `diffusion.export`; this file is only the command line.
+any model; `format=lora` writes a LoRA fine-tune of a Stable Diffusion U-Net in diffusers' LoRA format
+(`StableDiffusionPipeline.load_lora_weights(DIR)`) and `format=pipeline` a full one as a StableDiffusionPipeline
+folder. The work is done by `diffusion.export`; this file is only the command line.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def run(cfg: DictConfig) -> None:
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
-            raise ConfigError(f"{key} is required: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors]")
+            raise ConfigError(
+                f"{key} is required: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|lora|pipeline]"
+            )
     ckpt = resolve_ckpt_path(cfg.ckpt, cfg.paths.runs_dir, key="ckpt")
     model = export(ckpt, cfg.out, format=cfg.format, use_ema=cfg.ema, overwrite=cfg.overwrite)
     log.info(

@@ -4,7 +4,8 @@ Loads the network (EMA weights when present), the schedule and the sampler chose
 `n` images in batches on the GPU when there is one, and writes `grid.png`, one PNG per image under `images/`
 and optionally `samples.npz` into `out`. Image i depends only on seed + i (its starting noise and any fresh
 noise a stochastic sampler draws come from its own generator), so `n=8` reproduces the first 8 images of `n=64`
-with any `batch_size`.
+with any `batch_size`. Class-conditional checkpoints take `label=`, text-conditional ones `prompt="..."` or
+`prompts=FILE` (one prompt per line, one grid row each) and `negative_prompt=`; both take `guidance=`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,26 @@ def resolve_device(device: str):
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device} but no CUDA GPU is available (use device=auto or device=cpu)")
     return resolved
+
+
+def parse_prompts(prompt, prompts_file) -> list[str] | None:
+    """The prompt of each grid row: `prompt` (a string or a list) or the lines of `prompts_file`; None for neither."""
+    if prompt is not None and prompts_file is not None:
+        raise ConfigError("prompt= and prompts= exclude each other: give one prompt, or a file of prompts")
+    if prompts_file is not None:
+        path = Path(str(prompts_file)).expanduser()
+        if not path.is_file():
+            raise PathError(f"prompts={path} is not a file (one prompt per line)")
+        values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not values:
+            raise ConfigError(f"prompts={path} holds no prompts (one per line)")
+        return values
+    if prompt is None:
+        return None
+    values = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    if not values or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f'prompt={prompt} must be a string (quote it: prompt="a handwritten seven") or a list')
+    return values
 
 
 def parse_labels(label, net) -> list[int | None]:
@@ -92,6 +113,7 @@ def sample(cfg: DictConfig) -> Path:
 
     from diffusion.checkpoint import image_shape, load_model
     from diffusion.codec import sampler_for
+    from diffusion.conditioning import NoConditioning, TextConditioning
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
     from diffusion.samplers import (
@@ -119,16 +141,27 @@ def sample(cfg: DictConfig) -> Path:
     if str(cfg.ckpt) == "last" or ckpt.is_dir():
         ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir))
 
-    # 2. the model, its labels and guidance, the sampler
-    loaded = load_model(ckpt, use_ema=cfg.use_ema, map_location=device)
-    net, schedule = loaded.net, loaded.schedule
-    num_classes = getattr(net, "num_classes", None)
-    rows = parse_labels(OmegaConf.to_object(cfg.label) if isinstance(cfg.label, ListConfig) else cfg.label, net)
+    # 2. the model, its conditions (labels or prompts) and guidance, the sampler
+    loaded = load_model(ckpt, use_ema=cfg.use_ema, map_location=device, text_encoder=cfg.get("text_encoder"))
+    net, schedule, conditioning = loaded.net, loaded.schedule, loaded.conditioning
+    text = isinstance(conditioning, TextConditioning)
+    prompts = parse_prompts(plain(cfg.get("prompt")), cfg.get("prompts"))
+    negative = cfg.get("negative_prompt")
+    if text:
+        if cfg.label is not None:
+            raise ConfigError('label=... is for class-conditional models; this one takes prompt="..." or prompts=FILE')
+        rows = prompts or [None]
+    else:
+        if prompts is not None or negative is not None:
+            raise ConfigError("prompt= / prompts= / negative_prompt= need a text-conditional model (conditioning=text)")
+        rows = parse_labels(plain(cfg.label), net)
     guidance = 1.0 if cfg.guidance is None else float(cfg.guidance)
-    if cfg.guidance is not None and num_classes is None:
+    if cfg.guidance is not None and isinstance(conditioning, NoConditioning):
         raise ConfigError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
-    if cfg.guidance is not None and rows == [None]:
-        raise ConfigError(f"guidance={cfg.guidance} needs a label (label=7, label=[1,2] or label=all)")
+    if (cfg.guidance is not None or negative is not None) and rows == [None]:
+        need = 'a prompt (prompt="..." or prompts=FILE)' if text else "a label (label=7, label=[1,2] or label=all)"
+        what = f"guidance={cfg.guidance}" if cfg.guidance is not None else "negative_prompt="
+        raise ConfigError(f"{what} needs {need}")
     steps = cfg.sampler.get("steps")
     if steps is not None:  # fail now, not after the first batch
         sampling_timesteps(
@@ -140,9 +173,9 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(str(cfg.out)).expanduser()
     prepare_out(out, overwrite=cfg.overwrite)
 
-    # 4. sample: item k is (row label, column j) and starts from seed + j
+    # 4. sample: item k is (row condition, column j) and starts from seed + j
     shape = image_shape(net)  # in the codec's latent space
-    items = [(label, j) for label in rows for j in range(cfg.n)]
+    items = [(row, j) for row in rows for j in range(cfg.n)]
     log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
         f"(step {loaded.global_step}, {loaded.weights} weights) on {device} in {cfg.precision}",
@@ -157,8 +190,18 @@ def sample(cfg: DictConfig) -> Path:
         batch = items[lo : lo + cfg.batch_size]
         generators = image_generators(cfg.seed + j for _, j in batch)
         noise = draw_noise((len(batch), *shape), generator=generators, device=device)
-        labels = None if rows == [None] else torch.tensor([label for label, _ in batch], device=device)
-        model = with_precision(guided_model(net, labels=labels, guidance=guidance), precision, device)
+        if rows == [None]:  # the unconditional model: the null condition
+            guided = guided_model(net, null=conditioning.null(len(batch), device=device))
+        elif text:
+            null = conditioning([negative] * len(batch), device=device) if negative else None
+            cond = conditioning([prompt for prompt, _ in batch], device=device)
+            guided = guided_model(
+                net, cond=cond, null=null or conditioning.null(len(batch), device=device), guidance=guidance
+            )
+        else:
+            labels = torch.tensor([label for label, _ in batch], device=device)
+            guided = guided_model(net, labels=labels, guidance=guidance)
+        model = with_precision(guided, precision, device)
         x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
         images.append(to_unit_range(loaded.codec.decode(x).float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
@@ -175,11 +218,16 @@ def sample(cfg: DictConfig) -> Path:
     if cfg.npz:
         arrays = {"arr_0": uint8}
         if rows != [None]:
-            arrays["arr_1"] = np.array([label for label, _ in items], dtype=np.int64)
+            arrays["arr_1"] = np.array([row for row, _ in items], dtype=str if text else np.int64)
         atomic_write(out / "samples.npz", lambda f: np.savez(f, **arrays))
         written.append("samples.npz")
     log.info(f"wrote {', '.join(written)} to {out}")
     return out
+
+
+def plain(value):
+    """A config value as plain Python (ListConfig -> list)."""
+    return OmegaConf.to_object(value) if isinstance(value, ListConfig) else value
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

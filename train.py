@@ -89,7 +89,7 @@ def check_resume(ckpt_path: str, ckpt: dict, net, schedule, codec=None) -> None:
     """
     from diffusion.checkpoint import describe, description_differences, net_state_dict, weights_mismatch
 
-    differences = description_differences(ckpt["diffusion"], describe(net, schedule, codec))
+    differences = description_differences(ckpt["diffusion"], describe(net, schedule, codec=codec))
     shown = [f"{k}={saved} where the config has {now}" for k, saved, now in differences]
     mismatch = weights_mismatch(net, net_state_dict(ckpt, use_ema=False)[0])
     if mismatch:
@@ -272,6 +272,7 @@ def train(cfg: DictConfig) -> float | None:
     net = build(
         cfg, "model", **({} if latent == (channels, size) else dict(in_channels=latent[0], image_size=latent[1]))
     )
+    conditioning = build(cfg, "conditioning")
     if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
         report = init_from_checkpoint(
             net,
@@ -279,6 +280,7 @@ def train(cfg: DictConfig) -> float | None:
             ignore_keys=list(init.get("ignore_keys") or []),
             strict=init.get("strict", True),
             use_ema=init.get("use_ema", True),
+            conditioning=conditioning,
         )
         L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
     if finetune is not None:  # LoRA adapters on the loaded base (only they train), or a full fine-tune
@@ -290,7 +292,16 @@ def train(cfg: DictConfig) -> float | None:
         net = finetune.apply(net, source=source)
     if resumed is not None:
         check_resume(ckpt_path, resumed, net, schedule, codec)
-    module = build(cfg, "module", net=net, schedule=schedule, codec=codec, optimizer=build_optimizer(cfg))
+    conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
+    module = build(
+        cfg,
+        "module",
+        net=net,
+        schedule=schedule,
+        conditioning=conditioning,
+        codec=codec,
+        optimizer=build_optimizer(cfg),
+    )
     if init_path is not None and init.get("ema_from_init", True):
         module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     callbacks = [build(cfg, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c]

@@ -2,9 +2,11 @@
 
 A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's own keys:
 - `checkpoint["diffusion"]`: {"format": 1, "net": {"target": "diffusion.unet.UNet", "config": {...}},
-  "schedule": {...NoiseSchedule kwargs...}, "codec": {"kind": "vae", "path": ...}}, written by `describe` (the
-  codec is named, not copied; no "codec" means pixels);
-- `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.";
+  "schedule": {...NoiseSchedule kwargs...}, "conditioning": {"target": ..., "config": {...}}, "codec": {"kind":
+  "vae", "path": ...}}, written by `describe` (checkpoints without "conditioning" are class-conditional or
+  unconditional, as their net says; the codec is named, not copied, and no "codec" means pixels);
+- `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.", a trainable text
+  encoder's with "conditioning." (a frozen pretrained one is named by path or id in the description instead);
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
 Files are read with `torch.load(weights_only=True)`, so loading never executes code from the file. The file
 is data: the description is validated (plain values only, schedule keys that `NoiseSchedule` takes) and the
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,8 +31,12 @@ from torch import nn
 from diffusion.errors import BadFileError, IsAFolderError, MissingPathError
 from diffusion.schedule import NoiseSchedule
 
+if TYPE_CHECKING:
+    from diffusion.conditioning import Conditioning
+
 FORMAT = 1
 NET_PREFIX = "net."
+CONDITIONING_PREFIX = "conditioning."
 EMA_KEY = "ema_state_dict"
 
 
@@ -41,9 +48,18 @@ def describe_net(net: nn.Module) -> dict:
     return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)}
 
 
-def describe(net: nn.Module, schedule: NoiseSchedule, codec: nn.Module | None = None) -> dict:
-    """What `build_net`/`NoiseSchedule`/`build_codec` need to rebuild `net`, `schedule` and `codec`; plain values."""
+def describe(
+    net: nn.Module,
+    schedule: NoiseSchedule,
+    conditioning: Conditioning | None = None,
+    *,
+    codec: nn.Module | None = None,
+) -> dict:
+    """What `build_net`/`NoiseSchedule`/`build_conditioning`/`build_codec` need to rebuild `net`, `schedule`,
+    `conditioning` and `codec`; plain, picklable-safe values."""
     description = {"format": FORMAT, "net": describe_net(net), "schedule": dict(schedule.config)}
+    if conditioning is not None:
+        description["conditioning"] = conditioning.describe()
     codec_config = getattr(codec, "config", None)
     if codec_config and codec_config.get("kind") != "identity":
         description["codec"] = dict(codec_config)
@@ -192,18 +208,23 @@ class LoadedModel:
 
     net: nn.Module
     schedule: NoiseSchedule
+    conditioning: Conditioning
     weights: str  # "ema" or "raw"
     global_step: int
     description: dict = field(repr=False)
     codec: nn.Module | None = field(default=None, repr=False)  # diffusion.codec.Codec: decode samples through it
 
 
+def sub_state_dict(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix` ("net.", "conditioning."), with the prefix taken off."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def net_state_dict(ckpt: dict, *, use_ema: bool = True) -> tuple[dict, str]:
     """The network weights in a checkpoint: the EMA copy when present and asked for, else the raw ones."""
     if use_ema and ckpt.get(EMA_KEY):
         return ckpt[EMA_KEY], "ema"
-    raw = {k[len(NET_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
-    return raw, "raw"
+    return sub_state_dict(ckpt["state_dict"], NET_PREFIX), "raw"
 
 
 def weights_mismatch(net: nn.Module, state: dict) -> str:
@@ -253,21 +274,41 @@ def build_codec(config: dict | None, *, source: str):
     return build(config, source=source)
 
 
-def load_model(path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild network + schedule from `path` and load its EMA weights (or raw weights)."""
+def load_model(
+    path: str | Path,
+    *,
+    use_ema: bool = True,
+    map_location: str | torch.device = "cpu",
+    text_encoder: str | None = None,
+) -> LoadedModel:
+    """Rebuild network + schedule + conditioning + codec from `path` and load its EMA weights (or raw weights).
+
+    `text_encoder` replaces the path / Hub id of a frozen pretrained text encoder the checkpoint names.
+    """
+    from diffusion.conditioning import build_conditioning
+
     ckpt = read_checkpoint(path)
     description = ckpt["diffusion"]
-    net = build_net(description["net"], source=f"checkpoint {path}")
+    source = f"checkpoint {path}"
+    net = build_net(description["net"], source=source)
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
-    load_weights(net, state, source=f"checkpoint {path}")
+    load_weights(net, state, source=source)
     schedule = NoiseSchedule(**description["schedule"])
-    codec = build_codec(description.get("codec"), source=f"checkpoint {path}")
+    conditioning = build_conditioning(description.get("conditioning"), net=net, source=source, pretrained=text_encoder)
+    try:
+        conditioning.load_state_dict(sub_state_dict(ckpt["state_dict"], CONDITIONING_PREFIX))
+    except RuntimeError as e:
+        raise BadFileError(f"{source}: its text encoder weights do not fit its description ({e})") from None
+    conditioning.check_network(net)
+    codec = build_codec(description.get("codec"), source=source)
     net.eval().to(map_location)
+    conditioning.eval().to(map_location)
     schedule.to(map_location)
     codec.to(map_location)
     return LoadedModel(
         net=net,
         schedule=schedule,
+        conditioning=conditioning,
         weights=weights,
         global_step=int(ckpt.get("global_step", 0)),
         description=description,

@@ -170,6 +170,8 @@ class DiffusersCondUNet(nn.Module):
         pretrained: a pipeline folder (its unet/), a UNet2DConditionModel folder or a Hub id; its config decides
             the architecture (`unet` is then ignored) and its weights are loaded.
         unet: UNet2DConditionModel keyword arguments, when not pretrained.
+        context_dim: the text encoder's width, when given (`conditioning=clip` sets it): must equal the U-Net's
+            cross_attention_dim.
         gradient_checkpointing: recompute the U-Net's activations in the backward pass (less memory, ~30% slower).
     """
 
@@ -180,6 +182,7 @@ class DiffusersCondUNet(nn.Module):
         in_channels: int = 4,
         pretrained: str | None = None,
         unet: dict[str, Any] | None = None,
+        context_dim: int | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
@@ -194,6 +197,11 @@ class DiffusersCondUNet(nn.Module):
             )
         if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
             raise ConfigError(f"{where}: class-embedding U-Nets are not supported")
+        if context_dim is not None and context_dim != config.get("cross_attention_dim", 1280):
+            raise ConfigError(
+                f"model.context_dim={context_dim} but {where} has cross_attention_dim="
+                f"{config.get('cross_attention_dim', 1280)} (leave model.context_dim=null)"
+            )
         config.update(sample_size=image_size, in_channels=in_channels)
         self.unet = UNet2DConditionModel.from_config(config)
         if source is not None:
@@ -205,6 +213,7 @@ class DiffusersCondUNet(nn.Module):
             in_channels=in_channels,
             pretrained=None,
             unet=plain_config(self.unet),
+            context_dim=None,
             gradient_checkpointing=gradient_checkpointing,
         )
         self.image_size = image_size
@@ -216,13 +225,22 @@ class DiffusersCondUNet(nn.Module):
         """Load the weights of `pretrained` (a pipeline folder, U-Net folder or Hub id) into this network."""
         copy_pretrained(self.unet, load_pretrained_unet(pretrained, "UNet2DConditionModel"), pretrained)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, *, context: Tensor | None = None) -> Tensor:
-        """x: (B, C, h, w) noisy latents; t: (B,) timesteps; context: (B, L, D) text embeddings (the null
-        prompt's for unconditional samples)."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, C, h, w) noisy latents; t: (B,) timesteps; context: (B, L, D) text embeddings (the empty prompt's
+        for unconditional samples). `context_mask` is not used: SD's U-Net attends to every one of the tokenizer's
+        max_length positions, padding included, as it was trained."""
         if y is not None:
             raise ConfigError("class labels were given to a text-conditioned U-Net (it takes context=)")
         if context is None:
-            raise ConfigError("model=sd_unet needs a text context: use a text conditioning (captioned data)")
+            raise ConfigError("model=sd_unet needs a text context: conditioning=clip and captioned data")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from diffusion.checkpoint import net_state_dict, read_checkpoint
+from diffusion.checkpoint import CONDITIONING_PREFIX, net_state_dict, read_checkpoint, sub_state_dict
 from diffusion.errors import ConfigError
 
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
@@ -128,12 +128,20 @@ def init_from_checkpoint(
     ignore_keys: Sequence[str] = (),
     strict: bool = True,
     use_ema: bool = True,
+    conditioning: nn.Module | None = None,
 ) -> InitReport:
     """Load the network weights of the checkpoint at `path` into `net` (see `init_from_state_dict`).
 
-    `use_ema`: take the checkpoint's EMA weights when it has them (else its raw weights).
+    `use_ema`: take the checkpoint's EMA weights when it has them (else its raw weights). `conditioning`: also
+    load the checkpoint's conditioning state into it (a trained text encoder and its tokenizer), when it has one.
     """
     ckpt = read_checkpoint(path)
+    cond_state = sub_state_dict(ckpt["state_dict"], CONDITIONING_PREFIX)
+    if conditioning is not None and cond_state:
+        try:
+            conditioning.load_state_dict(cond_state)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from={path}: its text encoder does not fit conditioning.encoder ({e})") from None
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
     report = InitReport(path=str(path), weights=weights, global_step=int(ckpt.get("global_step", 0)))
     return init_from_state_dict(net, state, ignore_keys=list(ignore_keys), strict=strict, report=report)
@@ -145,7 +153,7 @@ def init_from_checkpoint(
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "diffusion.diffusers_unet.DiffusersCondUNet": ["to_q", "to_k", "to_v", "to_out.0"],
     "diffusion.diffusers_unet.DiffusersUNet": ["to_q", "to_k", "to_v", "to_out.0"],
-    "diffusion.unet.UNet": ["qkv", "proj"],  # self-attention's 1x1 convolutions
+    "diffusion.unet.UNet": ["qkv", "q", "kv", "proj"],  # self- and cross-attention's projections
 }
 
 
@@ -179,7 +187,7 @@ class LoRA:
         rank: r, the adapters' rank.
         alpha: the update's scale is alpha / rank; null: alpha = rank.
         target_modules: names (or name suffixes) of the Linear / Conv layers to adapt; null: the network's attention
-            projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets, qkv and proj in ours).
+            projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets; qkv, q, kv, proj in ours).
         dropout: dropout on the adapters' input.
     """
 

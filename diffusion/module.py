@@ -36,6 +36,7 @@ from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
 from diffusion.codec import Codec, IdentityCodec
+from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.errors import ConfigError, UserError
 from diffusion.schedule import NoiseSchedule
 
@@ -52,15 +53,19 @@ class DiffusionModule(L.LightningModule):
     """Wraps a denoising network and a noise schedule into a trainable model.
 
     Args:
-        net: maps (x_t, t, y) to the prediction target; e.g. `diffusion.unet.UNet`.
+        net: maps (x_t, t, **conditioning kwargs) to the prediction target; e.g. `diffusion.unet.UNet`.
         schedule: the noise schedule (also decides the prediction target and loss weighting).
         codec: what the network models in place of pixels (`diffusion.codec`): batches are encoded through it
             (pixels, or a latent cache's moments), and samples decode through it; default pixels.
+        conditioning: turns a batch's conditions (labels, captions) into the net's keyword arguments
+            (`diffusion.conditioning`); default: class labels when the net has `num_classes`, else none. A
+            trainable text encoder inside it is trained with the net.
         optimizer: a factory taking the parameters, e.g. `functools.partial(torch.optim.AdamW, lr=2e-4)`.
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps.
         lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the trainer's last step.
-        cond_drop_prob: for class-conditional nets, the chance a label is replaced by the null class
-            during training, so the net also learns the unconditional model (classifier-free guidance).
+        cond_drop_prob: for conditional nets, the chance a condition is replaced by the null one (the null class,
+            the empty caption) during training, so the net also learns the unconditional model (classifier-free
+            guidance).
         val_seed: seed of the validation noise and timesteps.
         val_buckets: number of equal timestep buckets the validation loss is broken into.
         nonfinite: what a non-finite loss or gradient does: "error" stops training before the optimizer step
@@ -80,6 +85,7 @@ class DiffusionModule(L.LightningModule):
         net: nn.Module,
         schedule: NoiseSchedule,
         codec: Codec | None = None,
+        conditioning: Conditioning | None = None,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
         lr_decay: LRDecay = "constant",
@@ -105,10 +111,12 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
             raise ConfigError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
-        self.save_hyperparameters(ignore=["net", "schedule", "codec", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "schedule", "codec", "conditioning", "optimizer"])
         self.net = net
         self.schedule = schedule
         self.codec = codec if codec is not None else IdentityCodec()  # frozen; its tensors stay out of checkpoints
+        self.conditioning = conditioning or class_or_none(num_classes=getattr(net, "num_classes", None))
+        self.conditioning.check_network(net)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
         self.warmup_steps = warmup_steps
         self.lr_decay = lr_decay
@@ -142,37 +150,30 @@ class DiffusionModule(L.LightningModule):
         self.ema_init_state: dict[str, Tensor] | None = None
 
     # --- the objective ---------------------------------------------------------------------------------
-    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.net(x_t, t, y)
+    def forward(self, x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
+        return self.net(x_t, t, **cond)
 
-    def net_forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+    def net_forward(self, x_t: Tensor, t: Tensor, **cond: Tensor) -> Tensor:
         """The network's forward as training and validation run it: compiled when `compile` is on."""
         if self._compiled_forward is not None:
-            return self._compiled_forward(x_t, t, y)
-        return self.net(x_t, t, y)
+            return self._compiled_forward(x_t, t, **cond)
+        return self.net(x_t, t, **cond)
 
-    def _labels(self, y: Tensor, train: bool) -> Tensor | None:
-        """Labels for the net: None for unconditional nets; with label dropout to the null class in training."""
-        if self.num_classes is None:
-            return None
-        if (y < 0).any():
-            raise ConfigError(
-                "model.num_classes is set but the data has no class labels (use data.labels=true or a labeled dataset)"
-            )
-        if train and self.cond_drop_prob > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.cond_drop_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
-        return y
+    def conditions(self, cond, device: torch.device, *, train: bool) -> dict[str, Tensor]:
+        """The net's keyword arguments for a batch's conditions; in training some go to the null condition."""
+        return self.conditioning(cond, device=device, drop_prob=self.cond_drop_prob if train else 0.0)
 
-    def per_sample_loss(self, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None) -> Tensor:
-        """Weighted MSE between the net's output and the schedule's target, per sample, in fp32: (B,)."""
+    def per_sample_loss(self, x0: Tensor, t: Tensor, noise: Tensor, cond: dict[str, Tensor] | None) -> Tensor:
+        """Weighted MSE between the net's output and the schedule's target, per sample, in fp32: (B,).
+
+        `cond`: the net's conditioning keyword arguments (`conditions`), None for none."""
         x_t = self.schedule.q_sample(x0, t, noise)
-        out = self.net_forward(x_t, t, y)
+        out = self.net_forward(x_t, t, **(cond or {}))
         target = self.schedule.target(x0, noise, t)
         mse = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
         return mse * self.schedule.loss_weight(t)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> Tensor:
         x, y = batch
         with self.training_rng(x.device):
             x0 = self.codec.encode(x)  # a latent sample (or the mean, codec.sample=false) on the training stream
@@ -180,7 +181,7 @@ class DiffusionModule(L.LightningModule):
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             t = torch.randint(0, self.schedule.num_steps, (x0.shape[0],), device=x0.device)
             noise = torch.randn_like(x0)
-            loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=True)).mean()
+            loss = self.per_sample_loss(x0, t, noise, self.conditions(y, x0.device, train=True)).mean()
         if self.nonfinite != "off":  # checked once per optimizer step, in configure_gradient_clipping
             self._step_loss = loss.detach() if self._step_loss is None else self._step_loss + loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -371,7 +372,7 @@ class DiffusionModule(L.LightningModule):
         self._resolve_pending()
 
     # --- validation at fixed noise and timesteps ------------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> None:
         x, y = batch
         x0 = self.codec.encode(x, sample=False)  # the latent mean: the same val/loss every time
         b, k = x0.shape[0], len(self.val_bucket_loss)
@@ -382,7 +383,7 @@ class DiffusionModule(L.LightningModule):
         width = torch.tensor(self.bucket_edges[1:])[bucket] - lo
         t = (lo + (torch.rand(b, generator=g) * width).long()).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-        loss = self.per_sample_loss(x0, t, noise, self._labels(y, train=False))
+        loss = self.per_sample_loss(x0, t, noise, self.conditions(y, x0.device, train=False))
         self.val_loss.update(loss)
         bucket = bucket.to(x0.device)
         for i, metric in enumerate(self.val_bucket_loss):
@@ -411,8 +412,10 @@ class DiffusionModule(L.LightningModule):
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     def configure_optimizers(self):
-        # only what trains (e.g. LoRA adapters): frozen weights get no optimizer state
-        optimizer = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
+        # what trains: the net's trainable weights (LoRA: the adapters) and a trainable text encoder; frozen
+        # weights get no optimizer state
+        params = [*self.net.parameters(), *self.conditioning.parameters()]
+        optimizer = self.optimizer_factory([p for p in params if p.requires_grad])
         self._check_fused_clipping(optimizer)
         self._configured_lrs = [group["lr"] for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
@@ -454,7 +457,7 @@ class DiffusionModule(L.LightningModule):
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
-        checkpoint["diffusion"] = describe(self.net, self.schedule, self.codec)
+        checkpoint["diffusion"] = describe(self.net, self.schedule, self.conditioning, codec=self.codec)
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self.consecutive_skips
         if self.rng_state is not None:

@@ -12,7 +12,8 @@ and a `generator` for any fresh noise it draws. No Lightning, no Hydra. Outputs 
 `generator` is one `torch.Generator` for the whole batch, or a list of one generator per image: then every
 image's fresh noise comes from its own stream, so an image does not depend on which batch it was drawn in
 (`image_generators` and `draw_noise` make such streams from per-image seeds). Classifier-free guidance is not
-a sampler option: `guided_model` turns (net, labels, guidance) into the `model` every sampler takes.
+a sampler option: `guided_model` turns (net, condition, null condition, guidance) into the `model` every
+sampler takes.
 """
 
 from __future__ import annotations
@@ -112,38 +113,63 @@ def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.dev
 
 
 # --- classifier-free guidance ---------------------------------------------------------------------------
-def guided_model(net: nn.Module, *, labels: Tensor | None = None, guidance: float = 1.0) -> ModelFn:
-    """The `model(x_t, t)` a sampler takes, from a network called as `net(x_t, t, y)`.
+def guided_model(
+    net: nn.Module,
+    *,
+    labels: Tensor | None = None,
+    guidance: float = 1.0,
+    cond: dict[str, Tensor] | None = None,
+    null: dict[str, Tensor] | None = None,
+) -> ModelFn:
+    """The `model(x_t, t)` a sampler takes, from a network called as `net(x_t, t, **kwargs)`.
 
-    Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond), where the
-    unconditional branch is the net with the null class y = num_classes. guidance=1 is the plain conditional
-    model, 0 the unconditional one; anything else evaluates both branches in one batched forward pass.
-    Without `labels` the model is the net's unconditional branch (the null class for conditional nets).
+    Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond). The conditional
+    branch is the net with `cond` (the conditioning's keyword arguments for the batch, e.g. a caption's
+    `context` and `context_mask`), the unconditional one with `null` (the null condition, or a negative
+    prompt's). `labels` is the class-label shorthand: cond = {"y": labels}, null = the null class num_classes.
+    guidance=1 is the plain conditional model, 0 the unconditional one; anything else evaluates both branches in
+    one batched forward pass (sequences of different lengths padded, their masks False there). Without `cond`
+    (or `labels`) the model is the unconditional branch: `null`, or the net's own default (the null class).
     """
+    from diffusion.conditioning import concat_kwargs
+
     num_classes = getattr(net, "num_classes", None)
-    if labels is None:
-        if guidance != 1.0 and num_classes is None:
-            raise ConfigError(f"guidance={guidance} needs a class-conditional model, but this one is unconditional")
-        return lambda x, t: net(x, t)
-    if num_classes is None:
-        raise ConfigError("label=... was given but the model is unconditional (trained with model.num_classes=null)")
-    labels = labels.long()
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-        raise ConfigError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
-    null = torch.full_like(labels, num_classes)
+    if labels is not None:
+        if num_classes is None:
+            raise ConfigError(
+                "label=... was given but the model is unconditional (trained with model.num_classes=null)"
+            )
+        labels = labels.long()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+            raise ConfigError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
+        cond, null = {"y": labels}, {"y": torch.full_like(labels, num_classes)}
+    if cond is None:
+        if guidance != 1.0 and num_classes is None and null is None:
+            raise ConfigError(
+                f"guidance={guidance} needs a class-conditional model (or a text-conditional one), but this one "
+                "is unconditional"
+            )
+        uncond = null or {}
+        return lambda x, t: net(x, t, **_on(uncond, x.device))
+    if guidance != 1.0 and null is None:
+        raise ConfigError(f"guidance={guidance} needs the null condition of the model's conditioning")
 
     def model(x: Tensor, t: Tensor) -> Tensor:
-        y = labels.to(x.device)
         if guidance == 1.0:
-            return net(x, t, y)
+            return net(x, t, **_on(cond, x.device))
         if guidance == 0.0:
-            return net(x, t, null.to(x.device))
-        out = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null.to(x.device)]))  # (2B, C, H, W)
-        cond, uncond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
+            return net(x, t, **_on(null, x.device))
+        both = concat_kwargs(_on(cond, x.device), _on(null, x.device))
+        out = net(torch.cat([x, x]), torch.cat([t, t]), **both)  # (2B, C, H, W)
+        c, u = out.chunk(2)
+        return u + guidance * (c - u)
 
     return model
+
+
+def _on(kwargs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in kwargs.items()}
 
 
 # --- timesteps --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 A stack of residual blocks at decreasing resolutions, self-attention at chosen resolutions, and the mirror
 stack back up with skip connections. The timestep enters every residual block through a sinusoidal embedding
 and an MLP; an optional class label is embedded and added to it (the extra "null" class is the unconditional
-input that classifier-free guidance needs). With the DDPM CIFAR-10 settings (`unet_base`: 128 channels,
+input that classifier-free guidance needs). With `context_dim` set, cross-attention to a context sequence (a
+caption's token embeddings, with its padding mask) follows each self-attention, as in latent diffusion (Rombach
+et al. 2022, sec. 3.3). With the DDPM CIFAR-10 settings (`unet_base`: 128 channels,
 mult 1,2,2,2, 2 blocks, attention at 16x16) it has the paper's 35.7M parameters. Plain torch.
 """
 
@@ -98,6 +100,31 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out)
 
 
+class CrossAttentionBlock(nn.Module):
+    """Multi-head cross-attention from the H*W positions of a feature map (queries) to a context sequence (keys
+    and values), with a residual connection; context positions where the mask is False are not attended to."""
+
+    def __init__(self, channels: int, context_dim: int, *, head_dim: int, groups: int) -> None:
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        if channels % self.heads:
+            raise ConfigError(f"{channels} channels do not split into {self.heads} attention heads")
+        self.norm = nn.GroupNorm(groups, channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        d = c // self.heads
+        q = self.q(self.norm(x)).flatten(2).transpose(1, 2).reshape(b, h * w, self.heads, d).transpose(1, 2)
+        kv = self.kv(context.to(x.dtype)).reshape(b, context.shape[1], 2, self.heads, d).permute(2, 0, 3, 1, 4)
+        # q: (B, heads, HW, d); k, v: (B, heads, L, d); the mask broadcasts over heads and queries: (B, 1, 1, L)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask[:, None, None, :])
+        out = out.transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj(out)
+
+
 class Downsample(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -130,6 +157,9 @@ class UNet(nn.Module):
         dropout: dropout inside residual blocks (DDPM CIFAR-10: 0.1).
         num_classes: if set, the network takes class labels in [0, num_classes); label `num_classes` (or
             `y=None`) is the unconditional "null" class used for classifier-free guidance.
+        context_dim: if set, the network takes a context sequence (B, L, context_dim) and its mask (B, L), e.g. a
+            caption's embedding, through cross-attention after each self-attention (attention resolutions and
+            the middle block).
         norm_groups: GroupNorm groups; must divide every level's channel count.
         scale_shift_norm: ADM's FiLM-style timestep conditioning instead of DDPM's additive one.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
@@ -148,6 +178,7 @@ class UNet(nn.Module):
         attention_head_dim: int = 64,
         dropout: float = 0.1,
         num_classes: int | None = None,
+        context_dim: int | None = None,
         norm_groups: int = 32,
         scale_shift_norm: bool = False,
         gradient_checkpointing: bool = False,
@@ -166,6 +197,8 @@ class UNet(nn.Module):
                 raise ConfigError(f"model.norm_groups={norm_groups} does not divide {ch} channels")
         if num_classes is not None and num_classes < 1:
             raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
+        if context_dim is not None and context_dim < 1:
+            raise ConfigError(f"model.context_dim={context_dim} must be >= 1 (or null without cross-attention)")
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
         # Plain values, enough to rebuild this network (saved into checkpoints).
@@ -180,6 +213,7 @@ class UNet(nn.Module):
             attention_head_dim=attention_head_dim,
             dropout=dropout,
             num_classes=num_classes,
+            context_dim=context_dim,
             norm_groups=norm_groups,
             scale_shift_norm=scale_shift_norm,
             gradient_checkpointing=gradient_checkpointing,
@@ -187,6 +221,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.context_dim = context_dim
         self.gradient_checkpointing = gradient_checkpointing
         self.base_channels = base_channels
         emb_dim = 4 * base_channels
@@ -195,6 +230,12 @@ class UNet(nn.Module):
 
         block = dict(emb_dim=emb_dim, dropout=dropout, groups=norm_groups, scale_shift=scale_shift_norm)
         attn = dict(head_dim=attention_head_dim, groups=norm_groups)
+
+        def attention(ch: int) -> list[nn.Module]:
+            """Self-attention, then cross-attention to the context when the net has one (new keys only then)."""
+            cross = [CrossAttentionBlock(ch, context_dim, **attn)] if context_dim else []
+            return [AttentionBlock(ch, **attn), *cross]
+
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [base_channels]
@@ -204,21 +245,21 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, base_channels * mult, **block)]
                 ch = base_channels * mult
                 if res in attention_resolutions:
-                    layers.append(AttentionBlock(ch, **attn))
+                    layers.extend(attention(ch))
                 self.down.append(nn.ModuleList(layers))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
                 self.down.append(nn.ModuleList([Downsample(ch)]))
                 skip_channels.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, **block), AttentionBlock(ch, **attn), ResBlock(ch, ch, **block)])
+        self.mid = nn.ModuleList([ResBlock(ch, ch, **block), *attention(ch), ResBlock(ch, ch, **block)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
             for i in range(num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), base_channels * mult, **block)]
                 ch = base_channels * mult
                 if res in attention_resolutions:
-                    layers.append(AttentionBlock(ch, **attn))
+                    layers.extend(attention(ch))
                 if level != 0 and i == num_res_blocks:
                     layers.append(Upsample(ch))
                     res *= 2
@@ -226,18 +267,36 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.conv_out = zero_init(nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def _run(self, layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    def _run(
+        self, layers: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
         for layer in layers:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, CrossAttentionBlock):
+                h = layer(h, context, mask)
+            else:
+                h = layer(h)
         return h
 
-    def _block(self, layers: nn.ModuleList, h: Tensor, emb: Tensor) -> Tensor:
+    def _block(
+        self, layers: nn.ModuleList, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
+    ) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(self._run, layers, h, emb, use_reentrant=False)
-        return self._run(layers, h, emb)
+            return checkpoint(self._run, layers, h, emb, context, mask, use_reentrant=False)
+        return self._run(layers, h, emb, context, mask)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W) noisy images; t: (B,) timesteps; y: (B,) class labels or None."""
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, C, H, W) noisy images; t: (B,) timesteps; y: (B,) class labels or None; context: (B, L, D)
+        sequence for cross-attention (nets with `context_dim`), context_mask: (B, L) bool, True where attended."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         dtype = self.conv_in.weight.dtype  # bf16 / fp16 under trainer.precision=*-true: inputs follow the weights
@@ -248,12 +307,20 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)
         elif y is not None:
             raise ConfigError("class labels were given to an unconditional model (model.num_classes is null)")
+        if self.context_dim:
+            if context is None:
+                raise ConfigError("this network has cross-attention (model.context_dim) and needs a context")
+            if context_mask is None:
+                context_mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        elif context is not None:
+            raise ConfigError("a context was given to a network without cross-attention (model.context_dim is null)")
+        c = (context, context_mask)
         h = self.conv_in(x.to(dtype))
         skips = [h]
         for layers in self.down:
-            h = self._block(layers, h, emb)
+            h = self._block(layers, h, emb, *c)
             skips.append(h)
-        h = self._block(self.mid, h, emb)
+        h = self._block(self.mid, h, emb, *c)
         for layers in self.up:
-            h = self._block(layers, torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._block(layers, torch.cat([h, skips.pop()], dim=1), emb, *c)
         return self.conv_out(F.silu(self.norm_out(h)))

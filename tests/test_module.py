@@ -176,10 +176,10 @@ def test_validation_loss_is_reproducible():
 def test_label_dropout_and_missing_labels():
     module = _module(num_classes=3, cond_drop_prob=1.0)
     y = torch.tensor([0, 1, 2, 1])
-    assert (module._labels(y, train=True) == 3).all()
-    assert (module._labels(y, train=False) == y).all()
+    assert (module.conditions(y, y.device, train=True)["y"] == 3).all()
+    assert (module.conditions(y, y.device, train=False)["y"] == y).all()
     with pytest.raises(ValueError, match="no class labels"):
-        module._labels(torch.tensor([-1, -1]), train=True)
+        module.conditions(torch.tensor([-1, -1]), y.device, train=True)
 
 
 def test_warmup_then_cosine_decay():

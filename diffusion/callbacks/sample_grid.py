@@ -21,9 +21,16 @@ from torch import Tensor
 from diffusion.callbacks.ema import ema_weights
 from diffusion.checkpoint import image_shape
 from diffusion.codec import sampler_for
+from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.data import to_unit_range
 from diffusion.errors import ConfigError
 from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
+
+
+def module_conditioning(pl_module) -> Conditioning:
+    """The module's conditioning; for a bare module without one, what its network implies (labels or none)."""
+    found = getattr(pl_module, "conditioning", None)
+    return found if found is not None else class_or_none(num_classes=getattr(pl_module.net, "num_classes", None))
 
 
 @torch.no_grad()
@@ -39,15 +46,17 @@ def generate(
     """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode, decoded to
     pixels through the module's codec.
 
-    Sample i starts from noise seeded seed + i and, for class-conditional nets, is conditioned on class
-    i mod num_classes; so which samples exist depends only on the indices, not on how they are split into
+    Sample i starts from noise seeded seed + i and, for conditional nets, is conditioned on condition i mod K of
+    the module's conditioning's K `preview_conditions()` (the classes, or a text model's preview prompts); so
+    which samples exist depends only on the indices, not on how they are split into
     batches or across ranks, for stochastic samplers too (each sample has its own generator). `precision` is the
     network's autocast precision ("bf16" under a bf16 trainer); the sampler's arithmetic stays fp32.
     """
     net, schedule = pl_module.net, pl_module.schedule
     codec = getattr(pl_module, "codec", None)
     shape = image_shape(net)  # in the codec's latent space
-    num_classes = getattr(net, "num_classes", None)
+    conditioning = module_conditioning(pl_module)
+    conditions = conditioning.preview_conditions()
     indices = list(indices)
     was_training = net.training
     net.eval()
@@ -58,10 +67,10 @@ def generate(
             # One generator per sample, seeded seed + i: its starting noise and any fresh noise the sampler draws.
             generators = image_generators(seed + i for i in chunk)
             noise = draw_noise((len(chunk), *shape), generator=generators, device=pl_module.device)
-            y = None
-            if num_classes:
-                y = torch.tensor([i % num_classes for i in chunk], device=pl_module.device)
-            model = with_precision(lambda x, t, y=y: net(x, t, y), precision, pl_module.device)
+            kwargs = {}
+            if conditions:
+                kwargs = conditioning([conditions[i % len(conditions)] for i in chunk], device=pl_module.device)
+            model = with_precision(lambda x, t, kw=kwargs: net(x, t, **kw), precision, pl_module.device)
             z = sampler_for(sampler, codec)(model, schedule, noise, generator=generators)
             out.append(codec.decode(z) if codec is not None else z)  # pixels in [-1, 1]
     finally:
@@ -78,7 +87,8 @@ class SampleGrid(L.Callback):
             generator=...); e.g. `functools.partial(diffusion.samplers.ddim_sample, steps=50)`.
         num_images: images in the grid; `nrow` per row (default: a square-ish grid).
         every_n_steps: period in optimizer steps; 0 or null for only the end of training.
-        seed: the noise seed; image i uses seed + i (and class i mod num_classes for conditional nets).
+        seed: the noise seed; image i uses seed + i (and condition i mod K of the K preview conditions (classes,
+            prompts) for conditional nets).
         use_ema: draw with the EMA callback's averaged weights when there is one.
     """
 
@@ -126,7 +136,8 @@ class SampleGrid(L.Callback):
 
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
-        images, nrow = class_rows(images, getattr(pl_module.net, "num_classes", None), self.nrow)
+        conditions = module_conditioning(pl_module).preview_conditions()
+        images, nrow = class_rows(images, len(conditions) if conditions else None, self.nrow)
         grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:06d}.png"

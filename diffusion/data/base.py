@@ -5,9 +5,14 @@ Image datasets here hand out uint8 pixels (C, H, W) and build whole batches at o
 file all reach the model through the same few lines. Also holds the built-in `DigitsDataModule` (scikit-learn's
 8x8 digits, no files needed).
 
+Captioned data yields `(images, captions)` with captions a list of strings (`Captioned`): an item with several
+captions gets one of them per epoch. The built-in digits can be captioned from their labels (`captions=true`:
+"a handwritten seven", "the digit 7", ...), for text-to-image on a CPU.
+
 Training data is resumable: the order is a seeded permutation per epoch (`ResumableSampler`), and each random
-flip is a function of (seed, epoch, item), so the datamodule's `state_dict` (epoch and position, saved in every
-checkpoint by Lightning) is all a resumed run needs to see the same batches as a run that never stopped.
+flip and caption choice is a function of (seed, epoch, item), so the datamodule's `state_dict` (epoch and
+position, saved in every checkpoint by Lightning) is all a resumed run needs to see the same batches as a run
+that never stopped.
 """
 
 from __future__ import annotations
@@ -54,20 +59,73 @@ class Uint8Batch:
         return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0), y  # one float buffer: [0, 255] -> [-1, 1]
 
 
-def flip_mask(seed: int, epoch: int, indices: Sequence[int]) -> Tensor:
-    """Which items of an epoch are flipped: a fair coin per (seed, epoch, index), the same in any process.
+def item_hashes(seed: int, epoch: int, indices: Sequence[int], *, salt: int = 0) -> list[int]:
+    """A 64-bit hash per (salt, seed, epoch, index): the same in any process.
 
     A hash (splitmix64's finalizer), not a generator's stream: the answer depends on the item only, not on
-    what was drawn before, so a run resumed mid-epoch (or one whose loader workers are restarted) flips alike.
+    what was drawn before, so a run resumed mid-epoch (or one whose loader workers are restarted) draws alike.
+    `salt` separates independent choices about the same item (flips: 0, captions: 1).
     """
     mask = (1 << 64) - 1
     out = []
     for i in indices:
-        z = (((seed * 1_000_003 + epoch) * 1_000_003 + int(i)) * 0x9E3779B97F4A7C15) & mask
+        z = ((((salt * 1_000_003 + seed) * 1_000_003 + epoch) * 1_000_003 + int(i)) * 0x9E3779B97F4A7C15) & mask
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        out.append((z ^ (z >> 31)) & 1)
-    return torch.tensor(out, dtype=torch.bool)
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def flip_mask(seed: int, epoch: int, indices: Sequence[int]) -> Tensor:
+    """Which items of an epoch are flipped: a fair coin per (seed, epoch, index) (`item_hashes`)."""
+    return torch.tensor([h & 1 for h in item_hashes(seed, epoch, indices)], dtype=torch.bool)
+
+
+class _EpochAware(Dataset):
+    """A dataset wrapper whose items depend on the epoch, set by `ResumableSampler.set_epoch` through a
+    shared-memory tensor that the loader workers (persistent ones too) read; passed on to the wrapped dataset."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _batch(self, indices: list[int]):
+        """The wrapped dataset's items: a whole uint8 batch (a tuple) or a list of (image, condition) pairs."""
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(indices)
+        return [self.dataset[i] for i in indices]
+
+
+class Captioned(_EpochAware):
+    """(image, caption) items from an (image, label) dataset and each item's captions: item i of epoch e gets
+    `captions[i][h % len(captions[i])]`, h = `item_hashes(seed, e, [i], salt=1)`."""
+
+    def __init__(self, dataset: Dataset, captions: Sequence[Sequence[str]], seed: int = 0) -> None:
+        super().__init__(dataset, seed)
+        if len(captions) != len(dataset):
+            raise ValueError(f"{len(captions)} caption lists for {len(dataset)} items")
+        self.captions = captions
+
+    def pick(self, indices: Sequence[int]) -> list[str]:
+        hashes = item_hashes(self.seed, int(self._epoch), indices, salt=1)
+        return [self.captions[int(i)][h % len(self.captions[int(i)])] for i, h in zip(indices, hashes, strict=True)]
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0], self.pick([i])[0]
+
+    def __getitems__(self, indices: list[int]):
+        batch, captions = self._batch(indices), self.pick(indices)
+        if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), labels
+            return batch[0], captions
+        return [(x, c) for (x, _), c in zip(batch, captions, strict=True)]
 
 
 class ResumableSampler(DistributedSampler):
@@ -142,6 +200,51 @@ class ArrayImages(Dataset):
         return x[0], y[0]
 
 
+class LatentMoments(Dataset):
+    """Cached latent moments (mean and log-variance of q(z | x), float32 (N, 2c, h, w), memory-mapped .npy) with
+    long labels: the codec samples a latent from them per step. With `mirrors` = N the file also holds each image's
+    mirror image's moments at row N + i, and training item i of epoch e is mirrored when `flip_mask(seed, e, [i])`
+    says so, as `_FlipBatch` flips pixels (an encoded mirror image, not mirrored latents)."""
+
+    whole_batches = True  # __getitems__ returns the batch: the loader passes it on as it is
+
+    def __init__(
+        self, moments: str | Path, labels: Tensor, rows: list[int], *, mirrors: int | None = None, seed: int = 0
+    ) -> None:
+        self.moments, self.labels, self.mirrors, self.seed = moments, labels, mirrors, seed
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._array = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
+        import numpy as np
+
+        if self._array is None:
+            self._array = np.load(self.moments, mmap_mode="r")
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = self.rows[index]
+        if self.mirrors:
+            rows = rows + self.mirrors * flip_mask(self.seed, int(self._epoch), index.tolist()).long()
+        order = rows.argsort()  # memmaps read fastest in ascending order
+        x = torch.empty((len(rows), *self._array.shape[1:]), dtype=torch.float32)
+        x[order] = torch.from_numpy(np.ascontiguousarray(self._array[rows[order].numpy()]))
+        return x, self.labels[self.rows[index]]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def _whole_batch(batch):
+    return batch
+
+
 def image_loader(
     dataset: Dataset,
     *,
@@ -161,7 +264,7 @@ def image_loader(
     if flip and not isinstance(dataset, _FlipBatch):
         dataset = _FlipBatch(dataset, flip=True)
     inner = dataset
-    while isinstance(inner, (Subset, _FlipBatch)):  # e.g. FID's random subset of real images
+    while isinstance(inner, (Subset, _EpochAware)):  # e.g. FID's random subset of real images
         inner = inner.dataset
     uint8 = getattr(inner, "uint8_batches", False)
     shuffled = shuffle or sampler is not None
@@ -174,7 +277,7 @@ def image_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=Uint8Batch() if uint8 else None,
+        collate_fn=Uint8Batch() if uint8 else (_whole_batch if getattr(inner, "whole_batches", False) else None),
     )
 
 
@@ -222,10 +325,23 @@ class _SplitDataModule(L.LightningDataModule):
         self.flip = flip
         self.num_workers = default_num_workers(decoding=decoding) if num_workers is None else num_workers
         self.num_classes: int | None = None
+        self.train_captions: list[list[str]] | None = None  # captioned data: each training item's captions
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._sampler: ResumableSampler | None = None  # the training order, once train_dataloader built it
         self._resume_state: dict | None = None  # from a checkpoint, for the next train_dataloader
+
+    @property
+    def captioned(self) -> bool:
+        """Whether batches hold captions (a list of strings) in place of labels."""
+        return False
+
+    def caption_corpus(self) -> list[str] | None:
+        """Every caption of the training items (for a text encoder's tokenizer), None for data without captions."""
+        if not self.captioned:
+            return None
+        self.setup("fit")
+        return [c for captions in self.train_captions for c in captions]
 
     def _split(self, dataset: Dataset) -> None:
         train_idx, val_idx = split_indices(len(dataset), self.val_fraction, self.seed)
@@ -266,20 +382,13 @@ class _SplitDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
 
-class _FlipBatch(Dataset):
+class _FlipBatch(_EpochAware):
     """Random horizontal flips on any of our (image, label) datasets: item i of epoch e is mirrored when
-    `flip_mask(seed, e, [i])` says so. The epoch is set by `ResumableSampler.set_epoch`, through a shared-memory
-    tensor that the loader workers (persistent ones too) read."""
+    `flip_mask(seed, e, [i])` says so."""
 
     def __init__(self, dataset: Dataset, flip: bool, seed: int = 0) -> None:
-        self.dataset, self.flip, self.seed = dataset, flip, seed
-        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.fill_(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset, seed)
+        self.flip = flip
 
     def _mask(self, indices: Sequence[int]) -> Tensor:
         if not self.flip:
@@ -292,10 +401,7 @@ class _FlipBatch(Dataset):
 
     def __getitems__(self, indices: list[int]):
         flips = self._mask(indices)
-        if hasattr(self.dataset, "__getitems__"):
-            batch = self.dataset.__getitems__(indices)
-        else:
-            batch = [self.dataset[i] for i in indices]
+        batch = self._batch(indices)
         if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), (B,)
             x, y = batch
             x[flips] = x[flips].flip(-1)  # x is this batch's own copy
@@ -303,10 +409,30 @@ class _FlipBatch(Dataset):
         return [(x.flip(-1) if f else x, y) for (x, y), f in zip(batch, flips, strict=True)]
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# How `DigitsDataModule(captions=true)` describes a digit: {word} is "seven", {digit} is "7".
+DIGIT_CAPTIONS = (
+    "a handwritten {word}",
+    "the digit {digit}",
+    "a {digit}",
+    "the number {word}",
+    "a drawing of a {word}",
+    "handwritten digit {digit}",
+    "{word}",
+)
+
+
+def digit_captions(label: int) -> list[str]:
+    """The captions of a digit: every phrasing of `DIGIT_CAPTIONS`."""
+    return [t.format(word=DIGIT_WORDS[label], digit=label) for t in DIGIT_CAPTIONS]
+
+
 class DigitsDataModule(_SplitDataModule):
     """scikit-learn's bundled 8x8 digits (values 0..16), upscaled to `image_size` with bilinear filtering.
 
-    `channels=3` repeats the gray channel, for models that expect RGB.
+    `channels=3` repeats the gray channel, for models that expect RGB. `captions=true` yields captions made from
+    the labels ("a handwritten seven", "the digit 7", "a 7", ...; one of them per item and epoch) in place of
+    the labels, for text conditioning.
     """
 
     def __init__(
@@ -319,6 +445,7 @@ class DigitsDataModule(_SplitDataModule):
         seed: int = 0,
         num_workers: int | None = 0,
         flip: bool = False,
+        captions: bool = False,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -329,7 +456,12 @@ class DigitsDataModule(_SplitDataModule):
             num_workers=num_workers,
             flip=flip,
         )
-        self.num_classes = 10
+        self.captions = captions
+        self.num_classes = None if captions else 10
+
+    @property
+    def captioned(self) -> bool:
+        return self.captions
 
     def load(self) -> tuple[Tensor, Tensor]:
         """All 1797 digits as ((N, 1, S, S) in [-1, 1], (N,) labels)."""
@@ -347,4 +479,10 @@ class DigitsDataModule(_SplitDataModule):
             return
         x, y = self.load()
         self._split(TensorDataset(x, y))
+        if self.captions:
+            per_label = [digit_captions(k) for k in range(10)]
+            self.train_captions = [per_label[int(y[i])] for i in self.train_set.indices]
+            val_captions = [per_label[int(y[i])] for i in self.val_set.indices]
+            self.train_set = Captioned(self.train_set, self.train_captions, seed=self.seed)
+            self.val_set = Captioned(self.val_set, val_captions, seed=self.seed)
         self.train_set = _FlipBatch(self.train_set, self.flip, seed=self.seed)

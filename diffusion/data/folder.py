@@ -11,10 +11,22 @@ check fails at the step it is read, with the same message (or is replaced by ano
 mtimes) and the preprocessing; training then slices that memmap, with flips done on the batch. A cache whose key
 no longer matches is never reused: a new one is built (written to a temp file, then renamed, so an interrupted
 build leaves nothing half-written) and the stale one is deleted. Under DDP rank zero builds it in prepare_data.
+With a latent codec (`codec=vae`), `data.cache=true` then encodes every cached image once into a second cache of
+latent moments, keyed by the pixel cache and the codec's fingerprint (another VAE never reuses it); batches hold
+those moments and the codec samples a latent from them each step.
+
+Captions (`data.captions=true`), for text conditioning, follow the Hugging Face imagefolder convention: a
+`metadata.jsonl` or `metadata.csv` (in the folder or any subfolder) with a `file_name` column (relative to the
+metadata file's folder) and a text column (`data.caption_column`, default "text"; in JSON lines a string or a
+list of captions); without metadata, a `.txt` file beside each image (one caption per line). `data.caption="a
+photo of sks dog"` gives every image the same caption (DreamBooth). An image with several captions gets one of
+them per epoch, from the resumable seeded stream. Bad rows (a missing or non-image file, an empty caption, an
+image without a caption) stop the run with an error naming them, or are skipped and counted under skip_bad.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -30,11 +42,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.data.base import ArrayImages, _SplitDataModule, split_indices
+from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
 
 CACHE_VERSION = 1
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 
 
 log = logging.getLogger(__name__)
@@ -98,6 +111,87 @@ def _as_list(batch):
     return batch
 
 
+def _metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
+    """(row number, row or None when the line is not a JSON object) of a metadata.jsonl / metadata.csv file."""
+    rows: list[tuple[int, dict | None]] = []
+    with open(meta, newline="", encoding="utf-8") as f:
+        if meta.suffix == ".csv":
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "file_name" not in reader.fieldnames or column not in reader.fieldnames:
+                raise ConfigError(
+                    f"{meta} needs the columns file_name and {column} (data.caption_column); it has "
+                    f"{', '.join(reader.fieldnames or []) or 'none'}"
+                )
+            return [(n, row) for n, row in enumerate(reader, start=2)]
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            rows.append((n, row if isinstance(row, dict) else None))
+    if rows and not any(row is not None and column in row for _, row in rows):
+        raise ConfigError(f"{meta} has no {column!r} key in any row (data.caption_column={column})")
+    return rows
+
+
+def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list[str]], list[str | None], list[str]]:
+    """Each image's captions, each image's caption problem (or None), and the problems of rows naming no image.
+
+    From `metadata.jsonl` / `metadata.csv` files under `root` when there are any (see the module docstring),
+    else from `.txt` files beside the images.
+    """
+    metas: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders (the cache) are skipped
+        metas += [Path(folder) / name for name in METADATA_FILES if name in names]
+    captions: list[list[str]] = [[] for _ in files]
+    problems: list[str | None] = [None] * len(files)
+    if not metas:
+        for i, f in enumerate(files):
+            sidecar = f.with_suffix(".txt")
+            if not sidecar.is_file():
+                problems[i] = f"image {f} has no caption file {sidecar.name} (and data.path has no metadata.jsonl)"
+                continue
+            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines()]
+            captions[i] = [line for line in lines if line]
+            if not captions[i]:
+                problems[i] = f"caption file {sidecar} is empty"
+        if all(p is not None and "has no caption file" in p for p in problems):
+            raise ConfigError(
+                f"data.captions=true but data.path={root} has no metadata.jsonl / metadata.csv and no .txt captions"
+            )
+        return captions, problems, []
+    index = {f.resolve(): i for i, f in enumerate(files)}
+    bad_rows: list[str] = []
+    for meta in metas:
+        for n, row in _metadata_rows(meta, column):
+            where = f"row {n} of {meta}"
+            if row is None:
+                bad_rows.append(f"{where} is not a JSON object")
+                continue
+            name, text = row.get("file_name"), row.get(column)
+            if not isinstance(name, str) or not name:
+                bad_rows.append(f"{where} has no file_name")
+                continue
+            path = (meta.parent / name).resolve()
+            texts = [text] if isinstance(text, str) else text if isinstance(text, list) else []
+            texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                bad_rows.append(f"{where} names {name}, which is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+            elif path not in index:
+                bad_rows.append(f"{where} names {name}, which does not exist")
+            elif not texts:
+                problems[index[path]] = f"{where} has an empty caption ({column}) for {name}"
+            else:
+                captions[index[path]].extend(texts)
+    for i, f in enumerate(files):
+        if not captions[i] and problems[i] is None:
+            problems[i] = f"image {f} has no row in {', '.join(str(m) for m in metas)}"
+    return captions, problems, bad_rows
+
+
 class ImageFolderDataModule(_SplitDataModule):
     """A folder of images, e.g. `data=folder data.path=~/photos`.
 
@@ -113,6 +207,11 @@ class ImageFolderDataModule(_SplitDataModule):
         verify: "header" reads each file's header at setup; "full" decodes every file (finds truncated files).
         cache: decode once into a uint8 memmap and train from it (see the module docstring).
         cache_dir: where the cache goes; default `<path>/.diffusion-cache`.
+        codec: with `cache`, a latent codec (`diffusion.codec.VAECodec`, passed by train.py for codec=vae): the
+            cache also holds each image's latent moments, and batches hold those (see `_latent_cached`).
+        captions: batches hold captions (from metadata.jsonl / metadata.csv, or .txt files) in place of labels.
+        caption_column: the metadata column holding the captions.
+        caption: one caption for every image (a folder without captions, e.g. "a photo of sks dog").
     """
 
     def __init__(
@@ -134,6 +233,10 @@ class ImageFolderDataModule(_SplitDataModule):
         verify: Literal["header", "full"] = "header",
         cache: bool = False,
         cache_dir: str | None = None,
+        captions: bool = False,
+        caption_column: str = "text",
+        caption: str | None = None,
+        codec=None,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -145,6 +248,17 @@ class ImageFolderDataModule(_SplitDataModule):
             flip=flip,
             decoding=not cache,
         )
+        if caption is not None and not str(caption).strip():
+            raise ConfigError("data.caption is empty: give the caption every image gets, or null")
+        if caption is not None and captions:
+            raise ConfigError(
+                "data.caption (one caption for all) and data.captions=true (read captions) exclude each other"
+            )
+        if labels and (captions or caption is not None):
+            raise ConfigError("data.labels=true and captions (data.captions / data.caption) exclude each other")
+        self.captions = captions
+        self.caption_column = caption_column
+        self.caption = caption
         if path is None or str(path) in ("", "???"):
             raise ConfigError("data.path is not set: pass data.path=/path/to/images")
         if crop not in ("center", "random"):
@@ -167,6 +281,11 @@ class ImageFolderDataModule(_SplitDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.path / ".diffusion-cache"
         self.num_skipped = 0
         self.cache_file: Path | None = None
+        # data.cache=true with a latent codec (train.py passes it): the cache holds each image's latent moments
+        self.codec = codec
+        self.latent_file: Path | None = None
+        self.train_pixels: Dataset | None = None  # the pixel images of the splits, for FID's reference statistics
+        self.val_pixels: Dataset | None = None
         if labels:
             self.classes = self._classes()
             self.num_classes = len(self.classes)
@@ -199,6 +318,22 @@ class ImageFolderDataModule(_SplitDataModule):
         if stray:
             raise ConfigError(f"data.labels=true but {stray[0]} is not inside a class subfolder")
         return files, labels
+
+    @property
+    def captioned(self) -> bool:
+        return self.captions or self.caption is not None
+
+    def _read_captions(self, files: list[Path]) -> tuple[list[list[str]], list[str | None]]:
+        """Each file's captions and caption problem; bad rows stop the run, or are skipped under skip_bad."""
+        if self.caption is not None:
+            return [[str(self.caption)]] * len(files), [None] * len(files)
+        captions, problems, bad_rows = read_captions(self.path, files, self.caption_column)
+        first = next((p for p in [*bad_rows, *problems] if p is not None), None)
+        if first is not None and not self.skip_bad:
+            raise BadFileError(f"{first}; set data.skip_bad=true to skip such rows and images")
+        if bad_rows:
+            info(f"data: skipped {len(bad_rows)} metadata rows that name no usable image (first: {bad_rows[0]})")
+        return captions, problems
 
     def _problem(self, path: Path) -> str | None:
         """Why `path` cannot be used, or None. Reads only the header."""
@@ -318,11 +453,49 @@ class ImageFolderDataModule(_SplitDataModule):
     def _shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
+    def _latent_cached(self, pixels: Path) -> Path:
+        """The latent cache of the pixel cache `pixels`: each image's moments through the codec (and its mirror
+        image's when data.flip=true), float32 (N or 2N, 2c, h, w), built once. Keyed by the pixel cache (files and
+        preprocessing) and the codec's fingerprint (its config and weights): another VAE never reuses it."""
+        key = f"{pixels.stem}-latents-{self.codec.fingerprint()}-{'flip' if self.flip else 'noflip'}"
+        npy = pixels.with_name(f"{key}.npy")
+        if npy.exists():
+            return npy
+        images = np.load(pixels, mmap_mode="r")
+        n, step = len(images), self.codec.encode_batch_size
+        info(f"data: encoding {n} images through the codec into the latent cache {npy} (once)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # encode on the GPU when there is one
+        home = next(self.codec.parameters()).device
+        self.codec.to(device)
+        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            array = None
+            for lo in range(0, n, step):
+                x = torch.from_numpy(np.array(images[lo : lo + step])).to(device, torch.float32) * (2 / 255) - 1
+                for mirror, batch in enumerate((x, x.flip(-1)) if self.flip else (x,)):
+                    moments = self.codec.moments(batch).cpu().numpy()  # (B, 2c, h, w)
+                    if array is None:
+                        shape = ((2 if self.flip else 1) * n, *moments.shape[1:])
+                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                    array[mirror * n + lo : mirror * n + lo + len(batch)] = moments
+            array.flush()
+            del array
+            os.replace(tmp, npy)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.codec.to(home)
+        for stale in self.cache_dir.glob(f"{glob.escape(pixels.stem)}-latents-*.npy"):  # another codec's
+            if stale != npy:
+                stale.unlink(missing_ok=True)
+        return npy
+
     # --- Lightning hooks -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Rank zero (per node) builds the cache, so the other ranks find it in setup."""
         if self.cache:
             self.cache_file, _ = self._cached(self._scan()[0])
+            if self.codec is not None:
+                self.latent_file = self._latent_cached(self.cache_file)
 
     def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:
         """(train, val) positions into `good`: a fixed-seed fraction."""
@@ -332,22 +505,48 @@ class ImageFolderDataModule(_SplitDataModule):
         if self.train_set is not None:
             return
         files, labels = self._scan()
+        captions, caption_problems = self._read_captions(files) if self.captioned else (None, None)
         if self.cache:
             self.cache_file, good = self._cached(files)
+            if self.codec is not None:
+                self.latent_file = self._latent_cached(self.cache_file)
         else:
             good = self._report(files, self._inspect(files, decode=self.verify == "full"))
+        if caption_problems is not None:
+            uncaptioned = [i for i in good if caption_problems[i] is not None]
+            if uncaptioned:
+                first = caption_problems[uncaptioned[0]]
+                info(f"data: skipped {len(uncaptioned)} images without a caption (first: {first})")
+                good = [i for i in good if caption_problems[i] is None]
+            if not good:
+                raise BadFileError(f"data.path={self.path} holds no usable captioned images")
         train_rows, val_rows = self._split_rows(files, good)
         labels_t = torch.tensor(labels, dtype=torch.long)
 
         def subset(rows: list[int], train: bool) -> Dataset:
             idx = [good[r] for r in rows]
-            if self.cache:
-                return ArrayImages(str(self.cache_file), labels_t, rows=idx)
-            prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
-            return ImageFiles([files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad)
+            if self.latent_file is not None:
+                pixels = ArrayImages(str(self.cache_file), labels_t, rows=idx)
+                setattr(self, "train_pixels" if train else "val_pixels", pixels)
+                mirrors = len(files) if self.flip else None
+                images = LatentMoments(
+                    str(self.latent_file), labels_t, rows=idx, mirrors=mirrors if train else None, seed=self.seed
+                )
+            elif self.cache:
+                images = ArrayImages(str(self.cache_file), labels_t, rows=idx)
+            else:
+                prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
+                images = ImageFiles([files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad)
+            if captions is None:
+                return images
+            if train:
+                self.train_captions = [captions[i] for i in idx]
+            return Captioned(images, [captions[i] for i in idx], seed=self.seed)
 
         self.train_set = subset(train_rows, train=True)
         self.val_set = subset(val_rows, train=False)
+        if self.latent_file is not None:
+            self.flip = False  # the latent cache flips by taking the mirror image's moments (LatentMoments)
 
 
 class CelebADataModule(ImageFolderDataModule):
@@ -374,6 +573,7 @@ class CelebADataModule(ImageFolderDataModule):
         verify: Literal["header", "full"] = "header",
         cache: bool = True,
         cache_dir: str | None = None,
+        codec=None,
     ) -> None:
         root = Path(str(path)).expanduser() if path not in (None, "", "???") else None
         if root is not None and root.name != "img_align_celeba":
@@ -401,6 +601,7 @@ class CelebADataModule(ImageFolderDataModule):
             verify=verify,
             cache=cache,
             cache_dir=cache_dir,
+            codec=codec,
         )
 
     def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:

@@ -1,0 +1,276 @@
+"""Text encoders: captions in, a context sequence for cross-attention out.
+
+Every encoder is an `nn.Module` called as `encoder(list[str]) -> (context (B, L, D), mask (B, L) bool)`, with
+`.dim` (= D), `.trainable` (trained jointly with the network, or frozen) and `.config` (plain values that rebuild
+it, saved in checkpoints). The mask is True on real tokens; every caption, the empty one included, has at least
+one (a begin-of-text token), so masked attention never sees an all-padding row.
+
+- `TransformerTextEncoder`: a small transformer trained jointly from scratch with a word-level tokenizer built
+  from the training captions, as latent diffusion did for its own text models (Rombach et al. 2022, sec. 4.3:
+  a transformer over tokens, trained with the U-Net). The tokenizer is `tokenizers` JSON, kept in the module's
+  extra state, so a checkpoint carries it as a plain string, never as pickled code.
+- `CLIPTextEncoder`: a pretrained `transformers` CLIP text model (Radford et al. 2021) and its tokenizer, from a
+  local folder (a `save_pretrained` folder, or a Stable Diffusion folder with `text_encoder/` and `tokenizer/`)
+  or a Hub id; frozen, optionally in bf16/fp16. Checkpoints name it by path or id; its weights are not copied.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from diffusion.errors import ConfigError, MissingPathError, PathError
+
+log = logging.getLogger(__name__)
+
+PAD, UNK, BOS = "[PAD]", "[UNK]", "[BOS]"
+TextDtype = Literal["fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def word_tokenizer(captions: list[str], *, vocab_size: int) -> str:
+    """A word-level tokenizer (lowercased, split on whitespace and punctuation) trained on `captions`, as JSON.
+
+    Keeps the `vocab_size` most frequent words, the special tokens [PAD] (id 0), [UNK] and [BOS] included;
+    rarer words read as [UNK].
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, BOS], show_progress=False)
+    tokenizer.train_from_iterator(captions, trainer)
+    return tokenizer.to_str()
+
+
+class TransformerTextEncoder(nn.Module):
+    """A small pre-norm transformer over word tokens, trained jointly with the diffusion network.
+
+    Args:
+        dim: width of the token embeddings and of the context it returns.
+        depth: transformer layers.
+        heads: attention heads per layer.
+        max_length: most tokens per caption, [BOS] included; longer captions are truncated (a warning, once).
+        vocab_size: rows of the token embedding; the tokenizer keeps at most this many words.
+        dropout: dropout inside the transformer layers.
+        tokenizer: a tokenizer as `tokenizers` JSON; None until `fit` builds one from the training captions
+            (checkpoints restore it through the module's extra state).
+    """
+
+    trainable = True
+
+    def __init__(
+        self,
+        *,
+        dim: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        max_length: int = 32,
+        vocab_size: int = 1024,
+        dropout: float = 0.0,
+        tokenizer: str | None = None,
+    ) -> None:
+        super().__init__()
+        if dim < 1 or depth < 0 or heads < 1 or dim % heads:
+            raise ConfigError(
+                f"conditioning.encoder: dim={dim} must be >= 1 and split into heads={heads}; depth={depth} >= 0"
+            )
+        if max_length < 2:
+            raise ConfigError(f"conditioning.encoder.max_length={max_length} must be >= 2 ([BOS] and a word)")
+        if vocab_size < 4:
+            raise ConfigError(f"conditioning.encoder.vocab_size={vocab_size} must be >= 4")
+        self.config = dict(
+            dim=dim, depth=depth, heads=heads, max_length=max_length, vocab_size=vocab_size, dropout=dropout
+        )
+        self.dim = dim
+        self.max_length = max_length
+        self.vocab_size = vocab_size
+        self.token_emb = nn.Embedding(vocab_size, dim)
+        self.pos_emb = nn.Parameter(torch.randn(max_length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False) if depth else None
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self._tokenizer = None
+        self._tokenizer_json: str | None = None
+        self._warned_long = False
+        self._warned_words: set[str] = set()
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
+
+    # --- the tokenizer, kept as data ------------------------------------------------------------------
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    def set_tokenizer(self, tokenizer_json: str) -> None:
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_str(tokenizer_json)
+        except Exception as e:  # tokenizers raises its own Exception type for bad JSON
+            raise ConfigError(f"conditioning.encoder.tokenizer is not a tokenizers JSON string ({e})") from None
+        vocab = tokenizer.get_vocab()
+        if any(tok not in vocab for tok in (PAD, UNK, BOS)) or vocab[PAD] != 0:
+            raise ConfigError(f"conditioning.encoder.tokenizer must hold {PAD} (id 0), {UNK} and {BOS}")
+        if max(vocab.values()) >= self.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {len(vocab)} tokens, more than conditioning.encoder.vocab_size={self.vocab_size}"
+            )
+        self._tokenizer, self._tokenizer_json = tokenizer, tokenizer_json
+        self._unk, self._bos = vocab[UNK], vocab[BOS]
+
+    def fit(self, captions: list[str]) -> None:
+        """Build the tokenizer from the training captions (once; a restored or given tokenizer is kept)."""
+        if self._tokenizer is not None:
+            return
+        if not captions:
+            raise ConfigError("the text encoder's tokenizer needs training captions, and the data has none")
+        self.set_tokenizer(word_tokenizer(captions, vocab_size=self.vocab_size))
+        words = len(self._tokenizer.get_vocab()) - 3
+        log.info(f"text encoder: tokenizer of {words} words built from {len(captions)} training captions")
+
+    def get_extra_state(self) -> dict:
+        return {"tokenizer": self._tokenizer_json}
+
+    def set_extra_state(self, state: dict) -> None:
+        if isinstance(state, dict) and isinstance(state.get("tokenizer"), str):
+            self.set_tokenizer(state["tokenizer"])
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """(ids (B, L) long, mask (B, L) bool): [BOS] then the words, padded with [PAD] to the longest caption."""
+        if self._tokenizer is None:
+            raise ConfigError("the text encoder has no tokenizer yet: build it from captions with fit()")
+        rows = []
+        for caption, encoding in zip(captions, self._tokenizer.encode_batch(list(captions)), strict=True):
+            ids = [self._bos, *encoding.ids]
+            if len(ids) > self.max_length:
+                if not self._warned_long:
+                    self._warned_long = True
+                    log.warning(
+                        f"caption {caption[:60]!r} has {len(ids)} tokens, more than conditioning.encoder.max_length="
+                        f"{self.max_length}; longer captions are truncated (this warning is shown once)"
+                    )
+                ids = ids[: self.max_length]
+            if not self.training:
+                self._warn_unknown(caption, encoding)
+            rows.append(ids)
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        return ids, ids != 0  # [PAD] is id 0
+
+    def _warn_unknown(self, caption: str, encoding) -> None:
+        """Prompts at sampling time: name words the training captions never had (they read as [UNK]), once each."""
+        new = [caption[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets, strict=True) if i == self._unk]
+        new = [w for w in new if w.lower() not in self._warned_words]
+        if new:
+            self._warned_words.update(w.lower() for w in new)
+            log.warning(
+                f"prompt {caption!r}: {', '.join(repr(w) for w in new)} not in the text encoder's vocabulary "
+                "(the training captions); read as [UNK]"
+            )
+
+    # --- the encoder ----------------------------------------------------------------------------------------
+    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        ids, mask = self.tokenize(captions)
+        device = self.token_emb.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        h = self.token_emb(ids) + self.pos_emb[: ids.shape[1]]  # (B, L, D)
+        if self.layers is not None:
+            h = self.layers(h, src_key_padding_mask=~mask)
+        return self.norm(h), mask
+
+
+def _local_folder(pretrained: str) -> Path | None:
+    """The folder `pretrained` names, None for a Hub id; a missing folder is an error (not a Hub lookup)."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        return path
+    looks_local = pretrained.startswith(("/", ".", "~")) or pretrained.count("/") > 1 or path.exists()
+    if looks_local:
+        raise MissingPathError(f"text encoder folder {path} does not exist (conditioning.encoder.pretrained)")
+    return None
+
+
+class CLIPTextEncoder(nn.Module):
+    """A frozen pretrained CLIP text model (`transformers.CLIPTextModel`) and its tokenizer.
+
+    Args:
+        pretrained: a local folder (`save_pretrained` output holding the model and the tokenizer, or a Stable
+            Diffusion folder with `text_encoder/` and `tokenizer/`), or a Hub id (downloaded when online).
+        max_length: tokens per caption (captions are padded to it and truncated beyond it, with a warning once);
+            default the model's `max_position_embeddings` (77 for CLIP).
+        dtype: the frozen model's weights: "fp32", "bf16" or "fp16" (half the memory; contexts come out in it).
+        layer: "last" hidden state, or "penultimate" (the layer before the last, as some pipelines use).
+    """
+
+    trainable = False
+
+    def __init__(
+        self,
+        *,
+        pretrained: str,
+        max_length: int | None = None,
+        dtype: TextDtype = "fp32",
+        layer: Literal["last", "penultimate"] = "last",
+    ) -> None:
+        super().__init__()
+        if pretrained in (None, "", "???"):
+            raise ConfigError("conditioning.encoder.pretrained is not set: a CLIP folder or a Hub id")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"conditioning.encoder.dtype={dtype!r} is not one of 'fp32', 'bf16', 'fp16'")
+        if layer not in ("last", "penultimate"):
+            raise ConfigError(f"conditioning.encoder.layer={layer!r} is not one of 'last', 'penultimate'")
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        folder = _local_folder(str(pretrained))
+        model_sub, tok_sub = {}, {}
+        if folder is not None and (folder / "text_encoder").is_dir():  # a whole pipeline folder
+            model_sub, tok_sub = {"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}
+        source = str(folder) if folder is not None else str(pretrained)
+        try:
+            self.model = CLIPTextModel.from_pretrained(source, dtype=_DTYPES[dtype], **model_sub)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, **tok_sub)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PathError(f"cannot load the CLIP text encoder {pretrained}: {first}") from None
+        self.model.requires_grad_(False).eval()
+        limit = int(self.model.config.max_position_embeddings)
+        self.max_length = min(max_length or limit, limit)
+        self.layer = layer
+        self.dim = int(self.model.config.hidden_size)
+        self.config = dict(pretrained=str(pretrained), max_length=max_length, dtype=dtype, layer=layer)
+        self._warned_long = False
+
+    def train(self, mode: bool = True) -> CLIPTextEncoder:
+        super().train(mode)
+        self.model.eval()  # frozen: always in eval mode (no dropout)
+        return self
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=False)
+        ids = tokens["input_ids"]
+        if any(len(row) > self.max_length for row in ids):
+            if not self._warned_long:
+                self._warned_long = True
+                log.warning(
+                    f"a caption has more than {self.max_length} CLIP tokens and is truncated "
+                    "(this warning is shown once)"
+                )
+            tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=True)
+        device = next(self.model.parameters()).device
+        ids = torch.tensor(tokens["input_ids"], device=device)
+        mask = torch.tensor(tokens["attention_mask"], device=device).bool()
+        out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
+        context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
+        return context, mask
