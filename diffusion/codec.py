@@ -142,7 +142,9 @@ class VAECodec(Codec):
         mean, logvar = moments.chunk(2, dim=1)  # (B, c, h, w) each
         z = mean
         if self.sample if sample is None else sample:
-            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * torch.randn_like(mean)  # as diffusers clamps
+            # as diffusers' DiagonalGaussianDistribution.sample (not randn_like: `mean` is a strided view)
+            noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
         return (z - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
