@@ -1,12 +1,13 @@
-"""Export a checkpoint: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|ckpt] [use_ema=true]
-[ema.sigma_rel=0.08 | ema.sigma_rel=[0.05,0.08,0.12]].
+"""Export a checkpoint: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|ckpt|lora|pipeline]
+[use_ema=true] [ema.sigma_rel=0.08 | ema.sigma_rel=[0.05,0.08,0.12]].
 
 `format=diffusers` writes a DDPMPipeline folder (for model=diffusers_unet) that loads with
 `diffusers.DDPMPipeline.from_pretrained(DIR)`; `format=safetensors` writes model.safetensors + config.json for
-any model; `format=ckpt` writes model.ckpt, a slim checkpoint sample.py reads. `ema.sigma_rel` exports a
-post-hoc EMA (runs trained with callbacks=[default,posthoc_ema]); a list scores each on the run's validation
-loss, prints the table and exports the best. The work is done by `diffusion.export`; this file is only the
-command line.
+any model; `format=ckpt` writes model.ckpt, a slim checkpoint sample.py reads; `format=lora` writes a LoRA
+fine-tune of a Stable Diffusion U-Net in diffusers' LoRA format (`StableDiffusionPipeline.load_lora_weights(DIR)`)
+and `format=pipeline` a full one as a StableDiffusionPipeline folder. `ema.sigma_rel` exports a post-hoc EMA (runs
+trained with callbacks=[default,posthoc_ema]); a list scores each on the run's validation loss, prints the table
+and exports the best. The work is done by `diffusion.export`; this file is only the command line.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def run(cfg: DictConfig) -> None:
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):
             raise ConfigError(
-                f"{key} is required: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|ckpt]"
+                f"{key} is required: python export.py ckpt=PATH out=DIR "
+                "[format=diffusers|safetensors|ckpt|lora|pipeline]"
             )
     if not isinstance(cfg.get("ema"), DictConfig):
         raise ConfigError(

@@ -112,7 +112,8 @@ def sample(cfg: DictConfig) -> Path:
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from diffusion.checkpoint import load_model
+    from diffusion.checkpoint import image_shape, load_model
+    from diffusion.codec import sampler_for
     from diffusion.conditioning import NoConditioning, TextConditioning
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
@@ -164,7 +165,7 @@ def sample(cfg: DictConfig) -> Path:
         need = 'a prompt (prompt="..." or prompts=FILE)' if text else "a label (label=7, label=[1,2] or label=all)"
         what = f"guidance={cfg.guidance}" if cfg.guidance is not None else "negative_prompt="
         raise ConfigError(f"{what} needs {need}")
-    sampler = instantiate(cfg.sampler)
+    sampler = sampler_for(instantiate(cfg.sampler), loaded.codec)  # latents are never clipped to [-1, 1]
     check_sampler(sampler, schedule)  # a bad option or sampler / schedule pair fails now, not after the first batch
 
     # 3. the output folder, checked before any sampling
@@ -172,7 +173,7 @@ def sample(cfg: DictConfig) -> Path:
     prepare_out(out, overwrite=cfg.overwrite)
 
     # 4. sample: item k is (row condition, column j) and starts from seed + j
-    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+    shape = image_shape(net)  # in the codec's latent space
     items = [(row, j) for row in rows for j in range(cfg.n)]
     log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
@@ -201,7 +202,7 @@ def sample(cfg: DictConfig) -> Path:
             guided = guided_model(net, labels=labels, guidance=guidance)
         model = with_precision(guided, precision, device)
         x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
-        images.append(to_unit_range(x.float().cpu()).clamp(0, 1))
+        images.append(to_unit_range(loaded.codec.decode(x).float().cpu()).clamp(0, 1))
     pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
 
     # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)

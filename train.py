@@ -93,7 +93,7 @@ class RunFolderGuard(Callback):
             sys.exit(1)
 
 
-def check_resume(ckpt_path: str, ckpt: dict, net, schedule, *, verb: str = "resume") -> None:
+def check_resume(ckpt_path: str, ckpt: dict, net, schedule, codec=None, *, verb: str = "resume") -> None:
     """A one-line ValueError when checkpoint `ckpt` (at ckpt_path) cannot be resumed with `net` and `schedule`.
 
     Its weights must fit the network the config builds; the message names the config keys where the
@@ -103,7 +103,7 @@ def check_resume(ckpt_path: str, ckpt: dict, net, schedule, *, verb: str = "resu
     """
     from diffusion.checkpoint import describe, description_differences, net_state_dict, weights_mismatch
 
-    differences = description_differences(ckpt["diffusion"], describe(net, schedule))
+    differences = description_differences(ckpt["diffusion"], describe(net, schedule, codec=codec))
     shown = [f"{k}={saved} where the config has {now}" for k, saved, now in differences]
     mismatch = weights_mismatch(net, net_state_dict(ckpt, use_ema=False)[0])
     if mismatch:
@@ -357,7 +357,7 @@ def train(cfg: DictConfig) -> float | None:
 
     lightning_logging()
     from diffusion.checkpoint import read_checkpoint
-    from diffusion.finetune import init_from_checkpoint
+    from diffusion.finetune import LoRA, base_source, init_from_checkpoint
     from diffusion.loggers import log_tags
 
     L.seed_everything(cfg.seed, workers=True)
@@ -372,23 +372,30 @@ def train(cfg: DictConfig) -> float | None:
     init = cfg.get("init") or {}
     if init.get("required") and init_path is None:
         raise ConfigError("init_from is required (init.required=true, e.g. experiment=finetune): init_from=PATH")
+    finetune = build(cfg, "finetune") if cfg.get("finetune") else None
+    lora = isinstance(finetune, LoRA)  # its base is init_from's checkpoint, also when resuming
     if init_path is not None:
-        if ckpt_path is not None:
+        if ckpt_path is not None and not lora:
             raise ConfigError(
                 "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
                 "init_from starts a new one from a checkpoint's weights"
             )
 
-    datamodule = build(cfg, "data")
+    codec = build(cfg, "codec") if cfg.get("codec") else None
+    latent_cache = codec is not None and cfg.data.get("cache") and codec.config["kind"] != "identity"
+    datamodule = build(cfg, "data", **({"codec": codec} if latent_cache else {}))
     schedule = build(cfg, "schedule")
     if cfg.get("sampler") is not None:  # the sample grid's and FID's sampler must fit the process: fail now
         from diffusion.samplers import check_sampler
 
         check_sampler(build(cfg, "sampler"), schedule)
-    net = build(cfg, "model")
+    channels, size = datamodule.channels, datamodule.image_size
+    latent = codec.latent_shape(channels, size) if codec is not None else (channels, size)
+    # the network sees the codec's latents: their channels and side replace the data's (pixels: the same)
+    net = build(
+        cfg, "model", **({} if latent == (channels, size) else dict(in_channels=latent[0], image_size=latent[1]))
+    )
     conditioning = build(cfg, "conditioning")
-    if resumed is not None:
-        check_resume(ckpt_path, resumed, net, schedule)
     if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
         report = init_from_checkpoint(
             net,
@@ -399,8 +406,25 @@ def train(cfg: DictConfig) -> float | None:
             conditioning=conditioning,
         )
         L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
+    if finetune is not None:  # LoRA adapters on the loaded base (only they train), or a full fine-tune
+        if lora and init_path is not None and (init.get("ignore_keys") or not init.get("strict", True)):
+            raise ConfigError("finetune=lora needs its base loaded whole: init.strict=true and no init.ignore_keys")
+        source = base_source(
+            init_from=init_path, use_ema=init.get("use_ema", True), pretrained=cfg.model.get("pretrained")
+        )
+        net = finetune.apply(net, source=source)
+    if resumed is not None:
+        check_resume(ckpt_path, resumed, net, schedule, codec)
     conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
-    module = build(cfg, "module", net=net, schedule=schedule, conditioning=conditioning, optimizer=build_optimizer(cfg))
+    module = build(
+        cfg,
+        "module",
+        net=net,
+        schedule=schedule,
+        conditioning=conditioning,
+        codec=codec,
+        optimizer=build_optimizer(cfg),
+    )
     if init_path is not None and init.get("ema_from_init", True):
         module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     callbacks = build_group(cfg, "callbacks")
@@ -416,8 +440,10 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(resolved)
     log_tags(loggers, resolved["tags"])
     n_params = sum(p.numel() for p in net.parameters())
+    n_trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if trainer.is_global_zero:
-        log.info(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters)")
+        trained = "" if n_trained == n_params else f", {n_trained / 1e6:.3f}M trained"
+        log.info(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters{trained})")
         log.info(f"effective batch {batch} ({batch_parts}), lr {cfg.optim.get('lr')}, precision {trainer.precision}")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

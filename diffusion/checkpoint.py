@@ -3,8 +3,10 @@
 A Lightning checkpoint written by `DiffusionModule` holds, besides Lightning's own keys:
 - `checkpoint["diffusion"]`: {"format": 1, "net": {"target": "diffusion.unet.UNet", "config": {...}},
   "schedule": {"family": "discrete" | "edm" | "flow", ...the process's kwargs...}, "conditioning": {"target": ...,
-  "config": {...}}}, written by `describe` (checkpoints from before EDM and flow hold only NoiseSchedule's kwargs:
-  a discrete schedule; checkpoints without "conditioning" are class-conditional or unconditional, as their net says);
+  "config": {...}}, "codec": {"kind": "vae", "path": ...}}, written by `describe` (checkpoints from before EDM and
+  flow hold only NoiseSchedule's kwargs: a discrete schedule; checkpoints without "conditioning" are
+  class-conditional or unconditional, as their net says; the codec is named, not copied, and no "codec" means
+  pixels);
 - `checkpoint["state_dict"]`: the trained weights, network keys prefixed with "net.", a trainable text
   encoder's with "conditioning." (a frozen pretrained one is named by path or id in the description instead);
 - `checkpoint["ema_state_dict"]`: the EMA copy of the network's weights (unprefixed), when EMA was on.
@@ -20,6 +22,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,20 +41,48 @@ CONDITIONING_PREFIX = "conditioning."
 EMA_KEY = "ema_state_dict"
 
 
-def describe(net: nn.Module, schedule: Process, conditioning: Conditioning | None = None) -> dict:
-    """What `build_net`/`build_process`/`build_conditioning` need to rebuild `net`, the process and
-    `conditioning`; plain, picklable-safe values."""
+def describe_net(net: nn.Module) -> dict:
+    """{"target": class path, "config": ...}: what `build_net` needs to rebuild `net`."""
     config = getattr(net, "config", None)
     if config is None:
         raise TypeError(f"{type(net).__name__} has no `config` dict, so its checkpoints cannot rebuild it")
-    description = {
-        "format": FORMAT,
-        "net": {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)},
-        "schedule": schedule.description(),
-    }
+    return {"target": f"{type(net).__module__}.{type(net).__qualname__}", "config": dict(config)}
+
+
+def describe(
+    net: nn.Module,
+    schedule: Process,
+    conditioning: Conditioning | None = None,
+    *,
+    codec: nn.Module | None = None,
+) -> dict:
+    """What `build_net`/`build_process`/`build_conditioning`/`build_codec` need to rebuild `net`, the process,
+    `conditioning` and `codec`; plain, picklable-safe values."""
+    description = {"format": FORMAT, "net": describe_net(net), "schedule": schedule.description()}
     if conditioning is not None:
         description["conditioning"] = conditioning.describe()
+    codec_config = getattr(codec, "config", None)
+    if codec_config and codec_config.get("kind") != "identity":
+        description["codec"] = dict(codec_config)
     return description
+
+
+def keep_in_state_dict(module: nn.Module, keep: frozenset[str]) -> None:
+    """Make `module`'s state dicts hold only its tensors named in `keep` (names relative to it); loading a state dict
+    leaves the others as they are (a LoRA checkpoint holds the adapters, a codec is named rather than copied)."""
+    module.register_state_dict_post_hook(partial(_drop_unkept, keep))
+    module.register_load_state_dict_pre_hook(partial(_fill_unkept, keep))
+
+
+def _drop_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in keep]:
+        del state[key]
+
+
+def _fill_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, *args) -> None:
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in keep:
+            state.setdefault(prefix + name, tensor.detach())
 
 
 # The network classes a checkpoint may name, with the config keys that must be null when built from one (a
@@ -60,6 +91,9 @@ def describe(net: nn.Module, schedule: Process, conditioning: Conditioning | Non
 NETWORKS: dict[str, tuple[str, ...]] = {
     "diffusion.unet.UNet": (),
     "diffusion.diffusers_unet.DiffusersUNet": ("pretrained",),
+    "diffusion.diffusers_unet.DiffusersCondUNet": ("pretrained",),
+    # adapters on a base that the config names by path (a checkpoint, read weights-only, or a pretrained folder)
+    "diffusion.finetune.LoRANet": (),
 }
 PLAIN = (type(None), bool, int, float, str)
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -93,11 +127,11 @@ def check_description(description, *, source: str) -> dict:
     """
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise BadFileError(f"{source} has no network description of format {FORMAT} (not written by this train.py)")
-    target, config = check_net(description.get("net"), source=source)
+    check_net(description.get("net"), source=source)
     schedule = description.get("schedule")
-    fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
-    if fetched:
-        raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
+    codec = description.get("codec")
+    if codec is not None and (not isinstance(codec, dict) or not is_plain(codec)):
+        raise BadFileError(f"{source}: the codec description is not a dict of plain values (str keys); refused")
     if not isinstance(schedule, dict) or not is_plain(schedule):
         raise BadFileError(f"{source}: the schedule description is not a dict of plain values (str keys); refused")
     check_process_description(schedule, source=source)
@@ -115,6 +149,9 @@ def check_net(net, *, source: str) -> tuple[str, dict]:
     config = net.get("config")
     if not isinstance(config, dict) or not is_plain(config):
         raise BadFileError(f"{source}: the config of {target} is not a dict of plain values (str keys); refused")
+    fetched = [k for k in NETWORKS[target] if config.get(k) is not None]
+    if fetched:
+        raise BadFileError(f"{source}: {target} config sets {', '.join(fetched)}; a checkpoint must carry its weights")
     return target, config
 
 
@@ -180,6 +217,7 @@ class LoadedModel:
     weights: str  # "ema" or "raw"
     global_step: int
     description: dict = field(repr=False)
+    codec: nn.Module | None = field(default=None, repr=False)  # diffusion.codec.Codec: decode samples through it
 
 
 def sub_state_dict(state: dict, prefix: str) -> dict:
@@ -217,6 +255,7 @@ def flat_description(description: dict) -> dict[str, object]:
     net = description["net"]
     flat = {"model._target_": net["target"], **{f"model.{k}": v for k, v in net["config"].items()}}
     flat.update({f"schedule.{k}": v for k, v in {"family": DEFAULT_FAMILY, **description["schedule"]}.items()})
+    flat.update({f"codec.{k}": v for k, v in (description.get("codec") or {}).items()})
     return {k: json.loads(json.dumps(v)) for k, v in flat.items()}  # tuples -> lists, as in the other side
 
 
@@ -234,6 +273,12 @@ def load_weights(net: nn.Module, state: dict, *, source: str) -> None:
     net.load_state_dict(state)
 
 
+def build_codec(config: dict | None, *, source: str):
+    from diffusion.codec import build_codec as build
+
+    return build(config, source=source)
+
+
 def load_model(
     path: str | Path,
     *,
@@ -241,7 +286,7 @@ def load_model(
     map_location: str | torch.device = "cpu",
     text_encoder: str | None = None,
 ) -> LoadedModel:
-    """Rebuild network + schedule + conditioning from `path` and load its EMA weights (or raw weights).
+    """Rebuild network + schedule + conditioning + codec from `path` and load its EMA weights (or raw weights).
 
     `text_encoder` replaces the path / Hub id of a frozen pretrained text encoder the checkpoint names.
     """
@@ -260,9 +305,11 @@ def load_model(
     except RuntimeError as e:
         raise BadFileError(f"{source}: its text encoder weights do not fit its description ({e})") from None
     conditioning.check_network(net)
+    codec = build_codec(description.get("codec"), source=source)
     net.eval().to(map_location)
     conditioning.eval().to(map_location)
     schedule.to(map_location)
+    codec.to(map_location)
     return LoadedModel(
         net=net,
         schedule=schedule,
@@ -270,4 +317,13 @@ def load_model(
         weights=weights,
         global_step=int(ckpt.get("global_step", 0)),
         description=description,
+        codec=codec,
     )
+
+
+def image_shape(net: nn.Module) -> tuple[int, int, int]:
+    """(C, S, S): the shape of one sample of `net` (in the codec's latent space when there is one)."""
+    config = getattr(net, "config", {})
+    channels = getattr(net, "in_channels", config.get("in_channels"))
+    size = getattr(net, "image_size", config.get("image_size"))
+    return (channels, size, size)

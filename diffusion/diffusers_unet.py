@@ -1,4 +1,7 @@
-"""Train diffusers' `UNet2DModel` inside `DiffusionModule`: a thin adapter to the project's net(x_t, t, y) contract.
+"""Train diffusers' U-Nets inside `DiffusionModule`: thin adapters to the project's net(x_t, t, y) contract.
+
+`DiffusersUNet` wraps `UNet2DModel` (pixel DDPMs, class labels); `DiffusersCondUNet` wraps Stable Diffusion's
+`UNet2DConditionModel`, which takes the text context as `context=` (passed on as `encoder_hidden_states`).
 
 The U-Net is built from `UNet2DModel` keyword arguments, or loaded pretrained from a Hugging Face Hub id (e.g.
 `google/ddpm-cifar10-32`, downloaded when online) or a local folder written by `save_pretrained` (a model
@@ -6,20 +9,19 @@ folder, or a pipeline folder with a `unet/` subfolder). Class conditioning uses 
 embedding (`num_class_embeds = num_classes + 1`): label `num_classes` is the null class that classifier-free
 guidance needs, as in `diffusion.unet.UNet`. The adapter's `config` holds plain values only (the full diffusers
 config, not the pretrained id), so checkpoints rebuild it without a download. diffusers is an optional extra
-(`pip install 'diffusion[diffusers]'`) and is imported only here and in `diffusion.export`.
+(`pip install 'diffusion[diffusers]'`) and is imported only here, in `diffusion.pipeline`, `diffusion.codec`
+and in `diffusion.export`.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffusion.errors import ConfigError, MissingPathError, PathError
+from diffusion.errors import ConfigError
 
 _PRIVATE_PREFIX = "_"
 
@@ -44,38 +46,24 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+def load_pretrained_unet(pretrained: str, cls_name: str = "UNet2DModel"):
+    """`cls_name`.from_pretrained on a local folder (model or pipeline layout) or a Hub id, with one-line errors."""
+    from diffusion.pipeline import load_component
+
+    return load_component(cls_name, pretrained, subfolder="unet", key="model.pretrained")
 
 
-def load_pretrained_unet(pretrained: str):
-    """UNet2DModel.from_pretrained on a local folder (model or pipeline layout) or a Hub id, with one-line errors."""
-    UNet2DModel = import_diffusers().UNet2DModel
-    path = Path(pretrained).expanduser()
-    if path.is_dir():
-        for folder in (path, path / "unet"):
-            if (folder / "config.json").is_file():
-                return UNet2DModel.from_pretrained(str(folder), low_cpu_mem_usage=False)
-        raise MissingPathError(
-            f"model.pretrained={pretrained} holds no config.json (nor unet/config.json): "
-            "not a folder written by save_pretrained"
-        )
-    if path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
-        raise MissingPathError(f"model.pretrained={pretrained} is not a folder written by save_pretrained")
-    offline = _offline()
-    errors = []
-    for subfolder in (None, "unet"):  # model repos keep the U-Net at the root, pipeline repos in unet/
-        try:
-            return UNet2DModel.from_pretrained(
-                pretrained, subfolder=subfolder, local_files_only=offline, low_cpu_mem_usage=False
-            )
-        except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line below
-            errors.append(" ".join(str(e).split())[:200] or type(e).__name__)
-    where = "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" if offline else errors[0]
-    raise PathError(
-        f"model.pretrained={pretrained}: could not load it from the Hugging Face Hub ({where}); download it once "
-        "while online, or pass a local folder written by save_pretrained"
-    )
+def copy_pretrained(unet: nn.Module, source: nn.Module, pretrained: str) -> None:
+    """Load a pretrained U-Net's weights into ours; only a new label embedding may be missing."""
+    missing, unexpected = unet.load_state_dict(source.state_dict(), strict=False)
+    fresh = [k for k in missing if not k.startswith("class_embedding.")]
+    if fresh or unexpected:
+        raise ConfigError(f"model.pretrained={pretrained} weights do not fit: {fresh[:5]} {unexpected[:5]}")
+
+
+def plain_config(unet: nn.Module) -> dict[str, Any]:
+    """A diffusers model's config as plain values, without diffusers' private entries."""
+    return _plain({k: v for k, v in unet.config.items() if not k.startswith(_PRIVATE_PREFIX)})
 
 
 class DiffusersUNet(nn.Module):
@@ -143,21 +131,22 @@ class DiffusersUNet(nn.Module):
             raise ConfigError(f"model.image_size={image_size} must be divisible by 2^{levels - 1} for {levels} levels")
         self.unet = UNet2DModel.from_config(config)
         if source is not None:
-            missing, unexpected = self.unet.load_state_dict(source.state_dict(), strict=False)
-            fresh = [k for k in missing if not k.startswith("class_embedding.")]
-            if fresh or unexpected:  # only a new label embedding may be missing
-                raise ConfigError(f"model.pretrained={pretrained} weights do not fit: {fresh[:5]} {unexpected[:5]}")
+            copy_pretrained(self.unet, source, pretrained)
         # Plain values, enough to rebuild this network (saved into checkpoints); the weights come from there.
         self.config = dict(
             image_size=image_size,
             in_channels=in_channels,
             num_classes=num_classes,
             pretrained=None,
-            unet=_plain({k: v for k, v in self.unet.config.items() if not k.startswith(_PRIVATE_PREFIX)}),
+            unet=plain_config(self.unet),
         )
         self.image_size = image_size
         self.in_channels = in_channels
         self.num_classes = num_classes
+
+    def load_pretrained(self, pretrained: str) -> None:
+        """Load the weights of `pretrained` (a Hub id or save_pretrained folder) into this network."""
+        copy_pretrained(self.unet, load_pretrained_unet(pretrained), pretrained)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x: (B, C, H, W) noisy images; t: (B,) integer timesteps in [0, T); y: (B,) labels or None."""
@@ -169,3 +158,89 @@ class DiffusersUNet(nn.Module):
         elif y is not None:
             raise ConfigError("class labels were given to an unconditional model (model.num_classes is null)")
         return self.unet(x, t, class_labels=y).sample
+
+
+class DiffusersCondUNet(nn.Module):
+    """diffusers' UNet2DConditionModel (Stable Diffusion's network) behind the project's network interface:
+    forward(x_t, t, y=None, *, context) -> output, with the text context passed as `encoder_hidden_states`.
+
+    Args:
+        image_size: the latent side the network sees (the image side over the VAE's factor).
+        in_channels: latent channels; the output has as many.
+        pretrained: a pipeline folder (its unet/), a UNet2DConditionModel folder or a Hub id; its config decides
+            the architecture (`unet` is then ignored) and its weights are loaded.
+        unet: UNet2DConditionModel keyword arguments, when not pretrained.
+        context_dim: the text encoder's width, when given (`conditioning=clip` sets it): must equal the U-Net's
+            cross_attention_dim.
+        gradient_checkpointing: recompute the U-Net's activations in the backward pass (less memory, ~30% slower).
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 64,
+        in_channels: int = 4,
+        pretrained: str | None = None,
+        unet: dict[str, Any] | None = None,
+        context_dim: int | None = None,
+        gradient_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        UNet2DConditionModel = import_diffusers().UNet2DConditionModel
+        source = load_pretrained_unet(pretrained, "UNet2DConditionModel") if pretrained else None
+        config = dict(source.config) if source is not None else dict(unet or {})
+        config = {k: _plain(v) for k, v in config.items() if not k.startswith(_PRIVATE_PREFIX)}
+        where = f"model.pretrained={pretrained}" if pretrained else "model.unet"
+        if config.get("in_channels", 4) != in_channels:
+            raise ConfigError(
+                f"{where} takes in_channels={config.get('in_channels', 4)} but the codec gives {in_channels}"
+            )
+        if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+            raise ConfigError(f"{where}: class-embedding U-Nets are not supported")
+        if context_dim is not None and context_dim != config.get("cross_attention_dim", 1280):
+            raise ConfigError(
+                f"model.context_dim={context_dim} but {where} has cross_attention_dim="
+                f"{config.get('cross_attention_dim', 1280)} (leave model.context_dim=null)"
+            )
+        config.update(sample_size=image_size, in_channels=in_channels)
+        self.unet = UNet2DConditionModel.from_config(config)
+        if source is not None:
+            copy_pretrained(self.unet, source, pretrained)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.config = dict(
+            image_size=image_size,
+            in_channels=in_channels,
+            pretrained=None,
+            unet=plain_config(self.unet),
+            context_dim=None,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.num_classes = None
+        self.context_dim = int(self.unet.config.cross_attention_dim)
+
+    def load_pretrained(self, pretrained: str) -> None:
+        """Load the weights of `pretrained` (a pipeline folder, U-Net folder or Hub id) into this network."""
+        copy_pretrained(self.unet, load_pretrained_unet(pretrained, "UNet2DConditionModel"), pretrained)
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        *,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (B, C, h, w) noisy latents; t: (B,) timesteps; context: (B, L, D) text embeddings (the empty prompt's
+        for unconditional samples). `context_mask` is not used: SD's U-Net attends to every one of the tokenizer's
+        max_length positions, padding included, as it was trained."""
+        if y is not None:
+            raise ConfigError("class labels were given to a text-conditioned U-Net (it takes context=)")
+        if context is None:
+            raise ConfigError("model=sd_unet needs a text context: conditioning=clip and captioned data")
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample

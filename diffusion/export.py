@@ -12,6 +12,14 @@
   - flow: a `FlowMatchEulerDiscreteScheduler` (shift, num_train_timesteps = the network's time scale):
     `set_timesteps(sigmas=1 - i / steps)` and the loop are our `euler_sample`; `DDPMPipeline.__call__` runs the
     same Euler steps on diffusers' own grid, which ends at t = shift(1/1000) instead of stepping evenly to 0.
+- `lora`: for LoRA fine-tunes of a Stable Diffusion-class U-Net (`experiment=sd_lora`), the adapters in diffusers'
+  LoRA format (`pytorch_lora_weights.safetensors`, peft's state dict converted with diffusers'
+  `convert_state_dict_to_diffusers`, written by `StableDiffusionPipeline.save_lora_weights`); it loads with
+  `StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(DIR)`. A LoRA alpha other than the rank is
+  folded into the up-projection (B), since the file carries no alpha.
+- `pipeline`: for full fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full`), a complete
+  `StableDiffusionPipeline` folder (`save_pretrained`): our U-Net with the base pipeline's VAE, text encoder,
+  tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names).
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, process,
   which weights, step). `load_export` rebuilds the network from such a folder.
@@ -44,7 +52,7 @@ from diffusion.files import atomic_write, move_tree, write_bytes
 from diffusion.process import Process, build_process
 from diffusion.schedule import NoiseSchedule, make_betas
 
-ExportFormat = Literal["diffusers", "safetensors", "ckpt"]
+ExportFormat = Literal["diffusers", "safetensors", "ckpt", "lora", "pipeline"]
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -63,10 +71,11 @@ def scheduler_config(schedule: NoiseSchedule) -> dict:
         cfg["num_steps"],
         **{k: cfg[k] for k in ("beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau")},
     )
-    scale = 1000.0 / cfg["num_steps"]  # our linear betas are rescaled for T != 1000
+    scale = 1000.0 / cfg["num_steps"] if cfg["kind"] == "linear" else 1.0  # our linear betas are rescaled for T
+    names = {"linear": "linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid", "scaled_linear": "scaled_linear"}
     return dict(
         num_train_timesteps=cfg["num_steps"],
-        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid"}[cfg["kind"]],
+        beta_schedule=names[cfg["kind"]],
         beta_start=cfg["beta_start"] * scale,
         beta_end=cfg["beta_end"] * scale,
         trained_betas=betas.tolist(),
@@ -136,13 +145,7 @@ def export_diffusers(model: LoadedModel, out: Path) -> None:
     check_diffusers_exportable(model)
     diffusers = import_diffusers()
     scheduler = diffusers_scheduler(model.schedule)
-    # diffusers writes into a fresh folder of ours; its files are then renamed into `out` (never through links)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
-        diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained(str(staging))
-        move_tree(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    _staged(out, diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained)
 
 
 def export_safetensors(model: LoadedModel, out: Path) -> None:
@@ -168,6 +171,85 @@ def export_ckpt(model: LoadedModel, out: Path, ckpt: dict) -> None:
     atomic_write(out / CKPT_NAME, lambda f: torch.save(slim, f))
 
 
+def sd_unet(model: LoadedModel, format: str):
+    """The (LoRANet or not) network's UNet2DConditionModel wrapper, or a ConfigError naming `format`."""
+    from diffusion.diffusers_unet import DiffusersCondUNet
+    from diffusion.finetune import LoRANet
+
+    net = model.net.net if isinstance(model.net, LoRANet) else model.net
+    if not isinstance(net, DiffusersCondUNet):
+        raise ConfigError(
+            f"format={format} needs a Stable Diffusion-class U-Net (experiment=sd_lora / sd_full); this checkpoint "
+            f"holds {type(net).__name__}: use format=safetensors"
+        )
+    return net
+
+
+def check_lora_exportable(model: LoadedModel) -> None:
+    from diffusion.finetune import LoRANet
+
+    sd_unet(model, "lora")
+    if not isinstance(model.net, LoRANet):
+        raise ConfigError("format=lora needs a LoRA fine-tune (finetune=lora); this one is full: use format=pipeline")
+
+
+def check_pipeline_exportable(model: LoadedModel) -> None:
+    from diffusion.finetune import LoRANet
+
+    sd_unet(model, "pipeline")
+    if isinstance(model.net, LoRANet):
+        raise ConfigError("format=pipeline is for full fine-tunes (finetune=full); export LoRA with format=lora")
+    if model.codec is None or model.codec.config.get("kind") != "vae":
+        raise ConfigError("format=pipeline needs the checkpoint's VAE codec (codec=vae, as in experiment=sd_full)")
+
+
+CHECKS = {"diffusers": check_diffusers_exportable, "lora": check_lora_exportable, "pipeline": check_pipeline_exportable}
+
+
+def lora_layers(model: LoadedModel) -> dict[str, torch.Tensor]:
+    """The adapters as diffusers' LoRA state dict of the UNet2DConditionModel (alpha / rank folded into B)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state = model.net.adapter_state_dict()  # peft keys of the adapter wrapper: "unet.<module>.lora_A.weight"
+    scale = model.net.config["alpha"] / model.net.config["rank"]
+    state = {k.removeprefix("unet."): (v * scale if ".lora_B." in k else v) for k, v in state.items()}
+    return convert_state_dict_to_diffusers({k: v.detach().float().contiguous().cpu() for k, v in state.items()})
+
+
+def _staged(out: Path, write) -> None:
+    """diffusers writes into a fresh folder of ours; its files are then renamed into `out` (never through links)."""
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        write(str(staging))
+        move_tree(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_lora(model: LoadedModel, out: Path) -> None:
+    """Write the adapters as a diffusers LoRA folder (`StableDiffusionPipeline.load_lora_weights(out)`)."""
+    from diffusion.diffusers_unet import import_diffusers
+
+    layers = lora_layers(model)
+    pipeline = import_diffusers().StableDiffusionPipeline
+    _staged(out, lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True))
+
+
+def export_pipeline(model: LoadedModel, out: Path) -> None:
+    """Write a complete StableDiffusionPipeline folder: our U-Net and the base pipeline's other parts."""
+    from diffusion.diffusers_unet import import_diffusers
+
+    net = sd_unet(model, "pipeline")
+    pipe = import_diffusers().StableDiffusionPipeline.from_pretrained(
+        model.codec.config["path"],
+        unet=net.unet,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    _staged(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
 def export(
     ckpt: str | Path,
     out: str | Path,
@@ -191,13 +273,16 @@ def export(
     model = with_posthoc_ema(
         load_model(ckpt, use_ema=use_ema), ckpt, sigma_rel=sigma_rel, snapshots=snapshots, use_ema=use_ema
     )
-    if format == "diffusers":
-        check_diffusers_exportable(model)  # before touching `out`
+    writer = {
+        "diffusers": export_diffusers,
+        "safetensors": export_safetensors,
+        "ckpt": lambda model, out: export_ckpt(model, out, read_checkpoint(ckpt)),
+        "lora": export_lora,
+        "pipeline": export_pipeline,
+    }[format]
+    CHECKS.get(format, lambda model: None)(model)  # before touching `out`
     _prepare_out(out, overwrite)
-    if format == "ckpt":
-        export_ckpt(model, out, read_checkpoint(ckpt))
-    else:
-        (export_diffusers if format == "diffusers" else export_safetensors)(model, out)
+    writer(model, out)
     return model
 
 

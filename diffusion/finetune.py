@@ -145,3 +145,146 @@ def init_from_checkpoint(
     state, weights = net_state_dict(ckpt, use_ema=use_ema)
     report = InitReport(path=str(path), weights=weights, global_step=int(ckpt.get("global_step", 0)))
     return init_from_state_dict(net, state, ignore_keys=list(ignore_keys), strict=strict, report=report)
+
+
+# --- parameter-efficient and full fine-tuning (`finetune=lora|full`) ----------------------------------------------
+# LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): a frozen weight W gets a trainable
+# low-rank update W + (alpha / r) B A, with B zero at the start, so training starts from the base model exactly.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "diffusion.diffusers_unet.DiffusersCondUNet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "diffusion.diffusers_unet.DiffusersUNet": ["to_q", "to_k", "to_v", "to_out.0"],
+    "diffusion.unet.UNet": ["qkv", "q", "kv", "proj"],  # self- and cross-attention's projections
+}
+
+
+def base_source(*, init_from: str | None, use_ema: bool = True, pretrained: str | None = None) -> dict | None:
+    """Where a fine-tune's frozen base weights come from: a project checkpoint (init_from) or a pretrained folder/id."""
+    if init_from:
+        return {"kind": "checkpoint", "path": str(Path(init_from).expanduser().resolve()), "use_ema": use_ema}
+    if pretrained:
+        path = Path(pretrained).expanduser()
+        return {"kind": "pretrained", "path": str(path.resolve()) if path.exists() else str(pretrained)}
+    return None
+
+
+def load_base(net: nn.Module, source: dict) -> None:
+    """Load the base weights `source` names into `net` strictly (a checkpoint loads weights-only)."""
+    from diffusion.checkpoint import load_weights
+
+    if source.get("kind") == "checkpoint":
+        state, _ = net_state_dict(read_checkpoint(source["path"]), use_ema=bool(source.get("use_ema", True)))
+        load_weights(net, state, source=f"the LoRA base checkpoint {source['path']}")
+    elif source.get("kind") == "pretrained" and hasattr(net, "load_pretrained"):
+        net.load_pretrained(source["path"])
+    else:
+        raise ConfigError(f"a LoRA base must be a checkpoint or a pretrained folder for {type(net).__name__}: {source}")
+
+
+class LoRA:
+    """`finetune=lora`: freeze the network and train LoRA adapters on `target_modules` (peft's LoraConfig).
+
+    Args:
+        rank: r, the adapters' rank.
+        alpha: the update's scale is alpha / rank; null: alpha = rank.
+        target_modules: names (or name suffixes) of the Linear / Conv layers to adapt; null: the network's attention
+            projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets; qkv, q, kv, proj in ours).
+        dropout: dropout on the adapters' input.
+    """
+
+    def __init__(
+        self,
+        *,
+        rank: int = 8,
+        alpha: float | None = None,
+        target_modules: list[str] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        if rank < 1:
+            raise ConfigError(f"finetune.rank={rank} must be >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"finetune.dropout={dropout} must be in [0, 1)")
+        self.rank, self.alpha, self.dropout = rank, float(alpha if alpha is not None else rank), dropout
+        self.target_modules = list(target_modules) if target_modules else None
+
+    def apply(self, net: nn.Module, *, source: dict | None) -> LoRANet:
+        """`net` (already holding its base weights) frozen, with adapters; `source` is where the base came from."""
+        if source is None:
+            raise ConfigError("finetune=lora needs base weights: model.pretrained=<folder or Hub id> or init_from=PATH")
+        target = f"{type(net).__module__}.{type(net).__qualname__}"
+        targets = self.target_modules or DEFAULT_TARGETS.get(target)
+        if not targets:
+            raise ConfigError(f"finetune.target_modules is required for {target} (no default)")
+        return LoRANet(
+            source=source, rank=self.rank, alpha=self.alpha, target_modules=targets, dropout=self.dropout, net=net
+        )
+
+
+class Full:
+    """`finetune=full`: every network weight trains (frozen parts such as the VAE stay frozen); needs a base."""
+
+    def apply(self, net: nn.Module, *, source: dict | None) -> nn.Module:
+        if source is None:
+            raise ConfigError("finetune=full needs base weights: model.pretrained=<folder or Hub id> or init_from=PATH")
+        return net
+
+
+class LoRANet(nn.Module):
+    """A frozen base network with LoRA adapters: forward(...) is the base's, with the adapted layers.
+
+    Its state dict holds the adapters only; loading one keeps the base as it is. Its `config` says how to rebuild
+    it (the base's own description, where its weights come from, the LoRA settings), so a checkpoint holds the
+    adapter weights plus where the base came from, and `sample.py` / a resume rebuild base + adapters.
+
+    Args:
+        base: the base's description ({"target": class path, "config": {...}}); ignored when `net` is given.
+        source: where the base weights come from (`base_source`): {"kind": "checkpoint", "path", "use_ema"} or
+            {"kind": "pretrained", "path"}.
+        rank, alpha, target_modules, dropout: peft's LoraConfig r, lora_alpha, target_modules, lora_dropout.
+        net: the base network, already loaded (at training time); else it is built from `base` and `source`.
+    """
+
+    def __init__(
+        self,
+        *,
+        base: dict | None = None,
+        source: dict,
+        rank: int,
+        alpha: float,
+        target_modules: list[str],
+        dropout: float = 0.0,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from diffusion.checkpoint import build_net, describe_net, keep_in_state_dict
+
+        if net is None:
+            net = build_net(base, source="the LoRA base description")
+            load_base(net, source)
+        if isinstance(net, LoRANet):
+            raise ConfigError("finetune=lora on a network that already has LoRA adapters")
+        base = describe_net(net)
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout)
+        try:
+            inject_adapter_in_model(config, net)
+        except ValueError as e:
+            raise ConfigError(f"finetune.target_modules={list(target_modules)}: {str(e).splitlines()[0]}") from e
+        self.net = net
+        adapters = frozenset(f"net.{name}" for name, p in net.named_parameters() if p.requires_grad)
+        keep_in_state_dict(self, adapters)
+        self.config = dict(
+            base=base, source=dict(source), rank=rank, alpha=alpha, target_modules=list(target_modules), dropout=dropout
+        )
+        for attr in ("image_size", "in_channels", "num_classes", "context_dim"):
+            if hasattr(net, attr):
+                setattr(self, attr, getattr(net, attr))
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """peft's adapter weights, keyed as in the base network (`get_peft_model_state_dict`)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.net)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from diffusion.checkpoint import describe
+from diffusion.codec import Codec, IdentityCodec
 from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.errors import ConfigError, UserError
 from diffusion.process.base import Process
@@ -57,6 +58,8 @@ class DiffusionModule(L.LightningModule):
         net: maps (x, t, **conditioning kwargs) to the prediction target; e.g. `diffusion.unet.UNet`.
         schedule: the process (`diffusion.process.Process`: a discrete `NoiseSchedule`, `EDM` or `Flow`): how
             levels are drawn, what the network is given and asked for, and the loss weighting.
+        codec: what the network models in place of pixels (`diffusion.codec`): batches are encoded through it
+            (pixels, or a latent cache's moments), and samples decode through it; default pixels.
         conditioning: turns a batch's conditions (labels, captions) into the net's keyword arguments
             (`diffusion.conditioning`); default: class labels when the net has `num_classes`, else none. A
             trainable text encoder inside it is trained with the net.
@@ -84,6 +87,7 @@ class DiffusionModule(L.LightningModule):
         *,
         net: nn.Module,
         schedule: Process,
+        codec: Codec | None = None,
         conditioning: Conditioning | None = None,
         optimizer: OptimizerFactory | None = None,
         warmup_steps: int = 0,
@@ -108,9 +112,10 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(f"module.nonfinite={nonfinite!r} is not one of 'error', 'skip', 'off'")
         if max_consecutive_skips < 0:
             raise ConfigError(f"module.max_consecutive_skips={max_consecutive_skips} must be >= 0")
-        self.save_hyperparameters(ignore=["net", "schedule", "conditioning", "optimizer"])
+        self.save_hyperparameters(ignore=["net", "schedule", "codec", "conditioning", "optimizer"])
         self.net = net
         self.schedule = schedule
+        self.codec = codec if codec is not None else IdentityCodec()  # frozen; its tensors stay out of checkpoints
         self.conditioning = conditioning or class_or_none(num_classes=getattr(net, "num_classes", None))
         self.conditioning.check_network(net)
         self.optimizer_factory = optimizer or (lambda params: torch.optim.AdamW(params, lr=1e-4))
@@ -169,10 +174,11 @@ class DiffusionModule(L.LightningModule):
         return mse * self.schedule.loss_weight(level)
 
     def training_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> Tensor:
-        x0, y = batch
-        if self.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        with self.training_rng(x0.device):
+        x, y = batch
+        with self.training_rng(x.device):
+            x0 = self.codec.encode(x)  # a latent sample (or the mean, codec.sample=false) on the training stream
+            if self.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             level = self.schedule.draw_levels(x0.shape[0], device=x0.device)
             noise = torch.randn_like(x0)
             loss = self.per_sample_loss(x0, level, noise, self.conditions(y, x0.device, train=True)).mean()
@@ -367,7 +373,8 @@ class DiffusionModule(L.LightningModule):
 
     # --- validation at fixed noise and noise levels ---------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> None:
-        x0, y = batch
+        x, y = batch
+        x0 = self.codec.encode(x, sample=False)  # the latent mean: the same val/loss every time
         b, k = x0.shape[0], len(self.val_bucket_loss)
         g = torch.Generator().manual_seed(self.val_seed * 1_000_003 + batch_idx)
         # Stratified levels: sample i falls in bucket i mod k, at a seeded position inside it.
@@ -402,9 +409,10 @@ class DiffusionModule(L.LightningModule):
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     def configure_optimizers(self):
-        # the net and a trainable text encoder (frozen encoders have no gradients)
-        trainable = [p for p in self.conditioning.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory([*self.net.parameters(), *trainable])
+        # what trains: the net's trainable weights (LoRA: the adapters) and a trainable text encoder; frozen
+        # weights get no optimizer state
+        params = [*self.net.parameters(), *self.conditioning.parameters()]
+        optimizer = self.optimizer_factory([p for p in params if p.requires_grad])
         self._check_fused_clipping(optimizer)
         self._configured_lrs = [group["lr"] for group in optimizer.param_groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
@@ -446,7 +454,7 @@ class DiffusionModule(L.LightningModule):
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
-        checkpoint["diffusion"] = describe(self.net, self.schedule, self.conditioning)
+        checkpoint["diffusion"] = describe(self.net, self.schedule, self.conditioning, codec=self.codec)
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["consecutive_skips"] = self.consecutive_skips
         if self.rng_state is not None:

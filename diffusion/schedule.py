@@ -23,7 +23,7 @@ from torch import Tensor
 from diffusion.errors import ConfigError
 from diffusion.process.base import Process, check_choice
 
-ScheduleKind = Literal["linear", "cosine", "sigmoid"]
+ScheduleKind = Literal["linear", "cosine", "sigmoid", "scaled_linear"]
 Prediction = Literal["eps", "v", "x0"]
 
 
@@ -45,6 +45,8 @@ def make_betas(
       so that the total noise stays the same, as in improved-diffusion).
     - cosine: Nichol & Dhariwal 2021, eq. 17: alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2).
     - sigmoid: Jabri et al. 2022: alpha_bar(t) follows a scaled, flipped sigmoid over [start, end] / tau.
+    - scaled_linear: Stable Diffusion's (Rombach et al. 2022), sqrt(beta) evenly spaced from sqrt(beta_start) to
+      sqrt(beta_end), not rescaled for T (SD: 0.00085, 0.012, T = 1000; diffusers' "scaled_linear").
     Cosine and sigmoid betas are clipped at max_beta to avoid the singularity at t = T.
     """
     check_choice("schedule.kind", kind, ScheduleKind)
@@ -53,6 +55,9 @@ def make_betas(
     if kind == "linear":
         scale = 1000.0 / num_steps
         return torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64).clamp(max=max_beta)
+    if kind == "scaled_linear":
+        root = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64)
+        return (root**2).clamp(max=max_beta)
     t = torch.linspace(0.0, 1.0, num_steps + 1, dtype=torch.float64)  # t/T at the T+1 edges
     if kind == "cosine":
         f = torch.cos((t + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2

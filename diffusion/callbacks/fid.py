@@ -272,7 +272,8 @@ def _plain(value):
 
 def reference_images(datamodule: L.LightningDataModule, split: str) -> Dataset | None:
     """The split's (image, label) dataset as the reference statistics see it: without training flips."""
-    dataset = getattr(datamodule, f"{split}_set", None)
+    pixels = getattr(datamodule, f"{split}_pixels", None)  # a latent cache's datamodule keeps its pixels apart
+    dataset = pixels if pixels is not None else getattr(datamodule, f"{split}_set", None)
     return dataset.dataset if isinstance(dataset, _FlipBatch) else dataset
 
 

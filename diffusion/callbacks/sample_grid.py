@@ -19,6 +19,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
+from diffusion.checkpoint import image_shape
+from diffusion.codec import sampler_for
 from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.data import to_unit_range
 from diffusion.errors import ConfigError
@@ -26,9 +28,9 @@ from diffusion.samplers import SamplePrecision, draw_noise, image_generators, pr
 
 
 def module_conditioning(pl_module) -> Conditioning:
-    """The module's conditioning; for modules without one, what its network implies (class labels or none)."""
-    conditioning = getattr(pl_module, "conditioning", None)
-    return conditioning or class_or_none(num_classes=getattr(pl_module.net, "num_classes", None))
+    """The module's conditioning; for a bare module without one, what its network implies (labels or none)."""
+    found = getattr(pl_module, "conditioning", None)
+    return found if found is not None else class_or_none(num_classes=getattr(pl_module.net, "num_classes", None))
 
 
 @torch.no_grad()
@@ -41,7 +43,8 @@ def generate(
     batch_size: int = 64,
     precision: SamplePrecision = "fp32",
 ) -> Tensor:
-    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode.
+    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode, decoded to
+    pixels through the module's codec.
 
     Sample i starts from noise seeded seed + i and, for conditional nets, is conditioned on condition i mod K of
     the module's conditioning's K `preview_conditions()` (the classes, or a text model's preview prompts); so
@@ -50,8 +53,8 @@ def generate(
     network's autocast precision ("bf16" under a bf16 trainer); the sampler's arithmetic stays fp32.
     """
     net, schedule = pl_module.net, pl_module.schedule
-    cfg = getattr(net, "config", {})
-    shape = (cfg.get("in_channels", 3), cfg.get("image_size", 32), cfg.get("image_size", 32))
+    codec = getattr(pl_module, "codec", None)
+    shape = image_shape(net)  # in the codec's latent space
     conditioning = module_conditioning(pl_module)
     conditions = conditioning.preview_conditions()
     indices = list(indices)
@@ -68,7 +71,8 @@ def generate(
             if conditions:
                 kwargs = conditioning([conditions[i % len(conditions)] for i in chunk], device=pl_module.device)
             model = with_precision(lambda x, t, kw=kwargs: net(x, t, **kw), precision, pl_module.device)
-            out.append(sampler(model, schedule, noise, generator=generators))
+            z = sampler_for(sampler, codec)(model, schedule, noise, generator=generators)
+            out.append(codec.decode(z) if codec is not None else z)  # pixels in [-1, 1]
     finally:
         net.train(was_training)
     return torch.cat(out) if out else torch.empty(0, *shape)

@@ -200,6 +200,51 @@ class ArrayImages(Dataset):
         return x[0], y[0]
 
 
+class LatentMoments(Dataset):
+    """Cached latent moments (mean and log-variance of q(z | x), float32 (N, 2c, h, w), memory-mapped .npy) with
+    long labels: the codec samples a latent from them per step. With `mirrors` = N the file also holds each image's
+    mirror image's moments at row N + i, and training item i of epoch e is mirrored when `flip_mask(seed, e, [i])`
+    says so, as `_FlipBatch` flips pixels (an encoded mirror image, not mirrored latents)."""
+
+    whole_batches = True  # __getitems__ returns the batch: the loader passes it on as it is
+
+    def __init__(
+        self, moments: str | Path, labels: Tensor, rows: list[int], *, mirrors: int | None = None, seed: int = 0
+    ) -> None:
+        self.moments, self.labels, self.mirrors, self.seed = moments, labels, mirrors, seed
+        self.rows = torch.as_tensor(rows, dtype=torch.long)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._array = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
+        import numpy as np
+
+        if self._array is None:
+            self._array = np.load(self.moments, mmap_mode="r")
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = self.rows[index]
+        if self.mirrors:
+            rows = rows + self.mirrors * flip_mask(self.seed, int(self._epoch), index.tolist()).long()
+        order = rows.argsort()  # memmaps read fastest in ascending order
+        x = torch.empty((len(rows), *self._array.shape[1:]), dtype=torch.float32)
+        x[order] = torch.from_numpy(np.ascontiguousarray(self._array[rows[order].numpy()]))
+        return x, self.labels[self.rows[index]]
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+
+def _whole_batch(batch):
+    return batch
+
+
 def image_loader(
     dataset: Dataset,
     *,
@@ -232,7 +277,7 @@ def image_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=Uint8Batch() if uint8 else None,
+        collate_fn=Uint8Batch() if uint8 else (_whole_batch if getattr(inner, "whole_batches", False) else None),
     )
 
 

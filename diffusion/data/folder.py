@@ -11,6 +11,9 @@ check fails at the step it is read, with the same message (or is replaced by ano
 mtimes) and the preprocessing; training then slices that memmap, with flips done on the batch. A cache whose key
 no longer matches is never reused: a new one is built (written to a temp file, then renamed, so an interrupted
 build leaves nothing half-written) and the stale one is deleted. Under DDP rank zero builds it in prepare_data.
+With a latent codec (`codec=vae`), `data.cache=true` then encodes every cached image once into a second cache of
+latent moments, keyed by the pixel cache and the codec's fingerprint (another VAE never reuses it); batches hold
+those moments and the codec samples a latent from them each step.
 
 Captions (`data.captions=true`), for text conditioning, follow the Hugging Face imagefolder convention: a
 `metadata.jsonl` or `metadata.csv` (in the folder or any subfolder) with a `file_name` column (relative to the
@@ -39,7 +42,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from diffusion.data.base import ArrayImages, Captioned, _SplitDataModule, split_indices
+from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
 
@@ -204,6 +207,8 @@ class ImageFolderDataModule(_SplitDataModule):
         verify: "header" reads each file's header at setup; "full" decodes every file (finds truncated files).
         cache: decode once into a uint8 memmap and train from it (see the module docstring).
         cache_dir: where the cache goes; default `<path>/.diffusion-cache`.
+        codec: with `cache`, a latent codec (`diffusion.codec.VAECodec`, passed by train.py for codec=vae): the
+            cache also holds each image's latent moments, and batches hold those (see `_latent_cached`).
         captions: batches hold captions (from metadata.jsonl / metadata.csv, or .txt files) in place of labels.
         caption_column: the metadata column holding the captions.
         caption: one caption for every image (a folder without captions, e.g. "a photo of sks dog").
@@ -231,6 +236,7 @@ class ImageFolderDataModule(_SplitDataModule):
         captions: bool = False,
         caption_column: str = "text",
         caption: str | None = None,
+        codec=None,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -275,6 +281,11 @@ class ImageFolderDataModule(_SplitDataModule):
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.path / ".diffusion-cache"
         self.num_skipped = 0
         self.cache_file: Path | None = None
+        # data.cache=true with a latent codec (train.py passes it): the cache holds each image's latent moments
+        self.codec = codec
+        self.latent_file: Path | None = None
+        self.train_pixels: Dataset | None = None  # the pixel images of the splits, for FID's reference statistics
+        self.val_pixels: Dataset | None = None
         if labels:
             self.classes = self._classes()
             self.num_classes = len(self.classes)
@@ -442,11 +453,49 @@ class ImageFolderDataModule(_SplitDataModule):
     def _shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
+    def _latent_cached(self, pixels: Path) -> Path:
+        """The latent cache of the pixel cache `pixels`: each image's moments through the codec (and its mirror
+        image's when data.flip=true), float32 (N or 2N, 2c, h, w), built once. Keyed by the pixel cache (files and
+        preprocessing) and the codec's fingerprint (its config and weights): another VAE never reuses it."""
+        key = f"{pixels.stem}-latents-{self.codec.fingerprint()}-{'flip' if self.flip else 'noflip'}"
+        npy = pixels.with_name(f"{key}.npy")
+        if npy.exists():
+            return npy
+        images = np.load(pixels, mmap_mode="r")
+        n, step = len(images), self.codec.encode_batch_size
+        info(f"data: encoding {n} images through the codec into the latent cache {npy} (once)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # encode on the GPU when there is one
+        home = next(self.codec.parameters()).device
+        self.codec.to(device)
+        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            array = None
+            for lo in range(0, n, step):
+                x = torch.from_numpy(np.array(images[lo : lo + step])).to(device, torch.float32) * (2 / 255) - 1
+                for mirror, batch in enumerate((x, x.flip(-1)) if self.flip else (x,)):
+                    moments = self.codec.moments(batch).cpu().numpy()  # (B, 2c, h, w)
+                    if array is None:
+                        shape = ((2 if self.flip else 1) * n, *moments.shape[1:])
+                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                    array[mirror * n + lo : mirror * n + lo + len(batch)] = moments
+            array.flush()
+            del array
+            os.replace(tmp, npy)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.codec.to(home)
+        for stale in self.cache_dir.glob(f"{glob.escape(pixels.stem)}-latents-*.npy"):  # another codec's
+            if stale != npy:
+                stale.unlink(missing_ok=True)
+        return npy
+
     # --- Lightning hooks -------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         """Rank zero (per node) builds the cache, so the other ranks find it in setup."""
         if self.cache:
             self.cache_file, _ = self._cached(self._scan()[0])
+            if self.codec is not None:
+                self.latent_file = self._latent_cached(self.cache_file)
 
     def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:
         """(train, val) positions into `good`: a fixed-seed fraction."""
@@ -459,6 +508,8 @@ class ImageFolderDataModule(_SplitDataModule):
         captions, caption_problems = self._read_captions(files) if self.captioned else (None, None)
         if self.cache:
             self.cache_file, good = self._cached(files)
+            if self.codec is not None:
+                self.latent_file = self._latent_cached(self.cache_file)
         else:
             good = self._report(files, self._inspect(files, decode=self.verify == "full"))
         if caption_problems is not None:
@@ -474,7 +525,14 @@ class ImageFolderDataModule(_SplitDataModule):
 
         def subset(rows: list[int], train: bool) -> Dataset:
             idx = [good[r] for r in rows]
-            if self.cache:
+            if self.latent_file is not None:
+                pixels = ArrayImages(str(self.cache_file), labels_t, rows=idx)
+                setattr(self, "train_pixels" if train else "val_pixels", pixels)
+                mirrors = len(files) if self.flip else None
+                images = LatentMoments(
+                    str(self.latent_file), labels_t, rows=idx, mirrors=mirrors if train else None, seed=self.seed
+                )
+            elif self.cache:
                 images = ArrayImages(str(self.cache_file), labels_t, rows=idx)
             else:
                 prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
@@ -487,6 +545,8 @@ class ImageFolderDataModule(_SplitDataModule):
 
         self.train_set = subset(train_rows, train=True)
         self.val_set = subset(val_rows, train=False)
+        if self.latent_file is not None:
+            self.flip = False  # the latent cache flips by taking the mirror image's moments (LatentMoments)
 
 
 class CelebADataModule(ImageFolderDataModule):
@@ -513,6 +573,7 @@ class CelebADataModule(ImageFolderDataModule):
         verify: Literal["header", "full"] = "header",
         cache: bool = True,
         cache_dir: str | None = None,
+        codec=None,
     ) -> None:
         root = Path(str(path)).expanduser() if path not in (None, "", "???") else None
         if root is not None and root.name != "img_align_celeba":
@@ -540,6 +601,7 @@ class CelebADataModule(ImageFolderDataModule):
             verify=verify,
             cache=cache,
             cache_dir=cache_dir,
+            codec=codec,
         )
 
     def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:

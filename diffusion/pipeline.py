@@ -1,0 +1,119 @@
+"""Stable Diffusion-class pipeline folders: load their parts as the project's seams.
+
+A `StableDiffusionPipeline` folder (written by `save_pretrained`, or a Hub id such as
+`stable-diffusion-v1-5/stable-diffusion-v1-5`) holds unet/, vae/, text_encoder/, tokenizer/ and scheduler/.
+`model.pretrained=<folder or id>` (e.g. `experiment=sd_lora`) takes each part where it goes:
+the UNet2DConditionModel is the network (`diffusion.diffusers_unet.DiffusersCondUNet`), the VAE is the codec
+(`diffusion.codec.VAECodec`), and the scheduler's config is the noise schedule (`schedule_from_pipeline`: its
+num_train_timesteps, beta schedule and endpoints, and prediction type, so training matches the base model).
+`load_component` is the one loader of a part: a local folder (the part's own folder, or a pipeline folder with
+the part in its subfolder) or a Hub id, with one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
+from diffusion.schedule import NoiseSchedule
+
+# diffusers' beta_schedule -> ours; prediction_type -> ours
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
+PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _diffusers_class(name: str):
+    from diffusion.diffusers_unet import import_diffusers
+
+    return getattr(import_diffusers(), name)
+
+
+def load_component(
+    cls: Any, pretrained: str, *, subfolder: str, key: str, config_name: str = "config.json", **kwargs: Any
+):
+    """`cls.from_pretrained(..., **kwargs)` (a diffusers or transformers class, or a diffusers class name) on a local
+    folder (the part's folder, or a pipeline folder holding it in `subfolder`) or a Hub id; one-line errors name
+    `key`."""
+    cls = _diffusers_class(cls) if isinstance(cls, str) else cls
+    extra = {"low_cpu_mem_usage": False, **kwargs} if cls.__module__.startswith("diffusers") else kwargs
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        for folder in (path, path / subfolder):
+            if (folder / config_name).is_file():
+                return cls.from_pretrained(str(folder), **extra)
+        raise MissingPathError(
+            f"{key}={pretrained} holds no {config_name} (nor {subfolder}/{config_name}): "
+            "not a folder written by save_pretrained"
+        )
+    if path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1:
+        raise MissingPathError(f"{key}={pretrained} is not a folder written by save_pretrained")
+    offline = _offline()
+    errors = []
+    for sub in (None, subfolder):  # model repos keep the part at the root, pipeline repos in its subfolder
+        try:
+            return cls.from_pretrained(pretrained, subfolder=sub, local_files_only=offline, **extra)
+        except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line below
+            errors.append(" ".join(str(e).split())[:200] or type(e).__name__)
+    where = "offline (HF_HUB_OFFLINE is set) and not in the local Hugging Face cache" if offline else errors[0]
+    raise PathError(
+        f"{key}={pretrained}: could not load it from the Hugging Face Hub ({where}); download it once "
+        "while online, or pass a local folder written by save_pretrained"
+    )
+
+
+def read_scheduler_config(pretrained: str, *, key: str = "schedule.path") -> dict:
+    """The scheduler config of a pipeline folder (scheduler/scheduler_config.json), a scheduler folder or a Hub id."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        for file in (path / "scheduler" / "scheduler_config.json", path / "scheduler_config.json"):
+            if file.is_file():
+                try:
+                    return json.loads(file.read_text())
+                except json.JSONDecodeError as e:
+                    raise BadFileError(f"{file} is not JSON ({e})") from e
+        raise MissingPathError(f"{key}={pretrained} holds no scheduler/scheduler_config.json")
+    if path.exists() or pretrained.startswith((".", "/", "~")):
+        raise MissingPathError(f"{key}={pretrained} is not a pipeline folder")
+    try:
+        return dict(_diffusers_class("DDPMScheduler").load_config(pretrained, subfolder="scheduler"))
+    except Exception as e:  # noqa: BLE001
+        reason = " ".join(str(e).split())[:200]
+        raise PathError(f"{key}={pretrained}: could not read its scheduler config ({reason})") from e
+
+
+def schedule_kwargs(config: dict, *, key: str = "schedule.path") -> dict:
+    """NoiseSchedule arguments equal to a diffusers scheduler config (DDPM, DDIM, PNDM, Euler, ... share them)."""
+    if config.get("trained_betas") is not None:
+        raise ConfigError(f"{key}: the scheduler has trained_betas, which schedule=pretrained does not read")
+    if config.get("rescale_betas_zero_snr"):
+        raise ConfigError(f"{key}: rescale_betas_zero_snr=true is not supported")
+    beta_schedule = config.get("beta_schedule", "linear")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"{key}: beta_schedule={beta_schedule!r} is not one of {', '.join(BETA_SCHEDULES)}")
+    if prediction_type not in PREDICTIONS:
+        raise ConfigError(f"{key}: prediction_type={prediction_type!r} is not one of {', '.join(PREDICTIONS)}")
+    num_steps = int(config.get("num_train_timesteps", 1000))
+    kind = BETA_SCHEDULES[beta_schedule]
+    scale = num_steps / 1000.0 if kind == "linear" else 1.0  # our linear betas are rescaled by 1000 / T
+    return dict(
+        kind=kind,
+        num_steps=num_steps,
+        prediction=PREDICTIONS[prediction_type],
+        beta_start=float(config.get("beta_start", 0.0001)) * scale,
+        beta_end=float(config.get("beta_end", 0.02)) * scale,
+    )
+
+
+def schedule_from_pipeline(*, path: str, min_snr_gamma: float | None = None) -> NoiseSchedule:
+    """The noise schedule a pipeline was trained with (`schedule=pretrained`, path: usually ${model.pretrained})."""
+    if path in (None, "", "???"):
+        raise ConfigError("schedule=pretrained needs schedule.path (or model.pretrained) = a pipeline folder or Hub id")
+    return NoiseSchedule(**schedule_kwargs(read_scheduler_config(str(path))), min_snr_gamma=min_snr_gamma)
