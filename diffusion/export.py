@@ -41,6 +41,7 @@ import torch
 from diffusion.checkpoint import (
     EMA_KEY,
     LoadedModel,
+    build_codec,
     build_net,
     check_description,
     load_model,
@@ -56,6 +57,7 @@ ExportFormat = Literal["diffusers", "safetensors", "ckpt", "lora", "pipeline"]
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONDITIONING_NAME = "conditioning.safetensors"  # a trained text encoder's weights, when there is one
 CKPT_NAME = "model.ckpt"
 
 
@@ -154,6 +156,9 @@ def export_safetensors(model: LoadedModel, out: Path) -> None:
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
     write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt", "weights": model.weights}))
+    text_state = {k: v.detach().contiguous().cpu() for k, v in model.conditioning.state_dict().items()}
+    if text_state:  # a jointly trained text encoder (a frozen pretrained one is named in the description)
+        write_bytes(out / CONDITIONING_NAME, save(text_state, metadata={"format": "pt"}))
     config = {**model.description, "weights": model.weights, "global_step": model.global_step}
     write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
 
@@ -290,6 +295,8 @@ def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu")
     """Rebuild network and process from a folder written by `export(format="safetensors")`."""
     from safetensors.torch import load_file
 
+    from diffusion.conditioning import build_conditioning
+
     folder = Path(folder).expanduser()
     if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
         raise MissingPathError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
@@ -302,12 +309,28 @@ def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu")
     net = build_net(config["net"], source=source)
     load_weights(net, load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
     schedule = build_process(config["schedule"])
+    conditioning = build_conditioning(config.get("conditioning"), net=net, source=source)
+    if (folder / CONDITIONING_NAME).is_file():
+        try:
+            conditioning.load_state_dict(load_file(str(folder / CONDITIONING_NAME)))
+        except RuntimeError as e:
+            raise BadFileError(
+                f"{folder / CONDITIONING_NAME} does not fit the text encoder of {source} ({e})"
+            ) from None
+    elif conditioning.state_dict():
+        raise MissingPathError(f"{folder} holds no {CONDITIONING_NAME}, the weights of the text encoder {source} names")
+    conditioning.check_network(net)
+    codec = build_codec(config.get("codec"), source=source)
     net.eval().to(map_location)
+    conditioning.eval().to(map_location)
     schedule.to(map_location)
+    codec.to(map_location)
     return LoadedModel(
         net=net,
         schedule=schedule,
+        conditioning=conditioning,
         weights=config["weights"],
         global_step=config["global_step"],
-        description={k: config[k] for k in ("format", "net", "schedule")},
+        description={k: config[k] for k in ("format", "net", "schedule", "conditioning", "codec") if k in config},
+        codec=codec,
     )

@@ -108,6 +108,15 @@ def test_conditional_diffusers_unet_has_no_pipeline():
     from tests.test_diffusers_unet import TINY_UNET
 
     net = DiffusersUNet(image_size=16, in_channels=1, num_classes=2, unet=TINY_UNET)
-    model = LoadedModel(net=net, schedule=NoiseSchedule(num_steps=10), weights="raw", global_step=0, description={})
+    from diffusion.conditioning import class_or_none
+
+    model = LoadedModel(
+        net=net,
+        schedule=NoiseSchedule(num_steps=10),
+        conditioning=class_or_none(num_classes=2),
+        weights="raw",
+        global_step=0,
+        description={},
+    )
     with pytest.raises(ValueError, match="class-conditional"):
         check_diffusers_exportable(model)

@@ -27,7 +27,7 @@ from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathEr
 
 
 class HFImages(Dataset):
-    """Rows of a `datasets.Dataset` as whole uint8 batches `(x (B, C, S, S), y (B,)[, captions])`."""
+    """Rows of a `datasets.Dataset` as whole uint8 batches `(x (B, C, S, S), y (B,) or captions)`."""
 
     uint8_batches = True
 
@@ -63,7 +63,7 @@ class HFImages(Dataset):
         labels = batch[self.label_column] if self.label_column else [-1] * len(rows)
         y = torch.tensor(labels, dtype=torch.long)
         if self.caption_column:
-            return x, y, [str(c) for c in batch[self.caption_column]]
+            return x, [str(c) for c in batch[self.caption_column]]  # captions in the labels' place
         return x, y
 
     def __getitem__(self, i: int) -> tuple:

@@ -468,7 +468,7 @@ def iter_samples(location: Location, name: str, expected: int) -> Iterator[tuple
 
 
 class ShardStream(IterableDataset):
-    """The training stream of one rank: yields whole uint8 batches `(x (B, C, S, S), y (B,)[, captions])`.
+    """The training stream of one rank: yields whole uint8 batches `(x (B, C, S, S), y (B,) or captions)`.
 
     `epoch` and `skip` (batches of this rank already trained in that epoch) are set by `ShardLoader` before each
     iteration; workers are started afresh per epoch, so each receives them with the dataset.
@@ -570,7 +570,8 @@ class ShardStream(IterableDataset):
             flips = flip_mask(self.seed, self.epoch, [i for i, _ in samples])
             x[flips] = x[flips].flip(-1)
         y = torch.tensor(ys, dtype=torch.long)
-        return (x, y, texts) if self.captions else (x, y)
+        # captions take the labels' place: a batch's conditions are labels or captions (diffusion.conditioning)
+        return (x, texts) if self.captions else (x, y)
 
 
 class ShardLoader(DataLoader):
@@ -603,7 +604,7 @@ class ShardDataModule(_SplitDataModule):
         crop, crop_size, allow_upscale: as `data=folder`.
         shuffle: shuffle the shard order and the samples (through `shuffle_buffer` samples) each epoch.
         labels: yield the shards' class labels (else -1).
-        captions: yield `(images, labels, captions)` batches with the captions as a list of strings.
+        captions: yield `(images, captions)` batches, the captions (a list of strings) in the labels' place.
         val_samples: at most this many samples of the val split, decoded once into memory for validation.
     """
 
