@@ -24,7 +24,8 @@ from diffusion.checkpoint import read_checkpoint
 from diffusion.errors import ConfigError, UserError, user_error_message
 from diffusion.extras import config_tree, run_tags
 from tests import fabricate
-from tests.conftest import CONF, ROOT, compose_train, run_cli, run_train
+from tests.conftest import CONF, ROOT, compose_train, run_cli, run_train, write_image
+from tests.pipelines import save_tiny_sd
 from tests.test_loggers import read_wandb_records
 from tests.test_recipes import FID, SHRINK, check_run
 
@@ -34,8 +35,12 @@ DEBUGS = sorted(p.stem for p in (CONF / "debug").glob("*.yaml") if p.stem != "de
 # Values (key=value) an option's job adds to the shared overrides; an option without an entry gets DEFAULT_EXTRAS.
 # "{base}" is a tiny trained run folder of the shrunk unet_small (for init_from), "{data}" the fabricated datasets.
 DEFAULT_EXTRAS = SHRINK  # the U-Net narrower and shallower; a recipe with another network lists its own shrink
+# Stable Diffusion-class experiments: a tiny pipeline folder (tests/pipelines.py) and a captioned image folder
+SD_EXTRAS = ["model.pretrained={sd}", "data.path={captioned}", "data.image_size=16", "data.val_fraction=0.25"]
 EXPERIMENT_EXTRAS: dict[str, list[str]] = {
     "finetune": [*SHRINK, "init_from={base}"],
+    "sd_lora": SD_EXTRAS,
+    "sd_full": SD_EXTRAS,
 }
 DEBUG_EXTRAS: dict[str, list[str]] = {
     "overfit": ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.sample_grid.every_n_steps=20"],
@@ -76,7 +81,10 @@ def sweep(tmp_path: Path, group: str, names: list[str], extras: dict, default: l
     """`python train.py -m +job=<names> <shared>` from tmp_path: one job per option; {job name: its folder}."""
     conf = tmp_path / "wrappers"
     for name in names:
-        values = [v.format(base=tmp_path / "base", data=tmp_path / "data") for v in extras.get(name, default)]
+        places = dict(
+            base=tmp_path / "base", data=tmp_path / "data", sd=tmp_path / "sd", captioned=tmp_path / "captioned"
+        )
+        values = [v.format(**places) for v in extras.get(name, default)]
         body = OmegaConf.to_container(OmegaConf.from_dotlist(values)) if values else {}
         text = f"# @package _global_\ndefaults:\n  - override /{group}: {name}\n  - _self_\n"
         (conf / "job").mkdir(parents=True, exist_ok=True)
@@ -113,6 +121,12 @@ def test_every_experiment_runs_in_one_sweep(tmp_path):
     fabricate.cifar10(data, per_batch=4)
     fabricate.mnist(data, train=16, test=4)
     fabricate.celeba(data, train=12, valid=4, test=2)
+    save_tiny_sd(tmp_path / "sd")
+    for i in range(16):
+        write_image(tmp_path / "captioned" / f"{i}.png", (20, 20), seed=i)
+    (tmp_path / "captioned" / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo number {i % 3}"}) + "\n" for i in range(16))
+    )
     base = [*SHRINK, "trainer=cpu", "trainer.max_steps=1", "callbacks=[model_checkpoint]", "logger=none"]
     run_train(tmp_path / "base", base, tiny=False)
     jobs = sweep(tmp_path, "experiment", EXPERIMENTS, EXPERIMENT_EXTRAS, DEFAULT_EXTRAS, SHARED + EXPERIMENT_SHARED)
