@@ -100,7 +100,7 @@ def test_sd_lora_train_sample_export_reloads_in_diffusers(tmp_path, sd_pipeline,
         assert img.size == (16, 16) and img.mode == "RGB"  # pixels, decoded from 8x8 latents
     # 4. export.py format=lora loads into the diffusers pipeline with the same U-Net outputs
     lora_dir = tmp_path / "lora"
-    result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={lora_dir}", "format=lora", "ema=false")
+    result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={lora_dir}", "format=lora", "use_ema=false")
     assert result.returncode == 0, result.stderr[-3000:]
     base.load_lora_weights(str(lora_dir))
     x, t, context = unet_inputs()

@@ -47,7 +47,9 @@ def shard_set(tmp_path_factory) -> Path:
     return root / "shards"
 
 
-def stream(path: Path, *, world: int, rank: int, workers: int, seed: int = 0, shuffle: bool = True) -> ShardStream:
+def stream(
+    path: Path, *, world: int, rank: int, workers: int, seed: int = 0, shuffle: bool = True, captions: bool = True
+) -> ShardStream:
     """Rank `rank` of `world`'s training stream, as the datamodule builds it under DDP."""
     dm = ShardDataModule(path=str(path), image_size=16, batch_size=4, seed=seed, captions=True, shuffle_buffer=5)
     return ShardStream(
@@ -60,7 +62,7 @@ def stream(path: Path, *, world: int, rank: int, workers: int, seed: int = 0, sh
         buffer=5,
         flip=False,
         labels=True,
-        captions=True,
+        captions=captions,
         world=world,
         rank=rank,
         workers=workers,
@@ -101,8 +103,8 @@ def test_a_resumed_epoch_yields_exactly_the_samples_not_yet_seen(shard_set, stop
         if state is not None:
             dm.load_state_dict(state)
         loader = dm.train_dataloader()
-        first = [c for _, _, c in loader]
-        return first, [c for _, _, c in loader], dm
+        first = [c for _, c in loader]
+        return first, [c for _, c in loader], dm
 
     straight, next_epoch, dm = run(None)
     assert len(straight) == 11 and dm._epoch == 1
@@ -128,12 +130,15 @@ def test_the_writer_round_trips_pixels_labels_and_captions(tmp_path):
     folder.setup()
     shards = ShardDataModule(path=str(tmp_path / "shards"), image_size=16, captions=True)
     shards.setup()
-    batches = list(stream(tmp_path / "shards", world=1, rank=0, workers=1, shuffle=False))  # 2 of 4 (1 dropped)
-    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    # 2 batches of 4 (1 dropped); with captions they take the labels' place
+    batches = list(stream(tmp_path / "shards", world=1, rank=0, workers=1, shuffle=False))
+    labelled = list(stream(tmp_path / "shards", world=1, rank=0, workers=1, shuffle=False, captions=False))
+    x, y = torch.cat([b[0] for b in labelled]), torch.cat([b[1] for b in labelled])
+    assert torch.equal(x, torch.cat([b[0] for b in batches]))
     fx, fy = folder.train_set.__getitems__(list(range(8)))
     assert torch.equal(x, fx) and torch.equal(y, fy)  # the same pixels and labels as data=folder, in written order
     files = [folder.train_set.files[i].stem for i in range(8)]
-    assert batches[0][2] + batches[1][2] == [("from metadata" if f == "000" else f"image {int(f)}") for f in files]
+    assert batches[0][1] + batches[1][1] == [("from metadata" if f == "000" else f"image {int(f)}") for f in files]
     vx, vy = folder.val_set.__getitems__(list(range(3)))
     assert torch.equal(shards.val_set.images, vx) and torch.equal(shards.val_set.labels, vy)  # the same val split
 
@@ -206,7 +211,7 @@ def test_shards_stream_over_http_as_from_disk(shard_set):
         for dm in (remote, local):
             dm.setup()
         pairs = zip(remote.train_dataloader(), local.train_dataloader(), strict=True)
-        assert all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in pairs)
+        assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
         assert torch.equal(remote.val_set.images, local.val_set.images)
         with pytest.raises(MissingPathError, match="nothing/index.json does not exist"):
             ShardDataModule(path=url + "nothing", image_size=16)
