@@ -106,3 +106,20 @@ def image_folder(tmp_path: Path) -> Path:
         write_image(root / "dogs" / "nested" / f"d{i}.jpg", (36, 48), "L", seed=10 + i)
     write_image(root / "dogs" / "d_extra.bmp", (32, 32), "RGB", seed=99)
     return root
+
+
+def tiny_unet(**overrides):
+    """A U-Net of 8x8 one-channel images with one attention level, small enough for unit tests."""
+    from diffusion.unet import UNet
+
+    config = dict(
+        in_channels=1,
+        image_size=8,
+        base_channels=8,
+        channel_mult=[1, 2],
+        num_res_blocks=1,
+        attention_resolutions=[4],
+        attention_head_dim=8,
+        norm_groups=4,
+    )
+    return UNet(**{**config, **overrides})

@@ -9,7 +9,7 @@ import torch
 from diffusion.checkpoint import load_model, net_state_dict, read_checkpoint
 from diffusion.finetune import LoRA, LoRANet, base_source
 from diffusion.unet import UNet
-from tests.conftest import compose_train, run_cli, run_train
+from tests.conftest import compose_train, run_cli, run_train, tiny_unet
 
 QUIET = ["callbacks.sample_grid.every_n_steps=0", "logger=none", "+trainer.limit_val_batches=1"]
 ATTN = ["model.attention_resolutions=[8]"]  # unet_tiny has no attention: give it one level to adapt
@@ -20,19 +20,6 @@ def base_ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("base") / "run"
     run_train(run, [*QUIET, *ATTN])
     return run / "checkpoints" / "last.ckpt"
-
-
-def tiny_unet() -> UNet:
-    return UNet(
-        in_channels=1,
-        image_size=8,
-        base_channels=8,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[4],
-        attention_head_dim=8,
-        norm_groups=4,
-    )
 
 
 def test_lora_net_state_dict_holds_adapters_and_loading_keeps_the_base():

@@ -13,6 +13,7 @@ from diffusion.conditioning import TextConditioning, build_conditioning
 from diffusion.samplers import guided_model
 from diffusion.text_encoders import CLIPTextEncoder, TransformerTextEncoder, word_tokenizer
 from diffusion.unet import AttentionBlock, CrossAttentionBlock, UNet
+from tests.conftest import tiny_unet
 
 CAPTIONS = ["a handwritten seven", "the digit 7", "a handwritten one", "the digit 1", "a 1"]
 
@@ -26,17 +27,7 @@ def _encoder(**kwargs) -> TransformerTextEncoder:
 
 def _text_net(context_dim: int = 16) -> UNet:
     torch.manual_seed(0)
-    net = UNet(
-        in_channels=1,
-        image_size=8,
-        base_channels=8,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[4],
-        attention_head_dim=8,
-        norm_groups=4,
-        context_dim=context_dim,
-    )
+    net = tiny_unet(context_dim=context_dim)
     with torch.no_grad():  # zero-initialised output layers would hide what the context does
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
