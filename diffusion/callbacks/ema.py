@@ -95,7 +95,7 @@ class EMA(L.Callback):
         self.num_updates = 0
         self.last_update_step = -1
         self.last_decay: float | None = None
-        self.from_init = False  # started from fine-tuning weights (init_from): no warm-up
+        self.from_init = False  # started from fine-tuning weights (init_from), not from the first step's
         self._swapped = False
         self._val_swap: contextlib.ExitStack | None = None
 
@@ -103,8 +103,10 @@ class EMA(L.Callback):
     def decay_at(self, global_step: int) -> float:
         """Decay of the update made after optimizer step `global_step` (1-based: after the first step it is 1)."""
         step = global_step - self.start_step - 1
-        if self.from_init:  # the average already holds meaningful (pretrained) weights
-            return self.decay
+        # An average started from fine-tuning weights (from_init) warms up like any other: the warm-up keeps its
+        # horizon a fraction of the steps taken, where a full decay of 0.9999 from the start would hold a short
+        # fine-tune's average at the loaded weights (a 300-step LoRA run's EMA was 97% its starting adapters).
+        # Only a constant decay (warmup=false) averages from the loaded weights, at full decay at once.
         if not self.warmup:
             return 0.0 if self.num_updates == 0 else self.decay
         return ema_decay(step, decay=self.decay, inv_gamma=self.inv_gamma, power=self.power, min_decay=self.min_decay)
@@ -192,10 +194,14 @@ class EMA(L.Callback):
             raise TypeError(f"the EMA callback needs a module with a `.net`; {type(pl_module).__name__} has none")
         init = getattr(pl_module, "ema_init_state", None)
         if init is not None and self.ema is None and self.num_updates == 0:
-            # Fine-tuning (init_from with init.ema_from_init): the average starts at the loaded weights, at full decay.
+            # Fine-tuning (init_from with init.ema_from_init): the average starts at the loaded weights; with the
+            # warm-up the first updates move it to the fine-tuned ones, with a constant decay it leaves them slowly.
             self.ema = {k: self._stored(v).clone() for k, v in init.items()}
             self.num_updates, self.from_init = 1, True
-            rank_zero_info(f"EMA: starts from the init_from weights at decay {self.decay} (no warm-up)")
+            rank_zero_info(
+                "EMA: starts from the init_from weights, "
+                + ("with the warm-up" if self.warmup else f"at constant decay {self.decay}")
+            )
         self._to_device(pl_module.net)
         rank_zero_info(
             f"EMA: decay {self.decay} ({'warm-up' if self.warmup else 'constant'}), every "
