@@ -138,6 +138,7 @@ class DiffusionModule(L.LightningModule):
         self._step_loss: Tensor | None = None  # detached sum of this optimizer step's micro-batch losses
         self._images_since_log = 0
         self._last_log_time: float | None = None
+        self._validation_started: float | None = None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         # torch.compile of the bound forward: a plain function, not a submodule, so the network is registered
@@ -245,12 +246,15 @@ class DiffusionModule(L.LightningModule):
         self._last_log_time = now
         self._images_since_log = 0
 
-    def on_train_epoch_start(self) -> None:
-        self._last_log_time = None  # do not count validation or epoch turnover as training time
-        self._images_since_log = 0
-
     def on_validation_start(self) -> None:
-        self._last_log_time = None
+        self._validation_started = time.perf_counter()
+
+    def on_validation_end(self) -> None:
+        # validation is not training time: move the rate's clock on by its duration. The clock runs across epochs
+        # (the turnover is part of training), so a rate is logged also when an epoch is shorter than the period.
+        if self._last_log_time is not None and self._validation_started is not None:
+            self._last_log_time += time.perf_counter() - self._validation_started
+        self._validation_started = None
 
     # --- gradient clipping and the non-finite loss / gradient guard ----------------------------------------
     def _check_fused_clipping(self, optimizer: torch.optim.Optimizer) -> None:

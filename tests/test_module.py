@@ -1,6 +1,7 @@
 """DiffusionModule: the objective, learning, fixed-seed validation, learning-rate schedule."""
 
 import functools
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -70,6 +71,31 @@ def test_tiny_model_overfits_a_handful_of_images(prediction):
     trainer.fit(module, loader)
     after = fixed_loss()
     assert after < before / 5, (before, after)
+
+
+def test_images_per_sec_logs_when_an_epoch_is_shorter_than_the_log_period(tmp_path):
+    """The built-in digits have 12 batches an epoch and the log period is 25 steps: the rate's clock runs across
+    epochs (it reset at every epoch start, and train/images_per_sec was never logged)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    x = _images(8)
+    loader = DataLoader(TensorDataset(x, torch.full((8,), -1)), batch_size=4)  # 2 batches an epoch
+    trainer = L.Trainer(
+        max_steps=9,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path),
+        log_every_n_steps=3,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(_module(), loader)
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rates = [float(r["train/images_per_sec"]) for r in csv.DictReader(f) if r.get("train/images_per_sec")]
+    assert len(rates) == 2 and all(r > 0 for r in rates)  # steps 6 and 9 (step 3 starts the clock)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
