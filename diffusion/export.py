@@ -17,9 +17,11 @@
   `convert_state_dict_to_diffusers`, written by `StableDiffusionPipeline.save_lora_weights`); it loads with
   `StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(DIR)`. A LoRA alpha other than the rank is
   folded into the up-projection (B), since the file carries no alpha.
-- `pipeline`: for full fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full`), a complete
+- `pipeline`: for fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full` / `sd_lora`), a complete
   `StableDiffusionPipeline` folder (`save_pretrained`): our U-Net with the base pipeline's VAE, text encoder,
-  tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names).
+  tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's
+  adapters are merged into the base U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder
+  needs no adapter code to load.
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, process,
   which weights, step). `load_export` rebuilds the network from such a folder.
@@ -202,8 +204,8 @@ def check_pipeline_exportable(model: LoadedModel) -> None:
     from diffusion.finetune import LoRANet
 
     sd_unet(model, "pipeline")
-    if isinstance(model.net, LoRANet):
-        raise ConfigError("format=pipeline is for full fine-tunes (finetune=full); export LoRA with format=lora")
+    if isinstance(model.net, LoRANet) and model.net.config["source"].get("kind") != "pretrained":
+        raise ConfigError("format=pipeline merges LoRA adapters into a pretrained pipeline's U-Net (model.pretrained)")
     if model.codec is None or model.codec.config.get("kind") != "vae":
         raise ConfigError("format=pipeline needs the checkpoint's VAE codec (codec=vae, as in experiment=sd_full)")
 
@@ -243,15 +245,22 @@ def export_lora(model: LoadedModel, out: Path) -> None:
 def export_pipeline(model: LoadedModel, out: Path) -> None:
     """Write a complete StableDiffusionPipeline folder: our U-Net and the base pipeline's other parts."""
     from diffusion.diffusers_unet import import_diffusers
+    from diffusion.finetune import LoRANet
 
     net = sd_unet(model, "pipeline")
-    pipe = import_diffusers().StableDiffusionPipeline.from_pretrained(
-        model.codec.config["path"],
-        unet=net.unet,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = import_diffusers().StableDiffusionPipeline
+    if isinstance(model.net, LoRANet):  # the base U-Net with the adapters merged in
+        base = model.net.config["source"]["path"]
+        pipe = pipeline.from_pretrained(base, **parts)
+        pipe.load_lora_weights({f"unet.{k}": v for k, v in lora_layers(model).items()})  # keys as saved in a file
+        if "unet" not in pipe.get_list_adapters():  # diffusers only warns when no key matched
+            raise ConfigError(f"format=pipeline: diffusers took none of the adapters into the U-Net of {base}")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # after fuse_lora: drops the adapter modules and keeps the merged weights
+        pipe = pipeline.from_pretrained(model.codec.config["path"], unet=pipe.unet, **parts)
+    else:
+        pipe = pipeline.from_pretrained(model.codec.config["path"], unet=net.unet, **parts)
     _staged(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 

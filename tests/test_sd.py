@@ -114,6 +114,25 @@ def test_sd_lora_train_sample_export_reloads_in_diffusers(tmp_path, sd_pipeline,
         )
     torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-5)
     assert (mine - plain).abs().max() > 1e-4  # the adapters changed something, and the export carries it
+    # 5. export.py format=pipeline merges the adapters: a plain pipeline folder (no adapter modules), same outputs
+    merged_dir = tmp_path / "merged"
+    result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={merged_dir}", "format=pipeline", "use_ema=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = StableDiffusionPipeline.from_pretrained(str(merged_dir), safety_checker=None)
+    assert not any("lora" in k for k in merged.unet.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged.unet(x, t, encoder_hidden_states=context).sample, mine, rtol=1e-4, atol=1e-5)
+    # 6. resume: the base again from its folder, the adapters and their optimizer state from the checkpoint; the
+    # adapters at step 3 equal those of an uninterrupted 3-step run bit for bit
+    three = ["trainer.max_steps=3"]
+    run_train(run, [*sd_overrides("sd_lora", sd_pipeline, captioned), *three, f"ckpt_path={run}"], tiny=False)
+    straight = tmp_path / "straight"
+    run_train(straight, [*sd_overrides("sd_lora", sd_pipeline, captioned), *three], tiny=False)
+    resumed, uninterrupted = (read_checkpoint(r / "checkpoints" / "last.ckpt") for r in (run, straight))
+    assert resumed["global_step"] == uninterrupted["global_step"] == 3
+    assert resumed["state_dict"].keys() == uninterrupted["state_dict"].keys() == ckpt["state_dict"].keys()
+    for key, value in resumed["state_dict"].items():
+        torch.testing.assert_close(value, uninterrupted["state_dict"][key], rtol=0, atol=0)
 
 
 @pytest.mark.slow
