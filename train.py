@@ -416,6 +416,8 @@ def train(cfg: DictConfig) -> float | None:
     if resumed is not None:
         check_resume(ckpt_path, resumed, net, schedule, codec)
     conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
+    if lora:  # the base's conditions stay as they were; a text encoder learns only the captions' new words
+        conditioning.freeze_for_adapters()
     module = build(
         cfg,
         "module",

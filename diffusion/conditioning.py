@@ -19,6 +19,7 @@ caption string. `describe()` gives the plain-value description that `build_condi
 from __future__ import annotations
 
 import importlib
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from diffusion.errors import BadFileError, ConfigError
 
+log = logging.getLogger(__name__)
 Kwargs = dict[str, Tensor]
 ENCODER_PREFIX = "encoder."
 
@@ -52,6 +54,11 @@ class Conditioning(nn.Module):
     def preview_conditions(self) -> list | None:
         """The conditions sample grids cycle through (one grid row each); None for unconditional grids."""
         return None
+
+    def freeze_for_adapters(self) -> None:
+        """A LoRA fine-tune (`finetune=lora`, after `prepare`): freeze what this conditioning would train, so that
+        the base model's conditions reach the network unchanged."""
+        self.requires_grad_(False)
 
     def describe(self) -> dict:
         """Plain values that `build_conditioning` rebuilds this conditioning from (saved in checkpoints)."""
@@ -221,6 +228,15 @@ class TextConditioning(Conditioning):
 
     def preview_conditions(self) -> list | None:
         return self.preview_prompts
+
+    def freeze_for_adapters(self) -> None:
+        """A jointly trained encoder keeps training only the words the fine-tuning captions added (their embedding
+        rows): the old captions encode exactly as in the base model, the new words learn their meaning."""
+        if not hasattr(self.encoder, "train_new_words_only"):
+            return super().freeze_for_adapters()
+        words = self.encoder.train_new_words_only()
+        if words:
+            log.info(f"text encoder: frozen except the embeddings of the {words} new words (finetune=lora)")
 
     def describe(self) -> dict:
         encoder = {"target": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}"}

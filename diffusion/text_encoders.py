@@ -100,6 +100,8 @@ class TransformerTextEncoder(nn.Module):
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self._tokenizer = None
         self._tokenizer_json: str | None = None
+        self._first_new_id: int | None = None  # the first id `fit` gave a word new to a loaded tokenizer
+        self.new_word_emb: nn.Parameter | None = None  # those words' rows, while only they train (train_new_words_only)
         self._warned_long = False
         self._warned_words: set[str] = set()
         if tokenizer is not None:
@@ -156,7 +158,33 @@ class TransformerTextEncoder(nn.Module):
             log.warning(f"text encoder: no room for {len(counts) - len(new)} new words (vocab_size={self.vocab_size})")
         tokenizer.model = models.WordLevel({**vocab, **{w: start + i for i, w in enumerate(new)}}, unk_token=UNK)
         self.set_tokenizer(tokenizer.to_str())
+        self._first_new_id = start if new else None
         log.info(f"text encoder: {len(new)} new words from the training captions: {', '.join(new[:10])}")
+
+    def train_new_words_only(self) -> int:
+        """Freeze the encoder except the embeddings of the words `fit` added to a loaded tokenizer; returns how many
+        words train.
+
+        For LoRA fine-tunes (`finetune=lora`): the old captions then encode bit for bit as the base model's did,
+        and a new word ("an inverted seven") learns what it means, as in textual inversion (Gal et al. 2022). The
+        new rows train as their own parameter, so no optimizer step (AdamW's weight decay included) touches the
+        others; the state dict keeps the usual layout (the rows written back into `token_emb.weight`).
+        """
+        self.requires_grad_(False)
+        if self._first_new_id is None:
+            return 0
+        start, stop = self._first_new_id, len(self._tokenizer.get_vocab())
+        self.new_word_emb = nn.Parameter(self.token_emb.weight.detach()[start:stop].clone())
+        self.register_state_dict_post_hook(_merge_new_words)
+        self.register_load_state_dict_pre_hook(_split_new_words)
+        return stop - start
+
+    def embedding_weight(self) -> Tensor:
+        """The token embedding table, with the new words' rows from `new_word_emb` while only they train."""
+        if self.new_word_emb is None:
+            return self.token_emb.weight
+        start, weight = self._first_new_id, self.token_emb.weight
+        return torch.cat([weight[:start], self.new_word_emb, weight[start + len(self.new_word_emb) :]])
 
     def get_extra_state(self) -> dict:
         return {"tokenizer": self._tokenizer_json}
@@ -205,10 +233,24 @@ class TransformerTextEncoder(nn.Module):
         ids, mask = self.tokenize(captions)
         device = self.token_emb.weight.device
         ids, mask = ids.to(device), mask.to(device)
-        h = self.token_emb(ids) + self.pos_emb[: ids.shape[1]]  # (B, L, D)
+        h = nn.functional.embedding(ids, self.embedding_weight()) + self.pos_emb[: ids.shape[1]]  # (B, L, D)
         if self.layers is not None:
             h = self.layers(h, src_key_padding_mask=~mask)
         return self.norm(h), mask
+
+
+def _merge_new_words(module: TransformerTextEncoder, state: dict, prefix: str, local_metadata) -> None:
+    """State dicts hold the table whole: the trained new rows written into `token_emb.weight`."""
+    state.pop(prefix + "new_word_emb", None)
+    state[prefix + "token_emb.weight"] = module.embedding_weight().detach()
+
+
+def _split_new_words(module: TransformerTextEncoder, state: dict, prefix: str, *args) -> None:
+    """Loading a whole table (a resumed LoRA run's checkpoint): the new rows go to `new_word_emb`."""
+    table = state.get(prefix + "token_emb.weight")
+    if table is not None and module.new_word_emb is not None and prefix + "new_word_emb" not in state:
+        start = module._first_new_id
+        state[prefix + "new_word_emb"] = table[start : start + len(module.new_word_emb)]
 
 
 def _local_folder(pretrained: str) -> Path | None:

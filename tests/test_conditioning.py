@@ -201,6 +201,54 @@ def test_digits_text_trains_samples_with_prompts_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_text_lora_trains_adapters_and_new_words_only(tmp_path, caplog):
+    """finetune=lora on a digits_text model, with captions holding new words: the adapters and the new words'
+    embeddings train, nothing else; the checkpoint carries the grown tokenizer, so the old captions encode as the
+    base's did and sample.py reads the new words; a resume puts the new words back into training."""
+    from diffusion.checkpoint import load_model
+
+    base = tmp_path / "base"
+    run_train(base, TEXT)
+    images = tmp_path / "inverted"
+    for i in range(6):
+        write_image(images / f"{i}.png", (16, 16), mode="L", seed=i)
+    rows = [{"file_name": f"{i}.png", "text": f"an inverted {['one', 'seven'][i % 2]}"} for i in range(6)]
+    (images / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "lora"
+    overrides = [*TEXT, f"init_from={base}", "finetune=lora", "finetune.rank=2", "data=folder", f"data.path={images}",
+                 "data.captions=true", "data.image_size=16", "data.channels=1", "data.flip=false",
+                 "data.val_fraction=0.34", "data.num_workers=0", "data.batch_size=2", "optim.lr=1e-2"]  # fmt: skip
+    run_train(run, overrides)
+    ckpt, base_ckpt = (read_checkpoint(r / "checkpoints" / "last.ckpt") for r in (run, base))
+    vocab = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    new_ids = [vocab["an"], vocab["inverted"]]
+    # 1. trained: the adapters and the two new rows of the embedding table; the rest of the encoder is the base's
+    table, base_table = (c["state_dict"]["conditioning.encoder.token_emb.weight"] for c in (ckpt, base_ckpt))
+    assert not torch.equal(table[new_ids], base_table[new_ids])
+    others = [i for i in range(len(table)) if i not in new_ids]
+    assert torch.equal(table[others], base_table[others])
+    for key, value in ckpt["state_dict"].items():
+        if key.startswith("conditioning.encoder.") and "token_emb" not in key and "_extra_state" not in key:
+            assert torch.equal(value, base_ckpt["state_dict"][key]), key
+    adapters = [k for k in ckpt["state_dict"] if ".lora_" in k]
+    assert sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"]) == len(adapters) + 1
+    # 2. rebuilt from the checkpoint: old captions encode exactly as the base's; the new words are known words
+    lora, plain = load_model(run / "checkpoints" / "last.ckpt"), load_model(base / "checkpoints" / "last.ckpt")
+    old = ["a handwritten seven", "the digit 1", ""]
+    for a, b in zip(lora.conditioning(old).values(), plain.conditioning(old).values(), strict=True):
+        assert torch.equal(a, b)
+    with caplog.at_level("WARNING"):
+        lora.conditioning(["an inverted seven"])
+    assert not [r for r in caplog.records if "not in the text encoder's vocabulary" in r.getMessage()]
+    # 3. resume: the new words train on from the checkpoint's rows
+    run_train(run, [*overrides, "trainer.max_steps=6", f"ckpt_path={run}"])
+    resumed = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 6
+    moved = resumed["state_dict"]["conditioning.encoder.token_emb.weight"]
+    assert not torch.equal(moved[new_ids], table[new_ids]) and torch.equal(moved[others], base_table[others])
+
+
+@pytest.mark.slow
 def test_clip_conditioning_trains_and_samples_from_the_named_folder(tmp_path):
     from tests.test_text import save_tiny_clip
 

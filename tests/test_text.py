@@ -67,6 +67,48 @@ def test_word_tokenizer_keeps_vocab_size_and_new_words_extend_it():
     assert {"an", "inverted", "seven"} <= set(after) and max(after.values()) == 8
 
 
+def test_lora_fine_tune_trains_only_the_new_words():
+    """finetune=lora with a jointly trained encoder: only the new words' rows train (AdamW's weight decay
+    included), the old captions encode bit for bit as before, and the state dict keeps the usual layout (a fresh
+    encoder loads it and encodes the new words as trained; a resumed one puts the rows back into training)."""
+    encoder = _encoder()
+    old = [*CAPTIONS, ""]
+    before = [t.clone() for t in encoder(old)]
+    table = encoder.token_emb.weight.detach().clone()
+    encoder.fit(["an inverted seven"])
+    assert encoder.train_new_words_only() == 2  # an, inverted
+    trained = [name for name, p in encoder.named_parameters() if p.requires_grad]
+    assert trained == ["new_word_emb"]
+    optimizer = torch.optim.AdamW([p for p in encoder.parameters() if p.requires_grad], lr=0.1, weight_decay=0.5)
+    encoder.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        context, mask = encoder(["an inverted seven", "a handwritten one"])
+        context[mask].pow(2).sum().backward()
+        optimizer.step()
+    encoder.eval()
+    for a, b in zip(before, encoder(old), strict=True):
+        assert torch.equal(a, b)
+    vocab = encoder._tokenizer.get_vocab()
+    new_ids = [vocab["an"], vocab["inverted"]]
+    state = TextConditioning(encoder=encoder).state_dict()
+    assert "encoder.new_word_emb" not in state
+    weight = state["encoder.token_emb.weight"]
+    assert not torch.equal(weight[new_ids], table[new_ids])  # the new rows trained
+    others = [i for i in range(len(table)) if i not in new_ids]
+    assert torch.equal(weight[others], table[others])  # and nothing else moved
+    fresh = build_conditioning(TextConditioning(encoder=encoder).describe())
+    fresh.load_state_dict(state)
+    fresh.eval()
+    for a, b in zip(encoder(["an inverted seven"]), fresh.encoder(["an inverted seven"]), strict=True):
+        assert torch.equal(a, b)
+    resumed = _encoder()  # a resumed LoRA run: base tokenizer, the same new words, then the checkpoint
+    resumed.fit(["an inverted seven"])
+    resumed.train_new_words_only()
+    TextConditioning(encoder=resumed).load_state_dict(state)
+    assert torch.equal(resumed.new_word_emb, weight[new_ids])
+
+
 def test_unknown_words_and_long_captions_warn_once(caplog):
     encoder = _encoder()
     with caplog.at_level(logging.WARNING):
