@@ -11,6 +11,7 @@ ones `prompt="..."` or `prompts=FILE` (one prompt per line, one grid row each) a
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -26,6 +27,7 @@ from diffusion.errors import ConfigError, PathError, PathExistsError, exit_on_us
 log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+CAPTIONS_FILE = "metadata.jsonl"  # images/ of a text model: each image's prompt, so images/ is a captioned folder
 
 
 def resolve_device(device: str):
@@ -97,6 +99,10 @@ def prepare_out(out: Path, *, overwrite: bool) -> None:
     old_images = [p for p in images.iterdir() if IMAGE_NAME.match(p.name)] if images.is_dir() and not linked else []
     if old_images or linked:
         existing.append("images (a link)" if linked else f"images/ ({len(old_images)} PNGs)")
+    old_captions = images / CAPTIONS_FILE
+    if not linked and (old_captions.exists() or old_captions.is_symlink()):
+        existing.append(f"images/{CAPTIONS_FILE}")
+        old_images.append(old_captions)
     if existing and not overwrite:
         raise PathExistsError(
             f"out={out} already holds {', '.join(existing)}; pass overwrite=true to replace them or choose another out"
@@ -214,6 +220,10 @@ def sample(cfg: DictConfig) -> Path:
     grid = make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0)
     atomic_write(out / "grid.png", lambda f: save_image(grid, f, format="PNG"))
     written = ["grid.png", f"images/ ({len(items)} PNGs)"]
+    if text and rows != [None]:  # each image's prompt (Hugging Face imagefolder metadata): a captioned folder
+        lines = [json.dumps({"file_name": f"{k:06d}.png", "text": p}) + "\n" for k, (p, _) in enumerate(items)]
+        atomic_write(out / "images" / CAPTIONS_FILE, lambda f: f.write("".join(lines).encode("utf-8")))
+        written[-1] = f"images/ ({len(items)} PNGs and their prompts in {CAPTIONS_FILE})"
     if cfg.npz:
         arrays = {"arr_0": uint8}
         if rows != [None]:

@@ -13,6 +13,7 @@ from diffusion.checkpoint import read_checkpoint
 from diffusion.conditioning import ClassConditioning, NoConditioning, TextConditioning
 from diffusion.data import DigitsDataModule, ImageFolderDataModule
 from diffusion.data.base import Captioned
+from diffusion.errors import PathExistsError
 from tests.conftest import compose_train, run_train, write_image
 from tests.test_sample_cli import sample_in_process
 
@@ -179,9 +180,17 @@ def test_digits_text_trains_samples_with_prompts_and_resumes(tmp_path):
     sample_in_process(tmp_path / "one", f"ckpt={run}", "prompt=a handwritten seven", "negative_prompt=a 1",
                       "guidance=3", "n=2", "sampler.steps=2", "npz=true")  # fmt: skip
     assert np.load(tmp_path / "one" / "samples.npz")["arr_1"].tolist() == ["a handwritten seven"] * 2
+    # images/ holds each image's prompt (metadata.jsonl): it is a captioned folder (prior-preservation images)
+    folder = ImageFolderDataModule(
+        path=str(tmp_path / "one" / "images"), image_size=16, channels=1, batch_size=2, val_fraction=0.0,
+        num_workers=0, captions=True,
+    )  # fmt: skip
+    assert folder.caption_corpus() == ["a handwritten seven"] * 2
+    with pytest.raises(PathExistsError, match="images/metadata.jsonl"):  # kept unless overwrite=true
+        sample_in_process(tmp_path / "one", f"ckpt={run}", "prompt=a 1", "n=1", "sampler.steps=2")
     (tmp_path / "prompts.txt").write_text("a handwritten seven\n\nthe digit 1\n")
     sample_in_process(tmp_path / "file", f"ckpt={run}", f"prompts={tmp_path}/prompts.txt", "n=3", "sampler.steps=2")
-    assert len(list((tmp_path / "file" / "images").iterdir())) == 6
+    assert len(list((tmp_path / "file" / "images").glob("*.png"))) == 6
     with pytest.raises(ValueError, match="label=... is for class-conditional models"):
         sample_in_process(tmp_path / "bad", f"ckpt={run}", "label=3")
     with pytest.raises(ValueError, match="guidance=3.0 needs a prompt"):
