@@ -3,20 +3,28 @@
 The concept: digits drawn in inverted colours (white background, dark strokes), captioned with a word the model
 never saw ("an inverted seven"). This script writes those images as a captioned image folder (the Hugging Face
 imagefolder convention: PNGs + metadata.jsonl), fine-tunes the model on them with `finetune=lora` through
-`train.py` (only the adapters train; the new word gets a fresh token in the text encoder's vocabulary), then draws
+`train.py` (the adapters train, and the new words' embeddings: they get fresh tokens in the text encoder's
+vocabulary, whose other weights stay frozen), then draws
 `--n` images per prompt through `sample.py` for the new prompts ("an inverted seven") and the old ones
 ("a handwritten seven"), and prints per digit:
 - inverted: the share of images whose background is light (mean pixel > 0 in [-1, 1]);
 - right digit: the share the digit classifier of `bench/digits_eval.py` labels as the prompt's digit (new prompts:
   scored on the images turned back to normal colours).
 
-    python bench/text_lora_concept.py --ckpt RUN_OF_experiment=digits_text --out /tmp/lora_concept
+`--prior N` (default 100) is DreamBooth's prior preservation (Ruiz et al. 2023, sec. 4.2): N images per old
+prompt, drawn by the base model itself with `sample.py` (whose images/ folder holds each image's prompt in a
+metadata.jsonl), go into the training folder, so the adapters also learn to leave the old prompts alone (mixing
+them into the data is the paper's prior-preservation loss, weighted by their share). With `--prior 0` the
+adapters see only the new style, and nothing keeps it to the new word: the old prompts break (README step 9).
+
+    python bench/text_lora_concept.py --ckpt RUN_OF_experiment=digits_text --out /tmp/lora_concept [--prior 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +53,22 @@ def write_concept(folder: Path) -> int:
     return len(rows)
 
 
+def adapter_share(run: Path) -> str:
+    """What the fine-tune trained, from its checkpoint: adapters and new word embeddings against the network."""
+    from diffusion.checkpoint import load_model, read_checkpoint
+
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    adapters = sum(v.numel() for k, v in ckpt["state_dict"].items() if ".lora_" in k)
+    total = sum(p.numel() for p in load_model(run / "checkpoints" / "last.ckpt").net.parameters()) - adapters
+    encoder = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    dim = ckpt["state_dict"]["conditioning.encoder.token_emb.weight"].shape[1]
+    new = [w for w in ("an", "inverted") if w in encoder]
+    return (
+        f"adapters: {adapters:,} parameters, {adapters / total:.1%} of the base network's {total:,}; "
+        f"new word embeddings: {len(new)} x {dim}"
+    )
+
+
 def run(*args: str) -> None:
     print("+", " ".join(args), flush=True)
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
@@ -54,22 +78,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a run (or .ckpt) of experiment=digits_text")
     parser.add_argument("--out", required=True, help="a new folder for the data, the LoRA run and the samples")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--n", type=int, default=20, help="images per prompt")
     parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--prior", type=int, default=100, help="base-model images per old prompt (0: no prior)")
+    parser.add_argument("--targets", default=None, help="finetune.target_modules, comma-separated (default: attention)")
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():
         sys.exit(f"error: --out {out} exists; give a new folder")
     count = write_concept(out / "data")
     print(f"wrote {count} inverted digits to {out / 'data'}")
+    old_prompts = [f"a handwritten {w}" for w in DIGIT_WORDS]
+    if args.prior:
+        (out / "prior_prompts.txt").write_text("\n".join(old_prompts) + "\n")
+        run(
+            "sample.py",
+            f"ckpt={args.ckpt}",
+            f"prompts={out / 'prior_prompts.txt'}",
+            f"n={args.prior}",
+            f"guidance={args.guidance}",
+            "seed=1000000",  # other noise than the evaluation's samples
+            "progress=false",
+            f"out={out / 'prior'}",
+        )
+        # sample.py's images/ is a captioned folder (each image's prompt in its metadata.jsonl): a subfolder of the data
+        shutil.move(out / "prior" / "images", out / "data" / "prior")
+        print(f"added {10 * args.prior} base-model images of the old prompts (prior) in {out / 'data' / 'prior'}")
     run(
         "train.py",
         "experiment=digits_text",
         f"init_from={args.ckpt}",
         "finetune=lora",
         f"finetune.rank={args.rank}",
+        *([f"finetune.target_modules=[{args.targets}]"] if args.targets else []),
         "data=folder",
         f"data.path={out / 'data'}",
         "data.captions=true",
@@ -85,7 +128,8 @@ def main() -> None:
         "trainer.enable_progress_bar=false",
         f"hydra.run.dir={out / 'run'}",
     )
-    prompts = [f"an inverted {w}" for w in DIGIT_WORDS] + [f"a handwritten {w}" for w in DIGIT_WORDS]
+    print(adapter_share(out / "run"))
+    prompts = [f"an inverted {w}" for w in DIGIT_WORDS] + old_prompts
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
     for name, ckpt in (("lora", out / "run"), ("base", Path(args.ckpt))):
         run(
@@ -116,7 +160,7 @@ def main() -> None:
             labels = torch.tensor([k % 10 for k in rows]).repeat_interleave(args.n)
             probs, _ = predict(-imgs if kind == "an inverted" else imgs)
             acc = (probs.argmax(1) == labels).float().mean()
-            print(f"ALL '{kind} ...'{'':6s} | {name:5s} | {inv:7.0%} | {acc:7.0%}")
+            print(f"{'all ' + kind + ' ...':24s} | {name:5s} | {inv:7.0%} | {acc:7.0%}")
 
 
 if __name__ == "__main__":
