@@ -140,7 +140,12 @@ def test_the_writer_round_trips_pixels_labels_and_captions(tmp_path):
     files = [folder.train_set.files[i].stem for i in range(8)]
     assert batches[0][1] + batches[1][1] == [("from metadata" if f == "000" else f"image {int(f)}") for f in files]
     vx, vy = folder.val_set.__getitems__(list(range(3)))
-    assert torch.equal(shards.val_set.images, vx) and torch.equal(shards.val_set.labels, vy)  # the same val split
+    val = shards.val_set.dataset  # captioned: the val images come with their captions, as training batches do
+    assert torch.equal(val.images, vx) and torch.equal(val.labels, vy)  # the same val split
+    stems = [folder.val_set.files[i].stem for i in range(3)]
+    assert shards.val_set.__getitems__([0, 1, 2])[1] == [
+        "from metadata" if f == "000" else f"image {int(f)}" for f in stems
+    ]
 
     # Other tools read the shards: webdataset groups each sample's members by key.
     import webdataset
@@ -212,7 +217,7 @@ def test_shards_stream_over_http_as_from_disk(shard_set):
             dm.setup()
         pairs = zip(remote.train_dataloader(), local.train_dataloader(), strict=True)
         assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
-        assert torch.equal(remote.val_set.images, local.val_set.images)
+        assert torch.equal(remote.val_set.dataset.images, local.val_set.dataset.images)  # captioned val sets
         with pytest.raises(MissingPathError, match="nothing/index.json does not exist"):
             ShardDataModule(path=url + "nothing", image_size=16)
     finally:
@@ -357,3 +362,68 @@ def test_train_py_on_hf_saved_and_imagefolder(tmp_path, saved_hf):
 def test_a_missing_hf_path_is_named_without_asking_the_hub(tmp_path):
     with pytest.raises(MissingPathError, match=f"data.path={tmp_path / 'none'} does not exist"):
         HFDataModule(path=str(tmp_path / "none"))
+
+
+# --- captions: text models train on shards and Hugging Face datasets -----------------------------------------------
+TEXT_MODEL = [
+    "conditioning=text",
+    "model.attention_resolutions=[8]",
+    "conditioning.encoder.dim=16",
+    "conditioning.encoder.depth=1",
+    "data.image_size=16",
+    "data.channels=3",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "trainer.max_steps=3",
+    *NO_GRIDS,
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["shards", "hf"])
+def test_text_models_train_on_shards_and_hf_captions(tmp_path, shard_set, saved_hf, kind):
+    """conditioning=text on data=shards / data=hf: the tokenizer is built from the training captions (it failed:
+    neither datamodule offered them, and validation batches held labels, not captions)."""
+    from diffusion.checkpoint import read_checkpoint
+
+    data = {
+        "shards": ["data=shards", f"data.path={shard_set}", "data.captions=true"],
+        "hf": ["data=hf", f"data.path={saved_hf}", "data.image_column=img", "data.caption_column=text"],
+    }[kind]
+    run_train(tmp_path / "run", [*TEXT_MODEL, *data])
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    vocab = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    assert ("image" if kind == "shards" else "png") in vocab  # words of the training captions
+    assert ckpt["global_step"] == 3
+
+
+def test_several_captions_per_image_in_shards_and_hf(tmp_path):
+    """A metadata row with a list of captions: the shard holds them one per line and the stream draws one per
+    epoch (as folders do); an HF list column likewise. The corpus holds them all."""
+    import datasets
+    from PIL import Image
+
+    root = tmp_path / "images"
+    files = [write_image(root / f"{i}.png", (16, 16), seed=i) for i in range(8)]
+    rows = [{"file_name": f.name, "text": [f"cat {i}", f"dog {i}"]} for i, f in enumerate(files)]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_shards(root, tmp_path / "shards", val_fraction=0.0)
+    dm = ShardDataModule(path=str(tmp_path / "shards"), image_size=16, batch_size=8, num_workers=0, captions=True)
+    assert sorted(dm.caption_corpus()) == sorted(c for r in rows for c in r["text"])
+    s = ShardStream(dm.location, dm.index["splits"]["train"], prep=dm.prep, batch_size=8, seed=0, shuffle=False,
+                    buffer=1, flip=False, labels=False, captions=True, world=1, rank=0, workers=1)  # fmt: skip
+    seen = set()
+    for epoch in range(6):
+        s.epoch, s.skip = epoch, 0
+        ((_, captions),) = list(s)
+        assert all(c.split()[0] in ("cat", "dog") for c in captions)
+        seen.update(captions)
+    assert len(seen) == 16  # every caption of every image drawn in some epoch, none as a list's str()
+    features = datasets.Features({"img": datasets.Image(), "text": datasets.Sequence(datasets.Value("string"))})
+    table = {"img": [Image.open(f) for f in files], "text": [r["text"] for r in rows]}
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(tmp_path / "hf"))
+    hf = HFDataModule(path=str(tmp_path / "hf"), image_column="img", caption_column="text", image_size=16,
+                      batch_size=8, val_fraction=0.0, num_workers=0)  # fmt: skip
+    assert sorted(hf.caption_corpus()) == sorted(c for r in rows for c in r["text"])
+    _, captions = next(iter(hf.train_dataloader()))
+    assert all(c.split()[0] in ("cat", "dog") for c in captions)

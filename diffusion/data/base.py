@@ -104,6 +104,11 @@ class _EpochAware(Dataset):
         return [self.dataset[i] for i in indices]
 
 
+def caption_lines(text: str) -> list[str]:
+    """The captions of a caption text (one per non-empty line; `[""]`, the null caption, when it has none)."""
+    return [line.strip() for line in text.splitlines() if line.strip()] or [""]
+
+
 class Captioned(_EpochAware):
     """(image, caption) items from an (image, label) dataset and each item's captions: item i of epoch e gets
     `captions[i][h % len(captions[i])]`, h = `item_hashes(seed, e, [i], salt=1)`."""

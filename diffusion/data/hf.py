@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffusion.data.base import _SplitDataModule, split_indices
+from diffusion.data.base import Captioned, _SplitDataModule, caption_lines, split_indices
 from diffusion.data.images import Preprocess, load_image
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
 
 
 class HFImages(Dataset):
-    """Rows of a `datasets.Dataset` as whole uint8 batches `(x (B, C, S, S), y (B,) or captions)`."""
+    """Rows of a `datasets.Dataset` as whole uint8 batches `(x (B, C, S, S), y (B,))` (captions: see `Captioned`)."""
 
     uint8_batches = True
 
@@ -39,10 +39,9 @@ class HFImages(Dataset):
         prep: Preprocess,
         image_column: str,
         label_column: str | None,
-        caption_column: str | None,
     ) -> None:
         self.table, self.rows, self.prep = table, rows, prep
-        self.image_column, self.label_column, self.caption_column = image_column, label_column, caption_column
+        self.image_column, self.label_column = image_column, label_column
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,14 +60,18 @@ class HFImages(Dataset):
         batch = self.table[rows]  # {column: [values]}
         x = torch.from_numpy(np.stack([self._image(c, r) for c, r in zip(batch[self.image_column], rows)]))
         labels = batch[self.label_column] if self.label_column else [-1] * len(rows)
-        y = torch.tensor(labels, dtype=torch.long)
-        if self.caption_column:
-            return x, [str(c) for c in batch[self.caption_column]]  # captions in the labels' place
-        return x, y
+        return x, torch.tensor(labels, dtype=torch.long)
 
     def __getitem__(self, i: int) -> tuple:
         x, y, *rest = self.__getitems__([i])
         return (x[0], y[0], *(r[0] for r in rest))
+
+
+def _captions(cell) -> list[str]:
+    """A caption cell's captions: a string (one per line) or a list of strings; `[""]` when empty."""
+    if isinstance(cell, (list, tuple)):
+        return [c for c in (str(v).strip() for v in cell) if c] or [""]
+    return caption_lines("" if cell is None else str(cell))
 
 
 def _column(table, key: str, name: str | None, where: str) -> str | None:
@@ -179,16 +182,21 @@ class HFDataModule(_SplitDataModule):
                 raise ConfigError(f"data.label_column={self.label_column!r} of {where} holds {feature}, not classes")
         return table.cast_column(self.image_column, datasets.Image(decode=False))
 
-    def _images(self, table, rows: list[int], train: bool) -> HFImages:
+    @property
+    def captioned(self) -> bool:
+        return self.caption_column is not None
+
+    def _images(self, table, rows: list[int], train: bool) -> HFImages | Captioned:
         prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
-        return HFImages(
-            table,
-            rows,
-            prep=prep,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            caption_column=self.caption_column,
-        )
+        images = HFImages(table, rows, prep=prep, image_column=self.image_column, label_column=self.label_column)
+        if not self.caption_column:
+            return images
+        # captions in the labels' place; a cell holding a list gives several, one drawn per epoch (as for folders)
+        column = table[self.caption_column]
+        captions = [_captions(column[r]) for r in rows]
+        if train:
+            self.train_captions = captions
+        return Captioned(images, captions, seed=self.seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -6,9 +6,10 @@ loader workers, and resumable mid-epoch at the sample.
 Format. Each sample is a group of tar members sharing a key (the WebDataset convention, so `webdataset`, `tar` and
 other tools read the shards): `<key>.<ext>` the source file's bytes as they were (jpg, png, ...; decoded and
 preprocessed at training time exactly as `data=folder` does), `<key>.cls` the class index as text (labeled sets),
-`<key>.txt` the caption (captioned sets). `index.json`, written last, lists every shard of the `train` and `val`
-splits with its sample count and bytes, the class names and the smallest image side. A shard set without its
-index, or whose shard ends early (an interrupted copy to a bucket), is refused with a line naming it.
+`<key>.txt` the captions, one per line (captioned sets; one is drawn per epoch, as for folders). `index.json`,
+written last, lists every shard of the `train` and `val` splits with its sample count and bytes, the class names
+and the smallest image side. A shard set without its index, or whose shard ends early (an interrupted copy to a
+bucket), is refused with a line naming it.
 
 The epoch plan (all from the index, before any shard is read; see `worker_plan`):
 1. the shards are put in a seeded order per (seed, epoch), and their samples concatenated into one stream;
@@ -50,7 +51,16 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from diffusion.data.base import ArrayImages, Uint8Batch, _SplitDataModule, flip_mask, split_indices
+from diffusion.data.base import (
+    ArrayImages,
+    Captioned,
+    Uint8Batch,
+    _SplitDataModule,
+    caption_lines,
+    flip_mask,
+    item_hashes,
+    split_indices,
+)
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
 from diffusion.files import write_bytes
@@ -202,7 +212,9 @@ def read_captions(root: Path, files: Sequence[Path], column: str = "text") -> li
                     f"{meta}: needs the columns file_name and {column} (it has {', '.join(sorted(row))}); "
                     "set the caption column with --caption-column"
                 )
-            captions[(meta.parent / row["file_name"]).resolve()] = str(row[column])
+            value = row[column]  # a JSON list holds several captions: one per line in the shard
+            text = "\n".join(str(v).strip() for v in value) if isinstance(value, list) else str(value).strip()
+            captions[(meta.parent / row["file_name"]).resolve()] = text
     out: list[str | None] = []
     for f in files:
         text = captions.get(f.resolve())
@@ -564,12 +576,14 @@ class ShardStream(IterableDataset):
             except OSError as e:
                 raise BadFileError(f"sample {i} of {self.location.path}: {e.__cause__ or e}") from e
             ys.append(int(parts["cls"]) if self.labels and "cls" in parts else -1)
-            texts.append(parts.get("txt", b"").decode("utf-8"))
+            texts.append(caption_lines(parts.get("txt", b"").decode("utf-8")))
         x = torch.from_numpy(np.stack(images))  # (B, C, S, S) uint8
         if self.flip:
             flips = flip_mask(self.seed, self.epoch, [i for i, _ in samples])
             x[flips] = x[flips].flip(-1)
         y = torch.tensor(ys, dtype=torch.long)
+        hashes = item_hashes(self.seed, self.epoch, [i for i, _ in samples], salt=1)  # as Captioned draws
+        texts = [lines[h % len(lines)] for lines, h in zip(texts, hashes, strict=True)]
         # captions take the labels' place: a batch's conditions are labels or captions (diffusion.conditioning)
         return (x, texts) if self.captions else (x, y)
 
@@ -667,6 +681,22 @@ class ShardDataModule(_SplitDataModule):
         self._epoch: int | None = None  # the epoch the training loader is in
         self._passes = 0  # training passes begun (the epoch when there is no trainer)
 
+    @property
+    def captioned(self) -> bool:
+        return self.captions
+
+    def caption_corpus(self) -> list[str] | None:
+        """Every training caption (for a text encoder's tokenizer): the `.txt` members of the train shards, read once
+        before training without decoding an image (a remote set is downloaded once for it)."""
+        if not self.captions:
+            return None
+        corpus = []
+        for shard in self.index["splits"].get("train", []):
+            for _, parts in iter_samples(self.location, shard["name"], int(shard["count"])):
+                corpus.extend(caption_lines(parts.get("txt", b"").decode("utf-8")))
+        log.info(f"data: {len(corpus)} training captions read from the shards of {self.path}")
+        return corpus
+
     def _read_index(self) -> dict:
         raw = self.location.read(INDEX)
         try:
@@ -688,7 +718,7 @@ class ShardDataModule(_SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
-        images, ys = [], []
+        images, ys, texts = [], [], []
         center = Preprocess(**{**self.prep.key(), "crop": "center"})
         for shard in self.index["splits"].get("val", []):
             for _, parts in iter_samples(self.location, shard["name"], int(shard["count"])):
@@ -697,11 +727,14 @@ class ShardDataModule(_SplitDataModule):
                 ext = next(e for e in parts if f".{e}" in IMAGE_EXTENSIONS)
                 images.append(torch.from_numpy(load_image(io.BytesIO(parts[ext]), center)))
                 ys.append(int(parts["cls"]) if self.labels and "cls" in parts else -1)
+                texts.append(caption_lines(parts.get("txt", b"").decode("utf-8")))
             if self.val_samples is not None and len(images) >= self.val_samples:
                 break
         shape = (0, self.channels, self.image_size, self.image_size)
         x = torch.stack(images) if images else torch.empty(shape, dtype=torch.uint8)
         self.val_set = ArrayImages(x, torch.tensor(ys, dtype=torch.long))
+        if self.captions:  # captions in the labels' place, as in training batches
+            self.val_set = Captioned(self.val_set, texts, seed=self.seed)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
