@@ -121,8 +121,16 @@ def test_a_resumed_epoch_yields_exactly_the_samples_not_yet_seen(shard_set, stop
 
 def test_the_writer_round_trips_pixels_labels_and_captions(tmp_path):
     src = make_folder(tmp_path / "images", 12, classes=3)
-    (src / "c00" / "000.txt").unlink()  # one caption from metadata.jsonl instead of a sidecar
-    (src / "metadata.jsonl").write_text(json.dumps({"file_name": "c00/000.png", "text": "from metadata"}) + "\n")
+    # captions as data=folder reads them: a metadata file, when there is one, names every image (sidecars unused)
+    rows = [{"file_name": f"c{i % 3:02d}/{i:03d}.png", "text": "from metadata" if i == 0 else f"image {i}"}
+            for i in range(12)]  # fmt: skip
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(BadFileError, match=r"image .*000.png has no row in .*metadata.jsonl; pass --skip-bad"):
+        write_shards(src, tmp_path / "shards", labels=True)
+    assert not (tmp_path / "shards").exists()
+    skipped = write_shards(src, tmp_path / "skipped", labels=True, val_fraction=0.0, skip_bad=True)
+    assert skipped["skipped"] == 1 and sum(s["count"] for s in skipped["splits"]["train"]) == 11
+    (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     index = write_shards(src, tmp_path / "shards", labels=True, val_fraction=0.25, shard_samples=4)
     assert [s["count"] for s in index["splits"]["train"]] == [4, 4, 1] and index["classes"] == ["c00", "c01", "c02"]
 

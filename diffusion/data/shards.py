@@ -188,40 +188,27 @@ class Location:
 
 
 # --- captions (the HF imagefolder metadata files, or .txt sidecars) -------------------------------------------
-def read_captions(root: Path, files: Sequence[Path], column: str = "text") -> list[str | None] | None:
-    """Each file's caption, or None when the folder has no captions at all.
+def shard_captions(root: Path, files: Sequence[Path], column: str, *, skip_bad: bool) -> list[str | None] | None:
+    """Each file's `.txt` member (its captions, one per line), None for a file without a usable caption (skipped
+    under `skip_bad`); None for a folder without captions (no metadata file and no `.txt` beside any image).
 
-    Sources, as Hugging Face's imagefolder reads them: `metadata.jsonl` / `metadata.csv` in any folder, with a
-    `file_name` column relative to that folder and the caption in `column`; else `<image stem>.txt` beside the
-    image. A metadata file without `file_name` or `column` is a one-line error naming the columns it has.
+    The folders' own reader (`data=folder data.captions=true`, `diffusion.data.folder.read_captions`), so a shard
+    set holds exactly the captions the folder trains with: metadata files when there are any, else sidecars;
+    a bad row or an image without a caption is a one-line error naming it, or skipped and counted under skip_bad.
     """
-    import csv
+    from diffusion.data.folder import METADATA_FILES, read_captions
 
-    captions: dict[Path, str] = {}
-    for meta in sorted([*root.rglob("metadata.jsonl"), *root.rglob("metadata.csv")]):
-        if any(p.startswith(".") for p in meta.relative_to(root).parts):
-            continue
-        if meta.suffix == ".jsonl":
-            rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        else:
-            with open(meta, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
-        for row in rows:
-            if "file_name" not in row or column not in row:
-                raise BadFileError(
-                    f"{meta}: needs the columns file_name and {column} (it has {', '.join(sorted(row))}); "
-                    "set the caption column with --caption-column"
-                )
-            value = row[column]  # a JSON list holds several captions: one per line in the shard
-            text = "\n".join(str(v).strip() for v in value) if isinstance(value, list) else str(value).strip()
-            captions[(meta.parent / row["file_name"]).resolve()] = text
-    out: list[str | None] = []
-    for f in files:
-        text = captions.get(f.resolve())
-        if text is None and f.with_suffix(".txt").is_file():
-            text = f.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        out.append(text)
-    return out if any(c is not None for c in out) else None
+    metas = [m for name in METADATA_FILES for m in root.rglob(name)]
+    metas = [m for m in metas if not any(p.startswith(".") for p in m.relative_to(root).parts)]
+    if not metas and not any(f.with_suffix(".txt").is_file() for f in files):
+        return None
+    captions, problems, bad_rows = read_captions(root, list(files), column)
+    first = next((p for p in [*bad_rows, *problems] if p is not None), None)
+    if first is not None and not skip_bad:
+        raise BadFileError(f"{first}; pass --skip-bad to skip such rows and images")
+    if bad_rows:
+        log.info(f"skipped {len(bad_rows)} metadata rows that name no usable image (first: {bad_rows[0]})")
+    return [None if p is not None else "\n".join(c) for c, p in zip(captions, problems, strict=True)]
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -263,13 +250,16 @@ def write_shards(
         raise PathExistsError(f"{dst} already exists; pass --overwrite to replace it")
     folder = ImageFolderDataModule(path=str(src), labels=labels, image_size=1, allow_upscale=True, skip_bad=skip_bad)
     files, ys = folder._scan()
-    captions = read_captions(src, files, caption_column)
+    captions = shard_captions(src, files, caption_column, skip_bad=skip_bad)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         good, skipped, min_side = [], [], None
         for i, f in enumerate(files):  # header check (as data=folder's) and the smallest side
+            if captions is not None and captions[i] is None:  # no usable caption (skip_bad)
+                skipped.append(str(f))
+                continue
             try:
                 side = min(read_size(f))
             except Exception as e:
@@ -299,7 +289,7 @@ def write_shards(
                 if labels:
                     _add(tar, f"{key}.cls", str(ys[i]).encode())
                 if captions is not None:
-                    _add(tar, f"{key}.txt", (captions[i] or "").encode("utf-8"))
+                    _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
                 shards[-1]["count"] += 1
                 size += len(data)
             if tar is not None:
@@ -342,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--seed", type=int, default=0, help="the validation split's seed")
     w.add_argument("--shard-mb", type=float, default=256.0, help="close a shard past this many megabytes")
     w.add_argument("--shard-samples", type=int, default=None, help="close a shard past this many samples")
-    w.add_argument("--skip-bad", action="store_true", help="skip files that are not images (counted in the index)")
+    w.add_argument("--skip-bad", action="store_true", help="skip unreadable images and images without a caption")
     w.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     args = parser.parse_args(argv)
     from diffusion.errors import user_error_message
@@ -372,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{sum(len(s) for s in index['splits'].values())} shards"
         + (f", {len(index['classes'])} classes" if index["classes"] else "")
         + (", captions" if index["captions"] else "")
-        + (f"; skipped {index['skipped']} bad files" if index["skipped"] else "")
+        + (f"; skipped {index['skipped']} bad files or images without a caption" if index["skipped"] else "")
     )
     return 0
 
