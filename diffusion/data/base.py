@@ -109,9 +109,16 @@ def caption_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()] or [""]
 
 
+def pick_captions(seed: int, epoch: int, indices: Sequence[int], captions: Sequence[Sequence[str]]) -> list[str]:
+    """One caption of each item for this epoch: item i gets `captions[k][h % len(captions[k])]` (k its position),
+    h = `item_hashes(seed, epoch, [i], salt=1)`; folders, HF datasets and shards all draw this way."""
+    hashes = item_hashes(seed, epoch, indices, salt=1)
+    return [c[h % len(c)] for c, h in zip(captions, hashes, strict=True)]
+
+
 class Captioned(_EpochAware):
-    """(image, caption) items from an (image, label) dataset and each item's captions: item i of epoch e gets
-    `captions[i][h % len(captions[i])]`, h = `item_hashes(seed, e, [i], salt=1)`."""
+    """(image, caption) items from an (image, label) dataset and each item's captions: item i of epoch e gets one
+    of `captions[i]` (`pick_captions`)."""
 
     def __init__(self, dataset: Dataset, captions: Sequence[Sequence[str]], seed: int = 0) -> None:
         super().__init__(dataset, seed)
@@ -120,8 +127,7 @@ class Captioned(_EpochAware):
         self.captions = captions
 
     def pick(self, indices: Sequence[int]) -> list[str]:
-        hashes = item_hashes(self.seed, int(self._epoch), indices, salt=1)
-        return [self.captions[int(i)][h % len(self.captions[int(i)])] for i, h in zip(indices, hashes, strict=True)]
+        return pick_captions(self.seed, int(self._epoch), indices, [self.captions[int(i)] for i in indices])
 
     def __getitem__(self, i: int):
         return self.dataset[i][0], self.pick([i])[0]

@@ -136,16 +136,22 @@ def _metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
     return rows
 
 
+def metadata_files(root: Path) -> list[Path]:
+    """The `metadata.jsonl` / `metadata.csv` files under `root`, hidden folders (the cache) skipped."""
+    metas: list[Path] = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        metas += [Path(folder) / name for name in METADATA_FILES if name in names]
+    return metas
+
+
 def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list[str]], list[str | None], list[str]]:
     """Each image's captions, each image's caption problem (or None), and the problems of rows naming no image.
 
     From `metadata.jsonl` / `metadata.csv` files under `root` when there are any (see the module docstring),
     else from `.txt` files beside the images.
     """
-    metas: list[Path] = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden folders (the cache) are skipped
-        metas += [Path(folder) / name for name in METADATA_FILES if name in names]
+    metas = metadata_files(root)
     captions: list[list[str]] = [[] for _ in files]
     problems: list[str | None] = [None] * len(files)
     if not metas:

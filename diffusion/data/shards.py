@@ -58,7 +58,7 @@ from diffusion.data.base import (
     _SplitDataModule,
     caption_lines,
     flip_mask,
-    item_hashes,
+    pick_captions,
     split_indices,
 )
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
@@ -188,6 +188,11 @@ class Location:
 
 
 # --- captions (the HF imagefolder metadata files, or .txt sidecars) -------------------------------------------
+def sample_captions(parts: dict[str, bytes]) -> list[str]:
+    """A shard sample's captions: its `.txt` member, one per line (`[""]` without one)."""
+    return caption_lines(parts.get("txt", b"").decode("utf-8"))
+
+
 def shard_captions(root: Path, files: Sequence[Path], column: str, *, skip_bad: bool) -> list[str | None] | None:
     """Each file's `.txt` member (its captions, one per line), None for a file without a usable caption (skipped
     under `skip_bad`); None for a folder without captions (no metadata file and no `.txt` beside any image).
@@ -196,11 +201,9 @@ def shard_captions(root: Path, files: Sequence[Path], column: str, *, skip_bad: 
     set holds exactly the captions the folder trains with: metadata files when there are any, else sidecars;
     a bad row or an image without a caption is a one-line error naming it, or skipped and counted under skip_bad.
     """
-    from diffusion.data.folder import METADATA_FILES, read_captions
+    from diffusion.data.folder import metadata_files, read_captions
 
-    metas = [m for name in METADATA_FILES for m in root.rglob(name)]
-    metas = [m for m in metas if not any(p.startswith(".") for p in m.relative_to(root).parts)]
-    if not metas and not any(f.with_suffix(".txt").is_file() for f in files):
+    if not metadata_files(root) and not any(f.with_suffix(".txt").is_file() for f in files):
         return None
     captions, problems, bad_rows = read_captions(root, list(files), column)
     first = next((p for p in [*bad_rows, *problems] if p is not None), None)
@@ -566,14 +569,13 @@ class ShardStream(IterableDataset):
             except OSError as e:
                 raise BadFileError(f"sample {i} of {self.location.path}: {e.__cause__ or e}") from e
             ys.append(int(parts["cls"]) if self.labels and "cls" in parts else -1)
-            texts.append(caption_lines(parts.get("txt", b"").decode("utf-8")))
+            texts.append(sample_captions(parts))
         x = torch.from_numpy(np.stack(images))  # (B, C, S, S) uint8
         if self.flip:
             flips = flip_mask(self.seed, self.epoch, [i for i, _ in samples])
             x[flips] = x[flips].flip(-1)
         y = torch.tensor(ys, dtype=torch.long)
-        hashes = item_hashes(self.seed, self.epoch, [i for i, _ in samples], salt=1)  # as Captioned draws
-        texts = [lines[h % len(lines)] for lines, h in zip(texts, hashes, strict=True)]
+        texts = pick_captions(self.seed, self.epoch, [i for i, _ in samples], texts)  # as folders draw
         # captions take the labels' place: a batch's conditions are labels or captions (diffusion.conditioning)
         return (x, texts) if self.captions else (x, y)
 
@@ -683,7 +685,7 @@ class ShardDataModule(_SplitDataModule):
         corpus = []
         for shard in self.index["splits"].get("train", []):
             for _, parts in iter_samples(self.location, shard["name"], int(shard["count"])):
-                corpus.extend(caption_lines(parts.get("txt", b"").decode("utf-8")))
+                corpus.extend(sample_captions(parts))
         log.info(f"data: {len(corpus)} training captions read from the shards of {self.path}")
         return corpus
 
@@ -717,7 +719,7 @@ class ShardDataModule(_SplitDataModule):
                 ext = next(e for e in parts if f".{e}" in IMAGE_EXTENSIONS)
                 images.append(torch.from_numpy(load_image(io.BytesIO(parts[ext]), center)))
                 ys.append(int(parts["cls"]) if self.labels and "cls" in parts else -1)
-                texts.append(caption_lines(parts.get("txt", b"").decode("utf-8")))
+                texts.append(sample_captions(parts))
             if self.val_samples is not None and len(images) >= self.val_samples:
                 break
         shape = (0, self.channels, self.image_size, self.image_size)
