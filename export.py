@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffusion.errors import ConfigError, MissingPathError, exit_on_user_error
@@ -24,9 +23,19 @@ from diffusion.errors import ConfigError, MissingPathError, exit_on_user_error
 log = logging.getLogger(__name__)
 
 
-def run_config(ckpt: str) -> DictConfig:
-    """The training config of the run `ckpt` belongs to (its `.hydra/config.yaml`, written by train.py)."""
+def run_data(ckpt: str):
+    """The validation data and settings of the run `ckpt` belongs to: (datamodule, val_seed, val_buckets).
+
+    The run's `.hydra/config.yaml` is data from wherever the run folder came from: it may name one of this
+    project's datamodules with plain values, never any other callable (a `_target_` that is not a datamodule,
+    a nested one, or `_partial_` / `_args_` is refused before anything is built).
+    """
+    import lightning as L
+
+    import diffusion.data as datamodules
+    from diffusion.errors import BadFileError
     from diffusion.posthoc import run_folder_of
+    from diffusion.state import is_plain
 
     run = run_folder_of(Path(ckpt))
     saved = run / ".hydra" / "config.yaml" if run is not None else None
@@ -35,7 +44,26 @@ def run_config(ckpt: str) -> DictConfig:
             f"ema.sigma_rel=[...] scores each EMA on the run's validation data, but {ckpt} has no run folder with "
             ".hydra/config.yaml (written by train.py); give one sigma_rel, or a checkpoint inside its run folder"
         )
-    return OmegaConf.load(saved)
+    config = OmegaConf.load(saved)
+    data = OmegaConf.to_container(config.get("data") or {}, resolve=True)
+    target = data.pop("_target_", None) if isinstance(data, dict) else None
+    module, _, name = str(target).rpartition(".")
+    cls = getattr(datamodules, name, None) if module == "diffusion.data" else None
+    if not (isinstance(cls, type) and issubclass(cls, L.LightningDataModule)) or not is_plain(data):
+        raise BadFileError(f"{saved}: data._target_={target!r} is not one of this project's datamodules; refused")
+    if any(str(k).startswith("_") for k in _keys(data)):
+        raise BadFileError(f"{saved}: data holds {sorted(k for k in _keys(data) if k.startswith('_'))}; refused")
+    options = OmegaConf.to_container(config.get("module") or {}, resolve=True)
+    return cls(**data), int(options.get("val_seed", 0)), int(options.get("val_buckets", 10))
+
+
+def _keys(value) -> list[str]:
+    """Every dict key inside `value`, at any depth."""
+    if isinstance(value, dict):
+        return [*map(str, value), *(k for v in value.values() for k in _keys(v))]
+    if isinstance(value, list):
+        return [k for v in value for k in _keys(v)]
+    return []
 
 
 def sweep(ckpt: str, sigma_rels: list[float], snapshots: str | None) -> float:
@@ -43,13 +71,14 @@ def sweep(ckpt: str, sigma_rels: list[float], snapshots: str | None) -> float:
     return the best sigma_rel."""
     from diffusion.callbacks.posthoc_ema import score_ema_lengths, score_table
 
-    train_cfg = run_config(ckpt)
+    datamodule, val_seed, val_buckets = run_data(ckpt)
     rows = score_ema_lengths(
         ckpt,
         sigma_rels=sigma_rels,
         snapshots=snapshots,
-        datamodule=instantiate(train_cfg.data),
-        build_module=lambda **built: instantiate(train_cfg.module, **built, optimizer=None),
+        datamodule=datamodule,
+        val_seed=val_seed,
+        val_buckets=val_buckets,
     )
     best = min((r for r in rows if r.sigma_rel is not None), key=lambda r: r.val_loss)
     log.info(f"val/loss of {ckpt} (the run's validation data, fixed noise):\n{score_table(rows)}")
@@ -58,8 +87,8 @@ def sweep(ckpt: str, sigma_rels: list[float], snapshots: str | None) -> float:
 
 
 def run(cfg: DictConfig) -> None:
+    from diffusion.checkpoint import resolve_ckpt_path
     from diffusion.export import export
-    from train import resolve_ckpt_path
 
     for key in ("ckpt", "out"):
         if OmegaConf.is_missing(cfg, key):

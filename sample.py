@@ -1,7 +1,7 @@
 """Generate images from a trained checkpoint: python sample.py ckpt=PATH [sampler=dpmpp sampler.steps=20 n=64 ...].
 
-Loads the network (EMA weights when present), the process (discrete schedule, EDM or flow) and the sampler
-chosen in conf/sample.yaml, draws `n` images in batches on the GPU when there is one, and writes `grid.png`, one
+Loads the model (`DiffusionModel.from_checkpoint`: EMA weights when present) and the sampler chosen in
+conf/sample.yaml, draws `n` images in batches on the GPU when there is one, and writes `grid.png`, one
 PNG per image under `images/` and optionally `samples.npz` into `out`. Image i depends only on seed + i (its
 starting noise and any fresh noise a stochastic sampler draws come from its own generator), so `n=8` reproduces
 the first 8 images of `n=64` with any `batch_size`. Class-conditional checkpoints take `label=`, text-conditional
@@ -64,26 +64,6 @@ def parse_prompts(prompt, prompts_file) -> list[str] | None:
     return values
 
 
-def parse_labels(label, net) -> list[int | None]:
-    """The label of each grid row: [None] (unconditional), one label, a list, or every class for "all"."""
-    import torch
-
-    from diffusion.samplers import guided_model
-
-    if label is None:
-        return [None]
-    num_classes = getattr(net, "num_classes", None)
-    if num_classes is None:
-        guided_model(net, labels=torch.zeros(1))  # raises: labels for an unconditional model
-    if label == "all":
-        return list(range(num_classes))
-    values = list(label) if isinstance(label, (list, tuple)) else [label]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"label={label} must be a class index, a list of them, or 'all'")
-    guided_model(net, labels=torch.tensor(values))  # says what is wrong: unconditional model, label out of range
-    return values
-
-
 def prepare_out(out: Path, *, overwrite: bool) -> None:
     """Create `out`, check it can be written, and refuse to replace earlier results unless `overwrite`."""
     from diffusion.files import check_writable, real_folder
@@ -118,21 +98,12 @@ def sample(cfg: DictConfig) -> Path:
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from diffusion.checkpoint import image_shape, load_model
-    from diffusion.codec import sampler_for
-    from diffusion.conditioning import NoConditioning, TextConditioning
+    from diffusion.checkpoint import resolve_ckpt_path
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
+    from diffusion.model import DiffusionModel
     from diffusion.posthoc import with_posthoc_ema
-    from diffusion.samplers import (
-        check_precision,
-        check_sampler,
-        draw_noise,
-        guided_model,
-        image_generators,
-        with_precision,
-    )
-    from train import resolve_ckpt_path
+    from diffusion.samplers import check_precision, check_sampler
 
     # 1. check the plain options before touching the checkpoint
     if cfg.ckpt in (None, ""):
@@ -147,69 +118,44 @@ def sample(cfg: DictConfig) -> Path:
     precision = check_precision(str(cfg.precision))
     ckpt = Path(str(cfg.ckpt)).expanduser()
     if str(cfg.ckpt) == "last" or ckpt.is_dir():
-        ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir))
+        ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir, key="ckpt"))
 
-    # 2. the model, its conditions (labels or prompts) and guidance, the sampler
-    loaded = load_model(ckpt, use_ema=cfg.use_ema, map_location=device, text_encoder=cfg.get("text_encoder"))
-    loaded = with_posthoc_ema(loaded, ckpt, **cfg.ema, use_ema=cfg.use_ema)  # ema.sigma_rel: post-hoc EMA
-    net, schedule, conditioning = loaded.net, loaded.schedule, loaded.conditioning
-    text = isinstance(conditioning, TextConditioning)
-    prompts = parse_prompts(plain(cfg.get("prompt")), cfg.get("prompts"))
+    # 2. the model, the condition of each grid row (labels, prompts, or the null condition), the sampler
+    model = DiffusionModel.from_checkpoint(
+        ckpt, use_ema=cfg.use_ema, map_location=device, text_encoder=cfg.get("text_encoder")
+    )
+    model = with_posthoc_ema(model, ckpt, **cfg.ema, use_ema=cfg.use_ema)  # ema.sigma_rel: post-hoc EMA
     negative = cfg.get("negative_prompt")
-    if text:
-        if cfg.label is not None:
-            raise ConfigError('label=... is for class-conditional models; this one takes prompt="..." or prompts=FILE')
-        rows = prompts or [None]
-    else:
-        if prompts is not None or negative is not None:
-            raise ConfigError("prompt= / prompts= / negative_prompt= need a text-conditional model (conditioning=text)")
-        rows = parse_labels(plain(cfg.label), net)
-    guidance = 1.0 if cfg.guidance is None else float(cfg.guidance)
-    if cfg.guidance is not None and isinstance(conditioning, NoConditioning):
-        raise ConfigError(f"guidance={cfg.guidance} needs a class-conditional model, but this one is unconditional")
-    if (cfg.guidance is not None or negative is not None) and rows == [None]:
-        need = 'a prompt (prompt="..." or prompts=FILE)' if text else "a label (label=7, label=[1,2] or label=all)"
-        what = f"guidance={cfg.guidance}" if cfg.guidance is not None else "negative_prompt="
-        raise ConfigError(f"{what} needs {need}")
-    sampler = sampler_for(instantiate(cfg.sampler), loaded.codec)  # latents are never clipped to [-1, 1]
-    check_sampler(sampler, schedule)  # a bad option or sampler / schedule pair fails now, not after the first batch
+    rows = model.conditioning.conditions_from(
+        label=plain(cfg.label),
+        prompts=parse_prompts(plain(cfg.get("prompt")), cfg.get("prompts")),
+        negative=negative,
+        guidance=cfg.guidance,
+    )
+    sampler = instantiate(cfg.sampler)
+    check_sampler(sampler, model.process)  # a bad option or sampler / process pair fails now, not after a batch
 
     # 3. the output folder, checked before any sampling
     out = Path(str(cfg.out)).expanduser()
     prepare_out(out, overwrite=cfg.overwrite)
 
     # 4. sample: item k is (row condition, column j) and starts from seed + j
-    shape = image_shape(net)  # in the codec's latent space
     items = [(row, j) for row in rows for j in range(cfg.n)]
     log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
-        f"(step {loaded.global_step}, {loaded.weights} weights) on {device} in {cfg.precision}",
+        f"(step {model.global_step}, {model.weights} weights) on {device} in {cfg.precision}",
     )
-    batches = range(0, len(items), cfg.batch_size)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="batches")
-    images = []
-    for lo in batches:
-        batch = items[lo : lo + cfg.batch_size]
-        generators = image_generators(cfg.seed + j for _, j in batch)
-        noise = draw_noise((len(batch), *shape), generator=generators, device=device)
-        if rows == [None]:  # the unconditional model: the null condition
-            guided = guided_model(net, null=conditioning.null(len(batch), device=device))
-        elif text:
-            null = conditioning([negative] * len(batch), device=device) if negative else None
-            cond = conditioning([prompt for prompt, _ in batch], device=device)
-            guided = guided_model(
-                net, cond=cond, null=null or conditioning.null(len(batch), device=device), guidance=guidance
-            )
-        else:
-            labels = torch.tensor([label for label, _ in batch], device=device)
-            guided = guided_model(net, labels=labels, guidance=guidance)
-        model = with_precision(guided, precision, device)
-        x = sampler(model, schedule, noise, generator=generators, progress=bool(cfg.progress))
-        images.append(to_unit_range(loaded.codec.decode(x).float().cpu()).clamp(0, 1))
-    pixels = torch.cat(images)  # (N, C, H, W) in [0, 1]
+    pixels = model.generate(
+        [row for row, _ in items],
+        seeds=[cfg.seed + j for _, j in items],
+        sampler=sampler,
+        guidance=1.0 if cfg.guidance is None else float(cfg.guidance),
+        negative=negative,
+        precision=precision,
+        batch_size=cfg.batch_size,
+        progress=bool(cfg.progress),
+    )
+    pixels = to_unit_range(pixels.cpu()).clamp(0, 1)  # (N, C, H, W) in [0, 1]
 
     # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)
     uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
@@ -220,14 +166,15 @@ def sample(cfg: DictConfig) -> Path:
     grid = make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0)
     atomic_write(out / "grid.png", lambda f: save_image(grid, f, format="PNG"))
     written = ["grid.png", f"images/ ({len(items)} PNGs)"]
-    if text and rows != [None]:  # each image's prompt (Hugging Face imagefolder metadata): a captioned folder
+    prompts = rows != [None] and all(isinstance(row, str) for row in rows)
+    if prompts:  # each image's prompt (Hugging Face imagefolder metadata): a captioned folder
         lines = [json.dumps({"file_name": f"{k:06d}.png", "text": p}) + "\n" for k, (p, _) in enumerate(items)]
         atomic_write(out / "images" / CAPTIONS_FILE, lambda f: f.write("".join(lines).encode("utf-8")))
         written[-1] = f"images/ ({len(items)} PNGs and their prompts in {CAPTIONS_FILE})"
     if cfg.npz:
         arrays = {"arr_0": uint8}
         if rows != [None]:
-            arrays["arr_1"] = np.array([row for row, _ in items], dtype=str if text else np.int64)
+            arrays["arr_1"] = np.array([row for row, _ in items], dtype=str if prompts else np.int64)
         atomic_write(out / "samples.npz", lambda f: np.savez(f, **arrays))
         written.append("samples.npz")
     log.info(f"wrote {', '.join(written)} to {out}")

@@ -1,10 +1,10 @@
-"""Train a diffusion model: python train.py [model=... data=... schedule=... trainer.max_steps=...].
+"""Train a diffusion model: python train.py [model=... data=... process=... trainer.max_steps=...].
 
-Composes the Hydra config in conf/, builds the datamodule, network, schedule, LightningModule, callbacks,
-loggers and Trainer from it, and fits. Every run writes into its own folder (the resolved config in
-.hydra/, checkpoints/, samples/, logs). Returns the metric named by `optimized_metric` for sweepers.
-Each run starts with `extras` (the config tree, tags); `validate_only=true` evaluates the checkpoint `ckpt_path`
-instead of training (`validate`).
+Composes the Hydra config in conf/, assembles the model (network, process, conditioning, codec: `assemble`) and
+the datamodule, wraps them in the LightningModule with its callbacks, loggers and Trainer, and fits. Every run
+writes into its own folder (the resolved config in .hydra/, checkpoints/, samples/, logs). Returns the metric
+named by `optimized_metric` for sweepers. Each run starts with `extras` (the config tree, tags);
+`validate_only=true` evaluates the checkpoint `ckpt_path` instead of training (`validate`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion.checkpoint import resolve_ckpt_path
 from diffusion.errors import (
     ConfigError,
-    MissingPathError,
     PathExistsError,
     config_error,
     exit_on_user_error,
@@ -39,26 +39,6 @@ FAILED_FILE = "failed.txt"  # in a sweep job's folder: the one-line reason the j
 CONFIG_TREE_FILE = "config_tree.log"  # in the run folder: the composed config as printed at the start
 TAGS_FILE = "tags.log"  # in the run folder: the run's tags, one per line
 VALIDATE_FILE = "validate.json"  # in the run folder of a validate_only=true run: the checkpoint's metrics
-
-
-def resolve_ckpt_path(ckpt_path: str | None, runs_dir: str, key: str = "ckpt_path") -> str | None:
-    """ckpt_path as given: a .ckpt file, a run folder (its checkpoints/last.ckpt), or "last" (newest under runs_dir).
-
-    `key` is the config key named in error messages (ckpt_path, init_from, ...).
-    """
-    if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
-        found = sorted(Path(runs_dir).rglob("checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise MissingPathError(f"{key}=last: no checkpoints/last.ckpt under {runs_dir}")
-        return str(found[-1])
-    path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise MissingPathError(f"{key}={ckpt_path}: {path} does not exist")
-    return str(path)
 
 
 def occupied(output_dir: Path) -> str | None:
@@ -93,25 +73,34 @@ class RunFolderGuard(Callback):
             sys.exit(1)
 
 
-def check_resume(ckpt_path: str, ckpt: dict, net, schedule, codec=None, *, verb: str = "resume") -> None:
-    """A one-line ValueError when checkpoint `ckpt` (at ckpt_path) cannot be resumed with `net` and `schedule`.
+def check_resume(ckpt_path: str, ckpt: dict, model, *, verb: str = "resume") -> None:
+    """A one-line ConfigError when checkpoint `ckpt` (at ckpt_path) cannot be resumed (or validated) with `model`.
 
     Its weights must fit the network the config builds; the message names the config keys where the
-    checkpoint's own description differs from the config (or, if none does, the tensors that differ).
-    Config changes that keep the weights' shapes (e.g. model.gradient_checkpointing) are allowed and printed.
-    `verb` is what the run does with the checkpoint ("resume", "validate"), for the messages.
+    checkpoint's own description differs from the config (or, if none does, the tensors that differ). A resume
+    must also keep the objective: a changed process (another family, prediction, schedule, weighting) would train
+    the restored optimizer state toward another target. Other changes that keep the weights' shapes (e.g.
+    model.gradient_checkpointing) are allowed and printed. `verb` is what the run does with the checkpoint.
     """
-    from diffusion.checkpoint import describe, description_differences, net_state_dict, weights_mismatch
+    from diffusion.checkpoint import description_differences, net_state_dict, weights_mismatch
 
-    differences = description_differences(ckpt["diffusion"], describe(net, schedule, codec=codec))
+    differences = description_differences(ckpt["diffusion"], model.describe())
     shown = [f"{k}={saved} where the config has {now}" for k, saved, now in differences]
-    mismatch = weights_mismatch(net, net_state_dict(ckpt, use_ema=False)[0])
+    mismatch = weights_mismatch(model.net, net_state_dict(ckpt, use_ema=False)[0])
     if mismatch:
         more = f" (and {len(shown) - 1} more: {', '.join(k for k, _, _ in differences[1:])})" if len(shown) > 1 else ""
         what = f"was trained with {shown[0]}{more}" if shown else f"does not fit the model: {mismatch}"
         raise ConfigError(
             f"ckpt_path={ckpt_path} {what}; {verb} with that run's config (its .hydra/overrides.yaml), or start "
             "a new run from its weights with init_from="
+        )
+    objective = [line for (k, _, _), line in zip(differences, shown, strict=True) if k.startswith("process.")]
+    objective = [line for line in objective if line.startswith("process.family=")] or objective  # a family: its name
+    if objective and verb == "resume":
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was trained with {'; '.join(objective)}: resuming would train its optimizer "
+            "state toward another objective; resume with that run's process, or start a new run from its weights "
+            "with init_from="
         )
     if shown:
         from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -304,6 +293,61 @@ def extras(cfg: DictConfig) -> None:
         log.info(text)
 
 
+def assemble(cfg: DictConfig, *, init_path: str | None = None, finetune=None):
+    """The model and the data a config describes: the one assembly that training and validation share.
+
+    Builds the codec, the datamodule (encoding its latent cache through the codec), the process, the network (in
+    the codec's latent shape), the conditioning; loads init_from's weights and applies the fine-tune
+    (`finetune`: LoRA adapters or a full fine-tune), and prepares the conditioning on the training data (a text
+    encoder's tokenizer). Returns (DiffusionModel, datamodule).
+    """
+    import lightning as L
+
+    from diffusion.finetune import LoRA, base_source, init_from_checkpoint
+    from diffusion.model import DiffusionModel
+    from diffusion.networks import check_registered
+
+    init = cfg.get("init") or {}
+    codec = build(cfg, "codec") if cfg.get("codec") else None
+    latent_cache = codec is not None and cfg.data.get("cache") and codec.config["kind"] != "identity"
+    datamodule = build(cfg, "data", **({"codec": codec} if latent_cache else {}))
+    process = build(cfg, "process")
+    if cfg.get("sampler") is not None:  # the sample grid's and FID's sampler must fit the process: fail now
+        from diffusion.samplers import check_sampler
+
+        check_sampler(build(cfg, "sampler"), process)
+    channels, size = datamodule.channels, datamodule.image_size
+    latent = codec.latent_shape(channels, size) if codec is not None else (channels, size)
+    # the network sees the codec's latents: their channels and side replace the data's (pixels: the same)
+    net = build(
+        cfg, "model", **({} if latent == (channels, size) else dict(in_channels=latent[0], image_size=latent[1]))
+    )
+    check_registered(net)
+    conditioning = build(cfg, "conditioning")
+    if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
+        report = init_from_checkpoint(
+            net,
+            init_path,
+            ignore_keys=list(init.get("ignore_keys") or []),
+            strict=init.get("strict", True),
+            use_ema=init.get("use_ema", True),
+            conditioning=conditioning,
+        )
+        L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
+    lora = isinstance(finetune, LoRA)
+    if finetune is not None:  # LoRA adapters on the loaded base (only they train), or a full fine-tune
+        if lora and init_path is not None and (init.get("ignore_keys") or not init.get("strict", True)):
+            raise ConfigError("finetune=lora needs its base loaded whole: init.strict=true and no init.ignore_keys")
+        source = base_source(
+            init_from=init_path, use_ema=init.get("use_ema", True), pretrained=cfg.model.get("pretrained")
+        )
+        net = finetune.apply(net, source=source)
+    conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
+    if lora:  # the base's conditions stay as they were; a text encoder learns only the captions' new words
+        conditioning.freeze_for_adapters()
+    return DiffusionModel(net=net, process=process, conditioning=conditioning, codec=codec), datamodule
+
+
 def validate(cfg: DictConfig) -> float | None:
     """Evaluate checkpoint cfg.ckpt_path with cfg's data and callbacks: val/loss (and its buckets) over the
     validation set, val/fid and val/kid when callbacks.fid is configured. Uses the checkpoint's EMA weights when
@@ -312,7 +356,7 @@ def validate(cfg: DictConfig) -> float | None:
     import lightning as L
 
     from diffusion.callbacks.ema import EMA
-    from diffusion.checkpoint import load_weights, net_state_dict, read_checkpoint
+    from diffusion.checkpoint import read_checkpoint
 
     lightning_logging()
     L.seed_everything(cfg.seed, workers=True)
@@ -320,13 +364,13 @@ def validate(cfg: DictConfig) -> float | None:
     if ckpt_path is None:
         raise ConfigError("validate_only=true evaluates a checkpoint: ckpt_path=PATH (a .ckpt, a run folder or last)")
     ckpt = read_checkpoint(ckpt_path)
-    datamodule = build(cfg, "data")
-    schedule = build(cfg, "schedule")
-    net = build(cfg, "model")
-    check_resume(ckpt_path, ckpt, net, schedule, verb="validate")
-    state, weights = net_state_dict(ckpt, use_ema=True)
-    load_weights(net, state, source=f"ckpt_path={ckpt_path}")
-    module = build(cfg, "module", net=net, schedule=schedule, optimizer=build_optimizer(cfg))
+    init_path = resolve_ckpt_path(cfg.get("init_from"), cfg.paths.runs_dir, key="init_from")
+    model, datamodule = assemble(
+        cfg, init_path=init_path, finetune=build(cfg, "finetune") if cfg.get("finetune") else None
+    )
+    check_resume(ckpt_path, ckpt, model, verb="validate")
+    model.load_checkpoint_weights(ckpt, use_ema=True, source=f"ckpt_path={ckpt_path}")
+    module = build(cfg, "module", model=model, optimizer=build_optimizer(cfg))
     # The net holds the average already: an EMA callback would average it again. The others act in training only,
     # except FID, which evaluates at the end of a validate run.
     callbacks = [c for c in build_group(cfg, "callbacks") if not isinstance(c, EMA)]
@@ -335,12 +379,11 @@ def validate(cfg: DictConfig) -> float | None:
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # val/loss, its buckets in order, FID
     if trainer.is_global_zero:
-        step = int(ckpt.get("global_step", 0))
         path = write_json(
             Path(cfg.paths.output_dir) / VALIDATE_FILE,
-            {"ckpt_path": ckpt_path, "global_step": step, "weights": weights, "metrics": metrics},
+            {"ckpt_path": ckpt_path, "global_step": model.global_step, "weights": model.weights, "metrics": metrics},
         )
-        lines = [f"validate: {ckpt_path} (step {step}, {weights} weights)"]
+        lines = [f"validate: {ckpt_path} (step {model.global_step}, {model.weights} weights)"]
         lines += [f"  {k} = {v:.6g}" for k, v in metrics.items()]
         log.info("\n".join([*lines, f"metrics written to {path}"]))
     return metrics.get(cfg.get("optimized_metric"))
@@ -357,7 +400,7 @@ def train(cfg: DictConfig) -> float | None:
 
     lightning_logging()
     from diffusion.checkpoint import read_checkpoint
-    from diffusion.finetune import LoRA, base_source, init_from_checkpoint
+    from diffusion.finetune import LoRA
     from diffusion.loggers import log_tags
 
     L.seed_everything(cfg.seed, workers=True)
@@ -373,62 +416,18 @@ def train(cfg: DictConfig) -> float | None:
     if init.get("required") and init_path is None:
         raise ConfigError("init_from is required (init.required=true, e.g. experiment=finetune): init_from=PATH")
     finetune = build(cfg, "finetune") if cfg.get("finetune") else None
-    lora = isinstance(finetune, LoRA)  # its base is init_from's checkpoint, also when resuming
-    if init_path is not None:
-        if ckpt_path is not None and not lora:
-            raise ConfigError(
-                "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
-                "init_from starts a new one from a checkpoint's weights"
-            )
-
-    codec = build(cfg, "codec") if cfg.get("codec") else None
-    latent_cache = codec is not None and cfg.data.get("cache") and codec.config["kind"] != "identity"
-    datamodule = build(cfg, "data", **({"codec": codec} if latent_cache else {}))
-    schedule = build(cfg, "schedule")
-    if cfg.get("sampler") is not None:  # the sample grid's and FID's sampler must fit the process: fail now
-        from diffusion.samplers import check_sampler
-
-        check_sampler(build(cfg, "sampler"), schedule)
-    channels, size = datamodule.channels, datamodule.image_size
-    latent = codec.latent_shape(channels, size) if codec is not None else (channels, size)
-    # the network sees the codec's latents: their channels and side replace the data's (pixels: the same)
-    net = build(
-        cfg, "model", **({} if latent == (channels, size) else dict(in_channels=latent[0], image_size=latent[1]))
-    )
-    conditioning = build(cfg, "conditioning")
-    if init_path is not None:  # weights only: the optimizer and the step count start fresh (reads the file once)
-        report = init_from_checkpoint(
-            net,
-            init_path,
-            ignore_keys=list(init.get("ignore_keys") or []),
-            strict=init.get("strict", True),
-            use_ema=init.get("use_ema", True),
-            conditioning=conditioning,
+    if init_path is not None and ckpt_path is not None and not isinstance(finetune, LoRA):  # LoRA: its base
+        raise ConfigError(
+            "init_from and ckpt_path exclude each other: ckpt_path resumes a run (optimizer, step), "
+            "init_from starts a new one from a checkpoint's weights"
         )
-        L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
-    if finetune is not None:  # LoRA adapters on the loaded base (only they train), or a full fine-tune
-        if lora and init_path is not None and (init.get("ignore_keys") or not init.get("strict", True)):
-            raise ConfigError("finetune=lora needs its base loaded whole: init.strict=true and no init.ignore_keys")
-        source = base_source(
-            init_from=init_path, use_ema=init.get("use_ema", True), pretrained=cfg.model.get("pretrained")
-        )
-        net = finetune.apply(net, source=source)
+
+    model, datamodule = assemble(cfg, init_path=init_path, finetune=finetune)
     if resumed is not None:
-        check_resume(ckpt_path, resumed, net, schedule, codec)
-    conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
-    if lora:  # the base's conditions stay as they were; a text encoder learns only the captions' new words
-        conditioning.freeze_for_adapters()
-    module = build(
-        cfg,
-        "module",
-        net=net,
-        schedule=schedule,
-        conditioning=conditioning,
-        codec=codec,
-        optimizer=build_optimizer(cfg),
-    )
+        check_resume(ckpt_path, resumed, model)
+    module = build(cfg, "module", model=model, optimizer=build_optimizer(cfg))
     if init_path is not None and init.get("ema_from_init", True):
-        module.ema_init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        module.ema_init_state = {k: v.detach().clone() for k, v in model.net.state_dict().items()}
     callbacks = build_group(cfg, "callbacks")
     # Under fast_dev_run (debug=fdr) Lightning swaps the loggers for a dummy one: build none, so none writes files.
     loggers = [] if cfg.trainer.get("fast_dev_run") else build_group(cfg, "logger")
@@ -441,11 +440,11 @@ def train(cfg: DictConfig) -> float | None:
     for logger in loggers:
         logger.log_hyperparams(resolved)
     log_tags(loggers, resolved["tags"])
-    n_params = sum(p.numel() for p in net.parameters())
-    n_trained = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in model.net.parameters())
+    n_trained = sum(p.numel() for p in model.net.parameters() if p.requires_grad)
     if trainer.is_global_zero:
         trained = "" if n_trained == n_params else f", {n_trained / 1e6:.3f}M trained"
-        log.info(f"run folder: {output_dir}  ({type(net).__name__}, {n_params / 1e6:.2f}M parameters{trained})")
+        log.info(f"run folder: {output_dir}  ({type(model.net).__name__}, {n_params / 1e6:.2f}M parameters{trained})")
         log.info(f"effective batch {batch} ({batch_parts}), lr {cfg.optim.get('lr')}, precision {trainer.precision}")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

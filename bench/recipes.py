@@ -48,8 +48,8 @@ BASE = [
     "optim.lr=2e-3",
     "optim.warmup_steps=100",
     "optim.lr_decay=cosine",
-    "schedule=cosine",
-    "schedule.prediction=v",
+    "process=cosine",
+    "process.prediction=v",
     "trainer.val_check_interval=200",
     "callbacks.sample_grid.every_n_steps=300",
     "callbacks.model_checkpoint.every_n_train_steps=200",
@@ -60,7 +60,7 @@ COMPACT = ["model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attentio
 LEAN = ["model.num_res_blocks=1"]
 RARE = ["trainer.val_check_interval=1000", "callbacks.sample_grid.every_n_steps=0"]  # validate, draw less often
 LEAN_B128 = [*BASE, *RARE, *LEAN, "data.batch_size=128", "optim.lr=3e-3"]  # the best at 2 minutes
-LEAN_B128_ANY = [o for o in LEAN_B128 if not o.startswith("schedule")]  # for another process (schedule=edm|flow)
+LEAN_B128_ANY = [o for o in LEAN_B128 if not o.startswith("schedule")]  # for another process (process=edm|flow)
 RECIPES: dict[str, list[str]] = {
     "small_600": [*BASE, "trainer.max_steps=600"],  # the old default as it shipped: 600 steps
     "small": BASE,  # the old default's recipe, trained for the budget
@@ -68,13 +68,13 @@ RECIPES: dict[str, list[str]] = {
     "small_b128": [*BASE, *RARE, "data.batch_size=128", "optim.lr=3e-3"],
     "lean": [*BASE, *RARE, *LEAN],
     "lean_b128": LEAN_B128,
-    "lean_b128_eps": [*LEAN_B128, "schedule.prediction=eps"],
-    "lean_b128_minsnr": [*LEAN_B128, "schedule.min_snr_gamma=5.0"],
+    "lean_b128_eps": [*LEAN_B128, "process.prediction=eps"],
+    "lean_b128_minsnr": [*LEAN_B128, "process.min_snr_gamma=5.0"],
     "lean_b128_lr5e-3": [*LEAN_B128, "optim.lr=5e-3"],
     "lean_b128_ema_short": [*LEAN_B128, "callbacks.ema.power=0.5"],  # decay 0.9916 -> 0.972 at step 1300
     "lean_b128_bf16": [*LEAN_B128, "trainer.precision=bf16-mixed"],
-    "lean_b128_edm": [*LEAN_B128_ANY, "schedule=edm"],  # Karras et al. 2022, sampled by DPM-Solver++ on its sigmas
-    "lean_b128_flow": [*LEAN_B128_ANY, "schedule=flow"],  # flow matching, logit-normal t
+    "lean_b128_edm": [*LEAN_B128_ANY, "process=edm"],  # Karras et al. 2022, sampled by DPM-Solver++ on its sigmas
+    "lean_b128_flow": [*LEAN_B128_ANY, "process=flow"],  # flow matching, logit-normal t
     "compact": [*BASE, *RARE, *COMPACT],
     "compact_b128": [*BASE, *RARE, *COMPACT, "data.batch_size=128", "optim.lr=3e-3"],
     "default": [],  # `python train.py` as conf/ now has it, its own trainer.max_steps included
@@ -126,7 +126,7 @@ def probe(overrides: list[str], *, steps: int = 8) -> dict:
         "params": sum(p.numel() for p in net.parameters()),
         "batch": batch,
         "step_s": statistics.median(times[2:]),
-        "grid_s": sample_forward * int(cfg.sampler.get("steps") or cfg.schedule.num_steps),
+        "grid_s": sample_forward * int(cfg.sampler.get("steps") or cfg.process.num_steps),
         "grid_every": int(cfg.callbacks.sample_grid.every_n_steps or 0) if grid else -1,
         "val_every": int(cfg.trainer.val_check_interval),
     }

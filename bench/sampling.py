@@ -21,6 +21,7 @@ import inspect
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion.checkpoint import load_model  # noqa: E402
+from diffusion.checkpoint import resolve_ckpt_path  # noqa: E402
 from diffusion.data import DigitsDataModule, to_unit_range  # noqa: E402
-from diffusion.samplers import SAMPLERS, draw_noise, image_generators, sampling_timesteps  # noqa: E402
+from diffusion.model import DiffusionModel  # noqa: E402
+from diffusion.process.discrete import sampling_timesteps  # noqa: E402
+from diffusion.samplers import SAMPLERS  # noqa: E402
 
 DEFAULTS = dict(
     ckpt="", n="500", full_n="50", samplers="ddpm,ddim,dpmpp", steps="10,20,50,full", batch_size="500",
@@ -97,18 +100,16 @@ def kid(a: np.ndarray, b: np.ndarray) -> float:
     )
 
 
-def generate(loaded, sampler, *, n: int, batch_size: int, seed: int, device, **options) -> tuple[np.ndarray, float]:
-    """n samples as (n, S*S) in [0, 1] (channel 0, quantized to 8 bits like a PNG) and seconds per image."""
-    net, schedule = loaded.net, loaded.schedule
-    shape = (net.config["in_channels"], net.config["image_size"], net.config["image_size"])
+def generate(model, sampler, *, n: int, batch_size: int, seed: int, device, **options) -> tuple[np.ndarray, float]:
+    """n unconditional samples as (n, S*S) in [0, 1] (channel 0, quantized to 8 bits like a PNG) and seconds per
+    image (`DiffusionModel.generate`, one call per batch)."""
     out, elapsed = [], 0.0
     for lo in range(0, n, batch_size):
-        gens = image_generators(range(seed + lo, seed + min(n, lo + batch_size)))
-        noise = draw_noise((len(gens), *shape), generator=gens, device=device)
+        seeds = range(seed + lo, seed + min(n, lo + batch_size))
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        x = sampler(lambda x, t: net(x, t), schedule, noise, generator=gens, **options)
+        x = model.generate(seeds=seeds, sampler=partial(sampler, **options), batch_size=batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
@@ -117,19 +118,17 @@ def generate(loaded, sampler, *, n: int, batch_size: int, seed: int, device, **o
 
 
 def main(argv: list[str]) -> None:
-    from train import resolve_ckpt_path
-
     args = parse_args(argv)
     ckpt = resolve_ckpt_path(args["ckpt"] or "last", str(ROOT / "outputs"))
     want = args["device"]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
-    loaded = load_model(ckpt, use_ema=args["use_ema"].lower() == "true", map_location=device)
-    T = loaded.schedule.num_steps
+    loaded = DiffusionModel.from_checkpoint(ckpt, use_ema=args["use_ema"].lower() == "true", map_location=device)
+    T = loaded.process.num_steps
     n, full_n, batch_size, seed = int(args["n"]), int(args["full_n"]), int(args["batch_size"]), int(args["seed"])
-    judge = DigitJudge(loaded.net.config["image_size"])
+    judge = DigitJudge(loaded.spec.image_size)
     print(
         f"checkpoint {ckpt} (step {loaded.global_step}, {loaded.weights} weights, {T} steps, "
-        f"{loaded.schedule.kind}/{loaded.schedule.prediction}); {device}, {torch.get_num_threads()} threads; "
+        f"{loaded.process.kind}/{loaded.process.prediction}); {device}, {torch.get_num_threads()} threads; "
         f"judge: MLP on real digits, held-out accuracy {judge.test_accuracy:.3f}\n",
         flush=True,
     )
@@ -142,7 +141,7 @@ def main(argv: list[str]) -> None:
             count = full_n if steps == T and steps > 50 else n
             x, sec = generate(loaded, sampler, n=count, batch_size=batch_size, seed=seed, device=device, steps=steps)
             spacing = inspect.signature(sampler).parameters["spacing"].default
-            nfe = len(sampling_timesteps(T, steps, spacing, alpha_bar=loaded.schedule.alpha_bar))
+            nfe = len(sampling_timesteps(T, steps, spacing, alpha_bar=loaded.process.alpha_bar))
             rows.append((name, steps, nfe, count, sec, judge.judge(x)))
             print(f"  {name} {steps} steps: {1000 * sec:.1f} ms/image, {rows[-1][-1]}", file=sys.stderr, flush=True)
     print("| sampler | steps | NFE | images | ms / image | conf | KID x1000 | classes (top share) |")

@@ -40,7 +40,7 @@ def main() -> None:
         cfg = compose("train", overrides=args.overrides)
     torch.manual_seed(0)
     net = instantiate(cfg.model).to(args.device).eval()
-    schedule = instantiate(cfg.schedule).to(args.device)
+    schedule = instantiate(cfg.process).to(args.device)
     shape = (args.batch, cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     noise = torch.randn(shape, device=args.device)
     precisions = args.precisions.split(",")

@@ -55,11 +55,13 @@ def write_concept(folder: Path) -> int:
 
 def adapter_share(run: Path) -> str:
     """What the fine-tune trained, from its checkpoint: adapters and new word embeddings against the network."""
-    from diffusion.checkpoint import load_model, read_checkpoint
+    from diffusion.checkpoint import read_checkpoint
+    from diffusion.model import DiffusionModel
 
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     adapters = sum(v.numel() for k, v in ckpt["state_dict"].items() if ".lora_" in k)
-    total = sum(p.numel() for p in load_model(run / "checkpoints" / "last.ckpt").net.parameters()) - adapters
+    model = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    total = sum(p.numel() for p in model.net.parameters()) - adapters
     encoder = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
     dim = ckpt["state_dict"]["conditioning.encoder.token_emb.weight"].shape[1]
     new = [w for w in ("an", "inverted") if w in encoder]

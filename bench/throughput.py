@@ -102,10 +102,12 @@ def run_ours(cfg, net_state, datamodule, args) -> float:
     """Images/s through the Trainer + DiffusionModule path (as train.py builds them)."""
     from hydra.utils import instantiate
 
-    schedule = instantiate(cfg.schedule)
+    from diffusion.model import DiffusionModel
+
     net = instantiate(cfg.model)
     net.load_state_dict(net_state)
-    module = instantiate(cfg.module, net=net, schedule=schedule, optimizer=instantiate(cfg.optim.optimizer))
+    model = DiffusionModel(net=net, process=instantiate(cfg.process))
+    module = instantiate(cfg.module, model=model, optimizer=instantiate(cfg.optim.optimizer))
     timer = Timer(args.warmup, args.device)
     trainer = instantiate(
         cfg.trainer,
@@ -125,7 +127,7 @@ def run_bare(cfg, net_state, datamodule, args) -> float:
     from hydra.utils import instantiate
 
     device = torch.device(args.device)
-    schedule = instantiate(cfg.schedule).to(device)
+    schedule = instantiate(cfg.process).to(device)
     net = instantiate(cfg.model)
     net.load_state_dict(net_state)
     net.to(device).train()

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.errors import BadFileError, ConfigError, MissingPathError
+from diffusion.state import keep_in_state_dict
 
 CodecDtype = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -44,8 +45,6 @@ class Codec(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from diffusion.checkpoint import keep_in_state_dict
-
         keep_in_state_dict(self, frozenset())
 
     def latent_shape(self, channels: int, image_size: int) -> tuple[int, int]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.errors import BadFileError, ConfigError
+from diffusion.state import is_plain
 
 log = logging.getLogger(__name__)
 Kwargs = dict[str, Tensor]
@@ -59,6 +60,29 @@ class Conditioning(nn.Module):
         """A LoRA fine-tune (`finetune=lora`, after `prepare`): freeze what this conditioning would train, so that
         the base model's conditions reach the network unchanged."""
         self.requires_grad_(False)
+
+    #: how sample.py's user gives this conditioning's conditions, for messages (None: it takes none)
+    usage: str | None = None
+
+    def conditions_from(self, *, label=None, prompts=None, negative=None, guidance=None) -> list:
+        """The condition of each grid row from sample.py's options (`label=`, `prompt=` / `prompts=`,
+        `negative_prompt=`, `guidance=`); [None] is the null condition. A one-line ConfigError for an option this
+        conditioning does not take, or guidance without a condition to guide towards."""
+        if label is not None:
+            raise ConfigError(
+                "label=... was given but the model is unconditional (trained with model.num_classes=null)"
+            )
+        _no_prompts(prompts, negative)
+        if guidance is not None:
+            raise ConfigError(f"guidance={guidance} needs a class-conditional model, but this one is unconditional")
+        return [None]
+
+    def _guided_rows(self, rows: list, guidance, negative) -> list:
+        """`rows`, or a ConfigError when guidance (or a negative prompt) has no condition to act on."""
+        if (guidance is not None or negative is not None) and rows == [None]:
+            what = f"guidance={guidance}" if guidance is not None else "negative_prompt="
+            raise ConfigError(f"{what} needs {self.usage}")
+        return rows
 
     def describe(self) -> dict:
         """Plain values that `build_conditioning` rebuilds this conditioning from (saved in checkpoints)."""
@@ -126,6 +150,22 @@ class ClassConditioning(Conditioning):
 
     def preview_conditions(self) -> list:
         return list(range(self.num_classes))
+
+    usage = "a label (label=7, label=[1,2] or label=all)"
+
+    def conditions_from(self, *, label=None, prompts=None, negative=None, guidance=None) -> list:
+        _no_prompts(prompts, negative)
+        if label is None:
+            return self._guided_rows([None], guidance, None)
+        if label == "all":
+            return list(range(self.num_classes))
+        values = list(label) if isinstance(label, (list, tuple)) else [label]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"label={label} must be a class index, a list of them, or 'all'")
+        bad = [v for v in values if not 0 <= v < self.num_classes]
+        if bad:
+            raise ConfigError(f"label={bad[0]} is out of range: the model has classes 0..{self.num_classes - 1}")
+        return values
 
     def describe(self) -> dict:
         return {**super().describe(), "config": {"num_classes": self.num_classes}}
@@ -229,6 +269,13 @@ class TextConditioning(Conditioning):
     def preview_conditions(self) -> list | None:
         return self.preview_prompts
 
+    usage = 'a prompt (prompt="..." or prompts=FILE)'
+
+    def conditions_from(self, *, label=None, prompts=None, negative=None, guidance=None) -> list:
+        if label is not None:
+            raise ConfigError('label=... is for class-conditional models; this one takes prompt="..." or prompts=FILE')
+        return self._guided_rows(list(prompts) if prompts else [None], guidance, negative)
+
     def freeze_for_adapters(self) -> None:
         """A jointly trained encoder keeps training only the words the fine-tuning captions added (their embedding
         rows): the old captions encode exactly as in the base model, the new words learn their meaning."""
@@ -247,6 +294,11 @@ class TextConditioning(Conditioning):
             "preview_prompts": self.preview_prompts,
         }
         return {**super().describe(), "config": config}
+
+
+def _no_prompts(prompts, negative) -> None:
+    if prompts is not None or negative is not None:
+        raise ConfigError("prompt= / prompts= / negative_prompt= need a text-conditional model (conditioning=text)")
 
 
 def _drop_encoder_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -293,8 +345,6 @@ def build_conditioning(
     Only registered classes are built (`CONDITIONINGS`, `TEXT_ENCODERS`). `encoder_overrides` replace config
     values of a text encoder (e.g. `pretrained=` for a CLIP folder that moved).
     """
-    from diffusion.checkpoint import is_plain
-
     if description is None:
         return class_or_none(num_classes=getattr(net, "num_classes", None))
     target = description.get("target") if isinstance(description, dict) else None

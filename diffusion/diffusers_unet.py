@@ -22,19 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.errors import ConfigError
+from diffusion.networks import register_network
+from diffusion.optional import import_diffusers
+from diffusion.pipeline import load_component
 
 _PRIVATE_PREFIX = "_"
-
-
-def import_diffusers():
-    """The diffusers module, or an ImportError saying how to install it."""
-    try:
-        import diffusers
-    except ImportError as e:
-        raise ImportError(
-            "model=diffusers_unet and export format=diffusers need diffusers: pip install 'diffusers>=0.30' safetensors"
-        ) from e
-    return diffusers
 
 
 def _plain(value: Any) -> Any:
@@ -48,8 +40,6 @@ def _plain(value: Any) -> Any:
 
 def load_pretrained_unet(pretrained: str, cls_name: str = "UNet2DModel"):
     """`cls_name`.from_pretrained on a local folder (model or pipeline layout) or a Hub id, with one-line errors."""
-    from diffusion.pipeline import load_component
-
     return load_component(cls_name, pretrained, subfolder="unet", key="model.pretrained")
 
 
@@ -66,6 +56,7 @@ def plain_config(unet: nn.Module) -> dict[str, Any]:
     return _plain({k: v for k, v in unet.config.items() if not k.startswith(_PRIVATE_PREFIX)})
 
 
+@register_network(null_keys=("pretrained",))
 class DiffusersUNet(nn.Module):
     """diffusers' UNet2DModel behind the project's network interface: forward(x_t, t, y=None) -> output.
 
@@ -160,6 +151,7 @@ class DiffusersUNet(nn.Module):
         return self.unet(x, t, class_labels=y).sample
 
 
+@register_network(null_keys=("pretrained",))
 class DiffusersCondUNet(nn.Module):
     """diffusers' UNet2DConditionModel (Stable Diffusion's network) behind the project's network interface:
     forward(x_t, t, y=None, *, context) -> output, with the text context passed as `encoder_hidden_states`.

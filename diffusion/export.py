@@ -1,7 +1,7 @@
 """Export a trained checkpoint for use outside this project: a diffusers pipeline folder or plain safetensors.
 
 - `diffusers`: for diffusers-backed networks (`model=diffusers_unet`), a `DDPMPipeline` folder: unet/ (config.json
-  and weights) and scheduler/, the diffusers scheduler that defines our process (`diffusers_scheduler`):
+  and weights) and scheduler/, the diffusers scheduler that defines our process (`Process.diffusers_scheduler`):
   - discrete: a `DDPMScheduler` config that reproduces our schedule exactly (`trained_betas`, the prediction type,
     x0 clipping, beta-tilde posterior variance). `DDPMPipeline.from_pretrained(DIR)` run with
     `num_inference_steps` = the schedule's num_steps is our DDPM sampler (Ho et al. 2020, Algorithm 2).
@@ -23,8 +23,9 @@
   adapters are merged into the base U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder
   needs no adapter code to load.
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
-  has no EMA copy) and `config.json` (the checkpoint's self-description: network class and config, process,
-  which weights, step). `load_export` rebuilds the network from such a folder.
+  has no EMA copy) and `config.json` (the model's self-description: network class and config, process,
+  conditioning, codec, which weights, step), and for a jointly trained text encoder `conditioning.safetensors`
+  (its tokenizer in the metadata). `DiffusionModel.from_export` rebuilds the model from such a folder.
 - `ckpt`: `model.ckpt`, a slim checkpoint of this project (description, raw weights, and the exported weights
   as its `ema_state_dict`, no optimizer state) that sample.py, init_from and export.py read like any other.
 Any format can carry a post-hoc EMA (`sigma_rel`, see `diffusion.posthoc`) instead of the stored one.
@@ -40,82 +41,14 @@ from typing import Literal, get_args
 
 import torch
 
-from diffusion.checkpoint import (
-    EMA_KEY,
-    LoadedModel,
-    build_codec,
-    build_net,
-    check_description,
-    load_model,
-    load_weights,
-    read_checkpoint,
-)
-from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError
+from diffusion.checkpoint import EMA_KEY, read_checkpoint
+from diffusion.errors import ConfigError, PathExistsError
 from diffusion.files import atomic_write, move_tree, write_bytes
-from diffusion.process import Process, build_process
-from diffusion.schedule import NoiseSchedule, make_betas
+from diffusion.model import EXPORT_CONDITIONING, EXPORT_CONFIG, EXPORT_EXTRA_STATE, EXPORT_WEIGHTS, DiffusionModel
+from diffusion.state import is_plain
 
 ExportFormat = Literal["diffusers", "safetensors", "ckpt", "lora", "pipeline"]
-PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CONDITIONING_NAME = "conditioning.safetensors"  # a trained text encoder's weights, when there is one
 CKPT_NAME = "model.ckpt"
-
-
-def scheduler_config(schedule: NoiseSchedule) -> dict:
-    """DDPMScheduler kwargs equivalent to `schedule` with our DDPM sampler's defaults (beta-tilde, clipped x0).
-
-    The betas go in as `trained_betas` (float64 from the schedule's own formula), so every schedule kind and
-    length is exact; `beta_schedule` names the equivalent built-in for readers but is not used by diffusers.
-    """
-    cfg = schedule.config
-    betas = make_betas(
-        cfg["kind"],
-        cfg["num_steps"],
-        **{k: cfg[k] for k in ("beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau")},
-    )
-    scale = 1000.0 / cfg["num_steps"] if cfg["kind"] == "linear" else 1.0  # our linear betas are rescaled for T
-    names = {"linear": "linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid", "scaled_linear": "scaled_linear"}
-    return dict(
-        num_train_timesteps=cfg["num_steps"],
-        beta_schedule=names[cfg["kind"]],
-        beta_start=cfg["beta_start"] * scale,
-        beta_end=cfg["beta_end"] * scale,
-        trained_betas=betas.tolist(),
-        variance_type="fixed_small",  # beta-tilde_t, DDPM eq. 7
-        clip_sample=True,
-        clip_sample_range=1.0,
-        prediction_type=PREDICTION_TYPES[cfg["prediction"]],
-        timestep_spacing="leading",
-        steps_offset=0,
-    )
-
-
-def diffusers_scheduler(process: Process):
-    """The diffusers scheduler that defines the same process and Euler / DDPM sampler as ours (see above)."""
-    from diffusion.diffusers_unet import import_diffusers
-
-    diffusers = import_diffusers()
-    cfg = process.config
-    if process.family == "edm":
-        return diffusers.EDMEulerScheduler(
-            sigma_min=cfg["sigma_min"],
-            sigma_max=cfg["sigma_max"],
-            sigma_data=cfg["sigma_data"],
-            sigma_schedule="karras",
-            rho=cfg["rho"],
-            prediction_type="epsilon",  # D = c_skip x + c_out F: EDM's preconditioning
-            final_sigmas_type="zero",
-        )
-    if process.family == "flow":
-        if cfg["time_scale"] != int(cfg["time_scale"]):
-            raise ConfigError(
-                f"format=diffusers: schedule.time_scale={cfg['time_scale']} is not a whole number, which "
-                "FlowMatchEulerDiscreteScheduler's num_train_timesteps must be; use format=safetensors"
-            )
-        return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(cfg["time_scale"]), shift=cfg["shift"])
-    return diffusers.DDPMScheduler(**scheduler_config(process))
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -126,7 +59,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def check_diffusers_exportable(model: LoadedModel) -> None:
+def check_diffusers_exportable(model: DiffusionModel) -> None:
     """A ValueError unless DDPMPipeline can run this network: a diffusers U-Net without class labels."""
     from diffusion.diffusers_unet import DiffusersUNet
 
@@ -142,30 +75,34 @@ def check_diffusers_exportable(model: LoadedModel) -> None:
         )
 
 
-def export_diffusers(model: LoadedModel, out: Path) -> None:
+def export_diffusers(model: DiffusionModel, out: Path) -> None:
     """Write a DDPMPipeline folder for a diffusers-backed network."""
-    from diffusion.diffusers_unet import import_diffusers
+    from diffusion.optional import import_diffusers
 
     check_diffusers_exportable(model)
-    diffusers = import_diffusers()
-    scheduler = diffusers_scheduler(model.schedule)
-    _staged(out, diffusers.DDPMPipeline(unet=model.net.unet, scheduler=scheduler).save_pretrained)
+    pipeline = import_diffusers().DDPMPipeline(unet=model.net.unet, scheduler=model.process.diffusers_scheduler())
+    pipeline.save_pretrained(str(out))
 
 
-def export_safetensors(model: LoadedModel, out: Path) -> None:
+def export_safetensors(model: DiffusionModel, out: Path) -> None:
     """Write model.safetensors (the loaded weights) and config.json (how to rebuild network and schedule)."""
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
-    write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": "pt", "weights": model.weights}))
-    text_state = {k: v.detach().contiguous().cpu() for k, v in model.conditioning.state_dict().items()}
+    write_bytes(out / EXPORT_WEIGHTS, save(state, metadata={"format": "pt", "weights": model.weights}))
+    text_state = model.conditioning.state_dict()
     if text_state:  # a jointly trained text encoder (a frozen pretrained one is named in the description)
-        write_bytes(out / CONDITIONING_NAME, save(text_state, metadata={"format": "pt"}))
-    config = {**model.description, "weights": model.weights, "global_step": model.global_step}
-    write_bytes(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+        tensors = {k: v.detach().contiguous().cpu() for k, v in text_state.items() if isinstance(v, torch.Tensor)}
+        extra = {k: v for k, v in text_state.items() if not isinstance(v, torch.Tensor)}  # its tokenizer (JSON)
+        if not is_plain(extra):
+            raise ConfigError(f"format=safetensors: the conditioning's extra state {sorted(extra)} is not plain data")
+        metadata = {"format": "pt", EXPORT_EXTRA_STATE: json.dumps(extra)}
+        write_bytes(out / EXPORT_CONDITIONING, save(tensors, metadata=metadata))
+    config = {**model.describe(), "weights": model.weights, "global_step": model.global_step}
+    write_bytes(out / EXPORT_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
 
 
-def export_ckpt(model: LoadedModel, out: Path, ckpt: dict) -> None:
+def export_ckpt(model: DiffusionModel, out: Path, ckpt: dict) -> None:
     """Write model.ckpt: `ckpt`'s description and raw weights, with `model`'s weights as its EMA (unless raw)."""
     slim = {
         "diffusion": ckpt["diffusion"],
@@ -178,7 +115,7 @@ def export_ckpt(model: LoadedModel, out: Path, ckpt: dict) -> None:
     atomic_write(out / CKPT_NAME, lambda f: torch.save(slim, f))
 
 
-def sd_unet(model: LoadedModel, format: str):
+def sd_unet(model: DiffusionModel, format: str):
     """The (LoRANet or not) network's UNet2DConditionModel wrapper, or a ConfigError naming `format`."""
     from diffusion.diffusers_unet import DiffusersCondUNet
     from diffusion.finetune import LoRANet
@@ -192,7 +129,7 @@ def sd_unet(model: LoadedModel, format: str):
     return net
 
 
-def check_lora_exportable(model: LoadedModel) -> None:
+def check_lora_exportable(model: DiffusionModel) -> None:
     from diffusion.finetune import LoRANet
 
     sd_unet(model, "lora")
@@ -200,7 +137,7 @@ def check_lora_exportable(model: LoadedModel) -> None:
         raise ConfigError("format=lora needs a LoRA fine-tune (finetune=lora); this one is full: use format=pipeline")
 
 
-def check_pipeline_exportable(model: LoadedModel) -> None:
+def check_pipeline_exportable(model: DiffusionModel) -> None:
     from diffusion.finetune import LoRANet
 
     sd_unet(model, "pipeline")
@@ -213,7 +150,7 @@ def check_pipeline_exportable(model: LoadedModel) -> None:
 CHECKS = {"diffusers": check_diffusers_exportable, "lora": check_lora_exportable, "pipeline": check_pipeline_exportable}
 
 
-def lora_layers(model: LoadedModel) -> dict[str, torch.Tensor]:
+def lora_layers(model: DiffusionModel) -> dict[str, torch.Tensor]:
     """The adapters as diffusers' LoRA state dict of the UNet2DConditionModel (alpha / rank folded into B)."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
@@ -223,29 +160,19 @@ def lora_layers(model: LoadedModel) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers({k: v.detach().float().contiguous().cpu() for k, v in state.items()})
 
 
-def _staged(out: Path, write) -> None:
-    """diffusers writes into a fresh folder of ours; its files are then renamed into `out` (never through links)."""
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
-        write(str(staging))
-        move_tree(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def export_lora(model: LoadedModel, out: Path) -> None:
+def export_lora(model: DiffusionModel, out: Path) -> None:
     """Write the adapters as a diffusers LoRA folder (`StableDiffusionPipeline.load_lora_weights(out)`)."""
-    from diffusion.diffusers_unet import import_diffusers
+    from diffusion.optional import import_diffusers
 
     layers = lora_layers(model)
     pipeline = import_diffusers().StableDiffusionPipeline
-    _staged(out, lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True))
+    pipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
 
 
-def export_pipeline(model: LoadedModel, out: Path) -> None:
+def export_pipeline(model: DiffusionModel, out: Path) -> None:
     """Write a complete StableDiffusionPipeline folder: our U-Net and the base pipeline's other parts."""
-    from diffusion.diffusers_unet import import_diffusers
     from diffusion.finetune import LoRANet
+    from diffusion.optional import import_diffusers
 
     net = sd_unet(model, "pipeline")
     parts = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -261,7 +188,7 @@ def export_pipeline(model: LoadedModel, out: Path) -> None:
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=pipe.unet, **parts)
     else:
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=net.unet, **parts)
-    _staged(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    pipe.save_pretrained(str(out), safe_serialization=True)
 
 
 def export(
@@ -273,20 +200,21 @@ def export(
     overwrite: bool = False,
     sigma_rel: float | None = None,
     snapshots: str | Path | None = None,
-) -> LoadedModel:
+) -> DiffusionModel:
     """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written.
 
     `sigma_rel`: export the post-hoc EMA of that length, rebuilt from the run's snapshots (`snapshots`, default
-    `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA.
+    `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA. The export is written into a
+    fresh folder inside `out` and its files renamed into place at the end: an export that fails leaves nothing
+    behind (and `out` itself is removed again when this call created it).
     """
     from diffusion.posthoc import with_posthoc_ema
 
     if format not in get_args(ExportFormat):
         raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, get_args(ExportFormat)))}")
     out = Path(out).expanduser()
-    model = with_posthoc_ema(
-        load_model(ckpt, use_ema=use_ema), ckpt, sigma_rel=sigma_rel, snapshots=snapshots, use_ema=use_ema
-    )
+    model = DiffusionModel.from_checkpoint(ckpt, use_ema=use_ema)
+    model = with_posthoc_ema(model, ckpt, sigma_rel=sigma_rel, snapshots=snapshots, use_ema=use_ema)
     writer = {
         "diffusers": export_diffusers,
         "safetensors": export_safetensors,
@@ -295,51 +223,19 @@ def export(
         "pipeline": export_pipeline,
     }[format]
     CHECKS.get(format, lambda model: None)(model)  # before touching `out`
-    _prepare_out(out, overwrite)
-    writer(model, out)
-    return model
-
-
-def load_export(folder: str | Path, *, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild network and process from a folder written by `export(format="safetensors")`."""
-    from safetensors.torch import load_file
-
-    from diffusion.conditioning import build_conditioning
-
-    folder = Path(folder).expanduser()
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise MissingPathError(f"{folder} holds no {CONFIG_NAME} + {WEIGHTS_NAME} (written by export.py)")
-    source = str(folder / CONFIG_NAME)
+    if out.exists() and not out.is_dir():
+        raise PathExistsError(f"out={out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PathExistsError(f"out={out} is not empty; choose another folder or set overwrite=true")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise BadFileError(f"{source} is not JSON ({e})") from e
-    check_description(config, source=source)
-    net = build_net(config["net"], source=source)
-    load_weights(net, load_file(str(folder / WEIGHTS_NAME)), source=str(folder / WEIGHTS_NAME))
-    schedule = build_process(config["schedule"])
-    conditioning = build_conditioning(config.get("conditioning"), net=net, source=source)
-    if (folder / CONDITIONING_NAME).is_file():
-        try:
-            conditioning.load_state_dict(load_file(str(folder / CONDITIONING_NAME)))
-        except RuntimeError as e:
-            raise BadFileError(
-                f"{folder / CONDITIONING_NAME} does not fit the text encoder of {source} ({e})"
-            ) from None
-    elif conditioning.state_dict():
-        raise MissingPathError(f"{folder} holds no {CONDITIONING_NAME}, the weights of the text encoder {source} names")
-    conditioning.check_network(net)
-    codec = build_codec(config.get("codec"), source=source)
-    net.eval().to(map_location)
-    conditioning.eval().to(map_location)
-    schedule.to(map_location)
-    codec.to(map_location)
-    return LoadedModel(
-        net=net,
-        schedule=schedule,
-        conditioning=conditioning,
-        weights=config["weights"],
-        global_step=config["global_step"],
-        description={k: config[k] for k in ("format", "net", "schedule", "conditioning", "codec") if k in config},
-        codec=codec,
-    )
+        writer(model, staging)
+        move_tree(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # only our staging folder was ever in it
+        raise
+    return model

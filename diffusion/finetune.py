@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from diffusion.checkpoint import CONDITIONING_PREFIX, net_state_dict, read_checkpoint, sub_state_dict
 from diffusion.errors import ConfigError
+from diffusion.networks import register_network
 
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
 
@@ -228,6 +229,7 @@ class Full:
         return net
 
 
+@register_network  # adapters on a base the config names by path (a checkpoint, read weights-only, or a folder)
 class LoRANet(nn.Module):
     """A frozen base network with LoRA adapters: forward(...) is the base's, with the adapted layers.
 
@@ -257,7 +259,8 @@ class LoRANet(nn.Module):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        from diffusion.checkpoint import build_net, describe_net, keep_in_state_dict
+        from diffusion.networks import build_net, describe_net
+        from diffusion.state import keep_in_state_dict
 
         if net is None:
             net = build_net(base, source="the LoRA base description")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
-from diffusion.schedule import NoiseSchedule
+from diffusion.optional import import_diffusers
+from diffusion.process.discrete import NoiseSchedule
 
 # diffusers' beta_schedule -> ours; prediction_type -> ours
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
@@ -30,8 +31,6 @@ def _offline() -> bool:
 
 
 def _diffusers_class(name: str):
-    from diffusion.diffusers_unet import import_diffusers
-
     return getattr(import_diffusers(), name)
 
 
@@ -68,7 +67,7 @@ def load_component(
     )
 
 
-def read_scheduler_config(pretrained: str, *, key: str = "schedule.path") -> dict:
+def read_scheduler_config(pretrained: str, *, key: str = "process.path") -> dict:
     """The scheduler config of a pipeline folder (scheduler/scheduler_config.json), a scheduler folder or a Hub id."""
     path = Path(pretrained).expanduser()
     if path.is_dir():
@@ -88,10 +87,10 @@ def read_scheduler_config(pretrained: str, *, key: str = "schedule.path") -> dic
         raise PathError(f"{key}={pretrained}: could not read its scheduler config ({reason})") from e
 
 
-def schedule_kwargs(config: dict, *, key: str = "schedule.path") -> dict:
+def schedule_kwargs(config: dict, *, key: str = "process.path") -> dict:
     """NoiseSchedule arguments equal to a diffusers scheduler config (DDPM, DDIM, PNDM, Euler, ... share them)."""
     if config.get("trained_betas") is not None:
-        raise ConfigError(f"{key}: the scheduler has trained_betas, which schedule=pretrained does not read")
+        raise ConfigError(f"{key}: the scheduler has trained_betas, which process=pretrained does not read")
     if config.get("rescale_betas_zero_snr"):
         raise ConfigError(f"{key}: rescale_betas_zero_snr=true is not supported")
     beta_schedule = config.get("beta_schedule", "linear")
@@ -113,7 +112,7 @@ def schedule_kwargs(config: dict, *, key: str = "schedule.path") -> dict:
 
 
 def schedule_from_pipeline(*, path: str, min_snr_gamma: float | None = None) -> NoiseSchedule:
-    """The noise schedule a pipeline was trained with (`schedule=pretrained`, path: usually ${model.pretrained})."""
+    """The noise schedule a pipeline was trained with (`process=pretrained`, path: usually ${model.pretrained})."""
     if path in (None, "", "???"):
-        raise ConfigError("schedule=pretrained needs schedule.path (or model.pretrained) = a pipeline folder or Hub id")
+        raise ConfigError("process=pretrained needs schedule.path (or model.pretrained) = a pipeline folder or Hub id")
     return NoiseSchedule(**schedule_kwargs(read_scheduler_config(str(path))), min_snr_gamma=min_snr_gamma)

@@ -347,7 +347,7 @@ def with_posthoc_ema(
     use_ema: bool = True,
     key: str = "ema.sigma_rel",
 ):
-    """`loaded` (a `diffusion.checkpoint.LoadedModel` of `ckpt_path`) with its network's weights replaced by the
+    """`loaded` (a `diffusion.model.DiffusionModel` of `ckpt_path`) with its network's weights replaced by the
     post-hoc EMA of `sigma_rel` at the checkpoint's step; unchanged when `sigma_rel` is None."""
     if sigma_rel is None:
         return loaded

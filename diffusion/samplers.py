@@ -2,11 +2,11 @@
 
 A sampler is a plain function `sampler(model, process, noise, *, generator=None, **options)` of a `model` (a
 callable (x_t, t) -> network output, called on what the process gives the network: x_t and the integer t for
-the discrete schedules, c_in x and c_noise for EDM, x_t and 1000 t for flow), the process (`diffusion.process`;
-the argument keeps its old name `schedule`), the starting `noise` and a `generator` for any fresh noise it draws.
-No Lightning, no Hydra. Every sampler works on the denoised image x0 = `process.to_x0(output)` and the process's
-alpha and sigma (x_t = alpha x0 + sigma eps), so each serves every family: the grid of levels comes from
-`process.sampling_levels` (discrete: timestep spacings; EDM: Karras sigmas; flow: shifted uniform t). Outputs are
+the discrete schedules, c_in x and c_noise for EDM, x_t and 1000 t for flow), the process (`diffusion.process`),
+the starting `noise` and a `generator` for any fresh noise it draws. No Lightning, no Hydra. Every sampler works
+on the denoised image x0 = `process.to_x0(output)` and the process's alpha and sigma (x_t = alpha x0 + sigma
+eps), so each serves every family: the grid of levels comes from `process.sampling_levels` (discrete: timestep
+spacings; EDM: Karras sigmas; flow: shifted uniform t). Outputs are
 in the data range [-1, 1] (clipped when `clip_x0`). The samplers:
 
 - `ddpm_sample`: ancestral sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps;
@@ -17,19 +17,18 @@ in the data range [-1, 1] (clipped when `clip_x0`). The samplers:
 `generator` is one `torch.Generator` for the whole batch, or a list of one generator per image: then every
 image's fresh noise comes from its own stream, so an image does not depend on which batch it was drawn in
 (`image_generators` and `draw_noise` make such streams from per-image seeds). Classifier-free guidance is not
-a sampler option: `guided_model` turns (net, condition, null condition, guidance) into the `model` every
+a sampler option: `DiffusionModel.denoiser` turns (condition, null condition, guidance) into the `model` every
 sampler takes.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, get_args
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from diffusion.errors import ConfigError
 from diffusion.process.base import Process
@@ -37,7 +36,6 @@ from diffusion.process.base import Process
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Generators = torch.Generator | Sequence[torch.Generator] | None
 PosteriorVariance = Literal["beta_tilde", "beta"]
-TimestepSpacing = Literal["leading", "trailing", "linspace", "logsnr"]
 SamplePrecision = Literal["fp32", "bf16", "fp16"]
 
 
@@ -103,7 +101,7 @@ def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.dev
     """`model` whose network calls run under autocast in `precision`, returning fp32.
 
     Only the network runs in low precision: the sampler's own arithmetic (timesteps, alpha_bar, the update of
-    x) stays fp32, since x_t and the schedule tables never pass through autocast. "fp32" returns `model` as is.
+    x) stays fp32, since x_t and the process tables never pass through autocast. "fp32" returns `model` as is.
     """
     if check_precision(precision) == "fp32":
         return model
@@ -115,133 +113,6 @@ def with_precision(model: ModelFn, precision: SamplePrecision, device: torch.dev
             return model(x, t).float()
 
     return low_precision
-
-
-# --- classifier-free guidance ---------------------------------------------------------------------------
-def guided_model(
-    net: nn.Module,
-    *,
-    labels: Tensor | None = None,
-    guidance: float = 1.0,
-    cond: dict[str, Tensor] | None = None,
-    null: dict[str, Tensor] | None = None,
-) -> ModelFn:
-    """The `model(x_t, t)` a sampler takes, from a network called as `net(x_t, t, **kwargs)`.
-
-    Classifier-free guidance (Ho & Salimans 2022): out = uncond + guidance * (cond - uncond). The conditional
-    branch is the net with `cond` (the conditioning's keyword arguments for the batch, e.g. a caption's
-    `context` and `context_mask`), the unconditional one with `null` (the null condition, or a negative
-    prompt's). `labels` is the class-label shorthand: cond = {"y": labels}, null = the null class num_classes.
-    guidance=1 is the plain conditional model, 0 the unconditional one; anything else evaluates both branches in
-    one batched forward pass (sequences of different lengths padded, their masks False there). Without `cond`
-    (or `labels`) the model is the unconditional branch: `null`, or the net's own default (the null class).
-    """
-    from diffusion.conditioning import concat_kwargs
-
-    num_classes = getattr(net, "num_classes", None)
-    if labels is not None:
-        if num_classes is None:
-            raise ConfigError(
-                "label=... was given but the model is unconditional (trained with model.num_classes=null)"
-            )
-        labels = labels.long()
-        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-            bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-            raise ConfigError(f"label={bad} is out of range: the model has classes 0..{num_classes - 1}")
-        cond, null = {"y": labels}, {"y": torch.full_like(labels, num_classes)}
-    if cond is None:
-        if guidance != 1.0 and num_classes is None and null is None:
-            raise ConfigError(
-                f"guidance={guidance} needs a class-conditional model (or a text-conditional one), but this one "
-                "is unconditional"
-            )
-        uncond = null or {}
-        return lambda x, t: net(x, t, **_on(uncond, x.device))
-    if guidance != 1.0 and null is None:
-        raise ConfigError(f"guidance={guidance} needs the null condition of the model's conditioning")
-
-    def model(x: Tensor, t: Tensor) -> Tensor:
-        if guidance == 1.0:
-            return net(x, t, **_on(cond, x.device))
-        if guidance == 0.0:
-            return net(x, t, **_on(null, x.device))
-        both = concat_kwargs(_on(cond, x.device), _on(null, x.device))
-        out = net(torch.cat([x, x]), torch.cat([t, t]), **both)  # (2B, C, H, W)
-        c, u = out.chunk(2)
-        return u + guidance * (c - u)
-
-    return model
-
-
-def _on(kwargs: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device) for k, v in kwargs.items()}
-
-
-# --- timesteps --------------------------------------------------------------------------------------------
-def sampling_timesteps(
-    num_train_steps: int, steps: int, spacing: TimestepSpacing = "trailing", *, alpha_bar: Tensor | None = None
-) -> list[int]:
-    """The `steps` training timesteps a strided sampler visits, in decreasing order (fewer only if rounding merges
-    two of "leading"/"linspace").
-
-    Spacings follow Lin et al. 2024 (table 2): "leading" (DDIM's original, starts below T-1), "trailing" (ends at
-    T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded); and
-    "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma), see `_logsnr_timesteps`), which
-    needs the schedule's `alpha_bar`.
-    """
-    if spacing not in get_args(TimestepSpacing):
-        choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
-        raise ConfigError(f"sampler.spacing={spacing!r} is not one of {choices}")
-    if not 1 <= steps <= num_train_steps:
-        raise ConfigError(f"sampler.steps={steps} must be in [1, {num_train_steps}] (the schedule's num_steps)")
-    T = num_train_steps
-    if spacing == "logsnr":
-        if alpha_bar is None:
-            raise ConfigError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
-        return _logsnr_timesteps(alpha_bar, steps)
-    if spacing == "leading":
-        ts = [i * (T // steps) for i in range(steps)]
-    elif spacing == "trailing":
-        ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
-    else:
-        ts = torch.linspace(0, T - 1, steps).round().long().tolist()
-    return sorted(set(int(t) for t in ts), reverse=True)
-
-
-def _logsnr_timesteps(alpha_bar: Tensor, steps: int) -> list[int]:
-    """`steps` distinct timesteps from T-1 down to 0, as evenly spaced in lambda = log(alpha / sigma) as whole
-    timesteps allow (Lu et al. 2022, sec. 3.3).
-
-    The grid spans lambda from t = T-2, not T-1: the cosine and sigmoid schedules clip the last beta at 0.999, so
-    lambda drops by 0.5 log(1000) = 3.45 in the last step alone, and a grid from lambda_{T-1} puts several points
-    into that gap, which all round to t >= T-2 (8 of 20 model calls at t >= 991 on cosine). The first step
-    still starts from pure noise at T-1. Points are placed from both ends in turn, each at the nearest timestep
-    to an even split of the lambda range still open: where timesteps are coarser than the grid (near T-1 and
-    near 0 with many steps) the rest of the grid closes up instead of piling up consecutive timesteps.
-    """
-    T = alpha_bar.shape[0]
-    if steps == 1:
-        return [T - 1]
-    lam = (0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())).tolist()  # decreasing in t
-    neg_lam = [-v for v in lam]  # increasing in t, for bisect
-    top, bottom = [T - 1], [0]  # placed from t = T-1 downwards and from t = 0 upwards
-    top_lam = lam[max(T - 2, 0)]
-    while len(top) + len(bottom) < steps:
-        left = steps - len(top) - len(bottom)  # points still to place, this one included
-        h = (lam[bottom[-1]] - top_lam) / (left + 1)
-        from_top = len(top) <= len(bottom)
-        target = top_lam + h if from_top else lam[bottom[-1]] - h
-        # the timestep nearest to the target that leaves one free timestep for each later point
-        lo = bottom[-1] + 1 + (left - 1 if from_top else 0)
-        hi = top[-1] - 1 - (0 if from_top else left - 1)
-        i = bisect.bisect_left(neg_lam, -target, lo, hi + 1)  # lam[i - 1] > target >= lam[i]
-        t = min((c for c in (i - 1, i) if lo <= c <= hi), key=lambda c: abs(lam[c] - target))
-        if from_top:
-            top.append(t)
-            top_lam = lam[t]
-        else:
-            bottom.append(t)
-    return top + bottom[::-1]
 
 
 def _denoiser(model: ModelFn, process: Process, clip_x0: bool) -> Callable[[Tensor, object], Tensor]:
@@ -269,7 +140,7 @@ def _grid(process: Process, steps: int | None, spacing: str | None, sampler: str
 @torch.no_grad()
 def ddpm_sample(
     model: ModelFn,
-    schedule: Process,
+    process: Process,
     noise: Tensor,
     *,
     steps: int | None = None,
@@ -284,22 +155,22 @@ def ddpm_sample(
     Each step predicts x0 (clipped to [-1, 1] when `clip_x0`), then draws x_s from the posterior
     q(x_s | x_t, x0) = N(mu~, sigma~^2 I) (DDPM eq. 6-7), s the next visited level. Written for any process
     x_t = alpha_t x0 + sigma_t eps (Kingma et al. 2021, eq. 32-33): with alpha_t|s = alpha_t / alpha_s and
-    sigma_t|s^2 = sigma_t^2 - alpha_t|s^2 sigma_s^2 (= the respaced beta_t on a discrete schedule, Nichol &
+    sigma_t|s^2 = sigma_t^2 - alpha_t|s^2 sigma_s^2 (= the respaced beta_t on a discrete process, Nichol &
     Dhariwal 2021, sec. 4), mu~ = (alpha_t|s sigma_s^2 x_t + alpha_s sigma_t|s^2 x0) / sigma_t^2 and
     sigma~^2 = sigma_t|s^2 sigma_s^2 / sigma_t^2 (beta-tilde) or sigma_t|s^2 (beta). `steps=None` walks every
-    timestep of a discrete schedule; EDM and flow need `steps`.
+    timestep of a discrete process; EDM and flow need `steps`.
     """
     if variance not in get_args(PosteriorVariance):
         raise ConfigError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
-    grid = _grid(schedule, steps, spacing, "ddpm")
-    denoise = _denoiser(model, schedule, clip_x0)
-    x = noise * schedule.initial_scale(grid[0])
+    grid = _grid(process, steps, spacing, "ddpm")
+    denoise = _denoiser(model, process, clip_x0)
+    x = noise * process.initial_scale(grid[0])
     for j in _progress(range(len(grid) - 1), progress, "DDPM"):
         # 1. predict x0 from the network output
         x0 = denoise(x, grid[j])
         # 2. posterior mean mu~(x_t, x0), DDPM eq. 7 in alpha / sigma form
-        a_t, s_t = schedule.alpha_sigma64(grid[j])
-        a_s, s_s = schedule.alpha_sigma64(grid[j + 1])
+        a_t, s_t = process.alpha_sigma64(grid[j])
+        a_s, s_s = process.alpha_sigma64(grid[j + 1])
         a_ts = a_t / a_s
         var_ts = max(s_t**2 - a_ts**2 * s_s**2, 0.0)
         x = (a_ts * s_s**2 / s_t**2) * x + (a_s * var_ts / s_t**2) * x0
@@ -315,7 +186,7 @@ def ddpm_sample(
 @torch.no_grad()
 def ddim_sample(
     model: ModelFn,
-    schedule: Process,
+    process: Process,
     noise: Tensor,
     *,
     steps: int = 50,
@@ -328,20 +199,20 @@ def ddim_sample(
     """DDIM, Song et al. 2021 eq. 12, on a strided grid of levels; eta=0 is deterministic, eta=1 is DDPM-like.
 
     x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z with c = eta sigma_s sqrt(1 - SNR_t / SNR_s), s the next
-    level; on a discrete schedule c is eq. 16's eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). The same
+    level; on a discrete process c is eq. 16's eta sqrt((1 - ab_s) / (1 - ab_t)) sqrt(1 - ab_t / ab_s). The same
     update serves any process x_t = alpha_t x0 + sigma_t eps; with eta = 0 it is the Euler step of the
     probability-flow ODE in x / alpha and sigma / alpha (Karras et al. 2022, sec. 3), on EDM and flow models too.
     """
     if eta < 0:
         raise ConfigError(f"sampler.eta={eta} must be >= 0")
-    grid = _grid(schedule, steps, spacing, "ddim")
-    denoise = _denoiser(model, schedule, clip_x0)
-    x = noise * schedule.initial_scale(grid[0])
+    grid = _grid(process, steps, spacing, "ddim")
+    denoise = _denoiser(model, process, clip_x0)
+    x = noise * process.initial_scale(grid[0])
     for j in _progress(range(len(grid) - 1), progress, "DDIM"):
         # 1. predicted x0, and the eps consistent with it (after any clipping)
         x0 = denoise(x, grid[j])
-        a_t, s_t = schedule.alpha_sigma64(grid[j])
-        a_s, s_s = schedule.alpha_sigma64(grid[j + 1])
+        a_t, s_t = process.alpha_sigma64(grid[j])
+        a_s, s_s = process.alpha_sigma64(grid[j + 1])
         eps = (x - a_t * x0) / s_t
         # 2. c(eta), eq. 16 in SNR form: SNR_t / SNR_s = (alpha_t sigma_s / (alpha_s sigma_t))^2
         c = eta * s_s * math.sqrt(max(1 - (a_t * s_s / (a_s * s_t)) ** 2, 0.0))
@@ -361,7 +232,7 @@ def _lambda(alpha: float, sigma: float) -> Tensor:
 @torch.no_grad()
 def dpmpp_sample(
     model: ModelFn,
-    schedule: Process,
+    process: Process,
     noise: Tensor,
     *,
     steps: int = 20,
@@ -385,15 +256,15 @@ def dpmpp_sample(
     """
     if order not in (1, 2):
         raise ConfigError(f"sampler.order={order} must be 1 or 2")
-    grid = _grid(schedule, steps, spacing, "dpmpp")
-    denoise = _denoiser(model, schedule, clip_x0)
-    x = noise * schedule.initial_scale(grid[0])
+    grid = _grid(process, steps, spacing, "dpmpp")
+    denoise = _denoiser(model, process, clip_x0)
+    x = noise * process.initial_scale(grid[0])
     x0_prev, lambda_prev = None, None
     for j in _progress(range(len(grid) - 1), progress, "DPM-Solver++"):
         # 1. data prediction at s = grid[j]
         x0 = denoise(x, grid[j])
-        alpha_s, sigma_s = schedule.alpha_sigma64(grid[j])
-        alpha_t, sigma_t = schedule.alpha_sigma64(grid[j + 1])
+        alpha_s, sigma_s = process.alpha_sigma64(grid[j])
+        alpha_t, sigma_t = process.alpha_sigma64(grid[j + 1])
         lambda_s, lambda_t = _lambda(alpha_s, sigma_s), _lambda(alpha_t, sigma_t)
         h = lambda_t - lambda_s
         # 2. D: first order at the first and the last step, else the multistep second-order correction
@@ -436,8 +307,8 @@ def _karras_ode(
             raise ConfigError(f"sampler.{name}={value} must be >= 0")
     if S_churn > 0 and not process.variance_exploding:
         raise ConfigError(
-            f"sampler.S_churn={S_churn} adds noise in the form x0 + sigma eps, which only schedule=edm has "
-            f"(this is schedule family {process.family!r}); use sampler.S_churn=0"
+            f"sampler.S_churn={S_churn} adds noise in the form x0 + sigma eps, which only process=edm has "
+            f"(this is process family {process.family!r}); use sampler.S_churn=0"
         )
     name = "Heun" if second_order else "Euler"
     grid = _grid(process, steps, spacing, name.lower())
@@ -470,7 +341,7 @@ def _karras_ode(
 @torch.no_grad()
 def heun_sample(
     model: ModelFn,
-    schedule: Process,
+    process: Process,
     noise: Tensor,
     *,
     steps: int = 18,
@@ -489,7 +360,7 @@ def heun_sample(
     sqrt(2) - 1), scaled by S_noise. The grid is the process's (EDM: Karras sigmas; flow: shifted uniform t;
     discrete: the timesteps of `spacing`).
     """
-    return _karras_ode(model, schedule, noise, second_order=True, steps=steps, spacing=spacing, S_churn=S_churn,
+    return _karras_ode(model, process, noise, second_order=True, steps=steps, spacing=spacing, S_churn=S_churn,
                        S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator, clip_x0=clip_x0,
                        progress=progress)  # fmt: skip
 
@@ -497,7 +368,7 @@ def heun_sample(
 @torch.no_grad()
 def euler_sample(
     model: ModelFn,
-    schedule: Process,
+    process: Process,
     noise: Tensor,
     *,
     steps: int = 50,
@@ -512,7 +383,7 @@ def euler_sample(
 ) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without lines 9-11): `steps`
     network evaluations; with S_churn = 0 the same update as DDIM with eta = 0. Churn as for `heun_sample`."""
-    return _karras_ode(model, schedule, noise, second_order=False, steps=steps, spacing=spacing, S_churn=S_churn,
+    return _karras_ode(model, process, noise, second_order=False, steps=steps, spacing=spacing, S_churn=S_churn,
                        S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator, clip_x0=clip_x0,
                        progress=progress)  # fmt: skip
 

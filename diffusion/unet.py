@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
+from diffusion.networks import register_network
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -143,6 +144,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+@register_network
 class UNet(nn.Module):
     """Predicts the noise (or v, or x0) for a noisy image x_t at timestep t, optionally given a class label.
 

@@ -33,7 +33,7 @@ TINY = [
     "callbacks.sample_grid.nrow=2",
     "callbacks.sample_grid.every_n_steps=2",
     "callbacks.model_checkpoint.every_n_train_steps=2",
-    "schedule.num_steps=50",
+    "process.num_steps=50",
 ]
 
 # One intra-op thread: the test models are tiny, where threads cost more than they give, and several test

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion.checkpoint import read_checkpoint
+from diffusion.checkpoint import CONDITIONING_PREFIX, read_checkpoint
 from diffusion.conditioning import ClassConditioning, NoConditioning, TextConditioning
 from diffusion.data import DigitsDataModule, ImageFolderDataModule
 from diffusion.data.base import Captioned
@@ -173,8 +173,11 @@ def test_digits_text_trains_samples_with_prompts_and_resumes(tmp_path):
     description = ckpt["diffusion"]["conditioning"]
     assert description["target"] == "diffusion.conditioning.TextConditioning"
     assert description["config"]["preview_prompts"] == ["a 1", "a 7"]
-    assert any(k.startswith("conditioning.encoder.layers.") for k in ckpt["state_dict"])  # trained jointly
-    assert "the" in json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    assert any(k.startswith(CONDITIONING_PREFIX + "encoder.layers.") for k in ckpt["state_dict"])  # trained jointly
+    assert (
+        "the"
+        in json.loads(ckpt["state_dict"][CONDITIONING_PREFIX + "encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    )
     assert (run / "samples" / "step_000004.png").is_file()
     # sample.py: a prompt, a negative prompt and guidance; a prompt file gives one row per prompt
     sample_in_process(tmp_path / "one", f"ckpt={run}", "prompt=a handwritten seven", "negative_prompt=a 1",
@@ -200,12 +203,12 @@ def test_digits_text_trains_samples_with_prompts_and_resumes(tmp_path):
     resumed = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6
     assert (
-        resumed["state_dict"]["conditioning.encoder._extra_state"]
-        == ckpt["state_dict"]["conditioning.encoder._extra_state"]
+        resumed["state_dict"][CONDITIONING_PREFIX + "encoder._extra_state"]
+        == ckpt["state_dict"][CONDITIONING_PREFIX + "encoder._extra_state"]
     )
     assert not torch.equal(
-        resumed["state_dict"]["conditioning.encoder.token_emb.weight"],
-        ckpt["state_dict"]["conditioning.encoder.token_emb.weight"],
+        resumed["state_dict"][CONDITIONING_PREFIX + "encoder.token_emb.weight"],
+        ckpt["state_dict"][CONDITIONING_PREFIX + "encoder.token_emb.weight"],
     )
 
 
@@ -214,7 +217,7 @@ def test_text_lora_trains_adapters_and_new_words_only(tmp_path, caplog):
     """finetune=lora on a digits_text model, with captions holding new words: the adapters and the new words'
     embeddings train, nothing else; the checkpoint carries the grown tokenizer, so the old captions encode as the
     base's did and sample.py reads the new words; a resume puts the new words back into training."""
-    from diffusion.checkpoint import load_model
+    from diffusion.model import DiffusionModel
 
     base = tmp_path / "base"
     run_train(base, TEXT)
@@ -229,20 +232,21 @@ def test_text_lora_trains_adapters_and_new_words_only(tmp_path, caplog):
                  "data.val_fraction=0.34", "data.num_workers=0", "data.batch_size=2", "optim.lr=1e-2"]  # fmt: skip
     run_train(run, overrides)
     ckpt, base_ckpt = (read_checkpoint(r / "checkpoints" / "last.ckpt") for r in (run, base))
-    vocab = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    vocab = json.loads(ckpt["state_dict"][CONDITIONING_PREFIX + "encoder._extra_state"]["tokenizer"])["model"]["vocab"]
     new_ids = [vocab["an"], vocab["inverted"]]
     # 1. trained: the adapters and the two new rows of the embedding table; the rest of the encoder is the base's
-    table, base_table = (c["state_dict"]["conditioning.encoder.token_emb.weight"] for c in (ckpt, base_ckpt))
+    table, base_table = (c["state_dict"][CONDITIONING_PREFIX + "encoder.token_emb.weight"] for c in (ckpt, base_ckpt))
     assert not torch.equal(table[new_ids], base_table[new_ids])
     others = [i for i in range(len(table)) if i not in new_ids]
     assert torch.equal(table[others], base_table[others])
     for key, value in ckpt["state_dict"].items():
-        if key.startswith("conditioning.encoder.") and "token_emb" not in key and "_extra_state" not in key:
+        if key.startswith(CONDITIONING_PREFIX + "encoder.") and "token_emb" not in key and "_extra_state" not in key:
             assert torch.equal(value, base_ckpt["state_dict"][key]), key
     adapters = [k for k in ckpt["state_dict"] if ".lora_" in k]
     assert sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"]) == len(adapters) + 1
     # 2. rebuilt from the checkpoint: old captions encode exactly as the base's; the new words are known words
-    lora, plain = load_model(run / "checkpoints" / "last.ckpt"), load_model(base / "checkpoints" / "last.ckpt")
+    lora = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    plain = DiffusionModel.from_checkpoint(base / "checkpoints" / "last.ckpt")
     old = ["a handwritten seven", "the digit 1", ""]
     for a, b in zip(lora.conditioning(old).values(), plain.conditioning(old).values(), strict=True):
         assert torch.equal(a, b)
@@ -253,7 +257,7 @@ def test_text_lora_trains_adapters_and_new_words_only(tmp_path, caplog):
     run_train(run, [*overrides, "trainer.max_steps=6", f"ckpt_path={run}"])
     resumed = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == 6
-    moved = resumed["state_dict"]["conditioning.encoder.token_emb.weight"]
+    moved = resumed["state_dict"][CONDITIONING_PREFIX + "encoder.token_emb.weight"]
     assert not torch.equal(moved[new_ids], table[new_ids]) and torch.equal(moved[others], base_table[others])
 
 

@@ -70,7 +70,7 @@ EXPERIMENT_SHARED = [
 # Debug jobs keep their own step counts and FID sizes (debug/default.yaml shrinks FID); only the network is tiny.
 DEBUG_SHARED = [
     "model=unet_tiny",
-    "schedule.num_steps=50",
+    "process.num_steps=50",
     "data.batch_size=8",
     "callbacks=[default,fid]",
     FID[0],  # the random feature extractor: no Inception download
@@ -298,6 +298,36 @@ def test_validate_only_matches_the_runs_own_validation(tmp_path):
     for key in ("val/loss_t0-4", "val/loss_t45-49", "val/fid", "val/kid"):
         assert got[key] == pytest.approx(logged[key], rel=1e-5), key
     assert not (result / "checkpoints").exists() and not (result / "csv").exists()
+
+
+def latent_run(tmp_path: Path) -> list[str]:
+    """Overrides of a latent run (codec=vae, a tiny VAE saved in tmp_path) on a folder of 6 images, latents cached."""
+    from tests.test_latent import latent_overrides, save_vae
+
+    save_vae(tmp_path / "vae")
+    for i in range(6):
+        write_image(tmp_path / "images" / f"{i}.png", (16, 16), seed=i)
+    return latent_overrides(tmp_path / "images", tmp_path / "vae")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["text", "latent"])
+def test_validate_only_matches_training_on_text_and_latent_runs(tmp_path, kind):
+    """The same assembly as training: a text run's conditioning (its tokenizer from the checkpoint) and a latent
+    run's codec (the cached latents) are there, and val/loss equals what training logged at that step."""
+    from tests.test_conditioning import TEXT
+
+    overrides = TEXT if kind == "text" else latent_run(tmp_path)
+    run = tmp_path / "run"
+    run_train(run, [*overrides, "callbacks.sample_grid.every_n_steps=0"])
+    logged = {k: float(v) for r in metrics(run) if r["step"] in ("3", "4") for k, v in r.items() if v and "/" in k}
+    result = tmp_path / "validate"
+    value = train.run_job(compose_train(result, [*overrides, "validate_only=true", f"ckpt_path={run}"]))
+    report = json.loads((result / train.VALIDATE_FILE).read_text())
+    assert report["global_step"] == 4 and report["weights"] == "ema"
+    assert value == report["metrics"]["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    buckets = [k for k in report["metrics"] if k.startswith("val/loss_")]
+    assert buckets and all(report["metrics"][k] == pytest.approx(logged[k], rel=1e-5) for k in buckets)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from diffusion.callbacks.ema import EMA, ema_decay, ema_weights, find_ema
-from diffusion.checkpoint import load_model, read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint, sub_state_dict
+from diffusion.model import DiffusionModel
 from tests.conftest import run_cli, run_train
 
 
@@ -36,7 +37,11 @@ class DumpWeights(L.Callback):
         ema = find_ema(trainer)
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"ema": ema.state_dict_for_net(pl_module.net), "raw": pl_module.net.state_dict(), "n": ema.num_updates},
+            {
+                "ema": ema.state_dict_for_net(pl_module.model.net),
+                "raw": pl_module.model.net.state_dict(),
+                "n": ema.num_updates,
+            },
             self.dirpath / f"rank{trainer.global_rank}.pt",
         )
 
@@ -69,7 +74,7 @@ def test_updates_match_hand_computation():
     """start_step=1, every 2 steps, power=1: updates after steps 2, 4, 6 with decays 0, 1-1/3, 1-1/5 (cap 0.7)."""
     net = Net()
     ema = EMA(decay=0.7, power=1.0, inv_gamma=1.0, update_every_n_steps=2, start_step=1)
-    module = SimpleNamespace(net=net)
+    module = SimpleNamespace(model=SimpleNamespace(net=net))
     expected, weights = None, {1: 5.0, 2: 1.0, 3: 7.0, 4: 3.0, 5: 9.0, 6: 2.0, 7: 4.0}
     decays = {2: 0.0, 4: min(0.7, 1 - 1 / 3), 6: min(0.7, 1 - 1 / 5)}
     for step, w in weights.items():
@@ -95,7 +100,8 @@ def test_starts_from_init_weights_and_warms_up():
     for warmup, first in ((True, 0.0), (False, 0.9)):
         net = Net()
         _set(net, 2.0)
-        module = SimpleNamespace(net=net, ema_init_state={k: v.clone() for k, v in net.state_dict().items()})
+        init = {k: v.clone() for k, v in net.state_dict().items()}
+        module = SimpleNamespace(model=SimpleNamespace(net=net), ema_init_state=init)
         ema = EMA(decay=0.9, warmup=warmup)
         ema.on_fit_start(SimpleNamespace(), module)
         assert ema.from_init and ema.decay_at(1) == first
@@ -114,7 +120,7 @@ def test_swap_restores_raw_weights_exactly_even_on_error():
     net = Net()
     _set(net, 1.0)
     ema = EMA(decay=0.5)
-    module = SimpleNamespace(net=net)
+    module = SimpleNamespace(model=SimpleNamespace(net=net))
     ema.maybe_update(SimpleNamespace(global_step=1), module)
     _set(net, 3.0)
     net.lin.weight.data[0, 0] = 3.0000002  # a value an average would round away
@@ -157,7 +163,7 @@ DET = [
 
 
 def _net_state(ckpt: dict) -> dict:
-    return {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    return sub_state_dict(ckpt["state_dict"], NET_PREFIX)
 
 
 def _assert_equal_states(a: dict, b: dict) -> None:
@@ -176,11 +182,12 @@ def test_checkpoint_resume_and_no_leak(tmp_path):
     assert any(not torch.equal(v, _net_state(a8)[k]) for k, v in a8["ema_state_dict"].items())
 
     # Round trip: sample.py's loader rebuilds the net with the EMA weights (or the raw ones when asked).
-    loaded = load_model(run_a / "checkpoints" / "last.ckpt")
+    loaded = DiffusionModel.from_checkpoint(run_a / "checkpoints" / "last.ckpt")
     assert loaded.weights == "ema"
     _assert_equal_states(loaded.net.state_dict(), a8["ema_state_dict"])
     _assert_equal_states(
-        load_model(run_a / "checkpoints" / "last.ckpt", use_ema=False).net.state_dict(), _net_state(a8)
+        DiffusionModel.from_checkpoint(run_a / "checkpoints" / "last.ckpt", use_ema=False).net.state_dict(),
+        _net_state(a8),
     )
 
     # B: resume A's step-4 checkpoint to step 8: the EMA continues exactly as if never interrupted.
@@ -209,7 +216,7 @@ DDP_TINY = [
     "trainer.max_steps=4",
     "+trainer.limit_val_batches=0",
     "trainer.enable_progress_bar=false",
-    "schedule.num_steps=20",
+    "process.num_steps=20",
     "sampler.steps=10",  # at most schedule.num_steps (train.py checks the sampler against the process up front)
     "data.batch_size=8",
     "callbacks.sample_grid=null",

@@ -1,14 +1,16 @@
 """export.py: a fine-tuned diffusers U-Net as a DDPMPipeline folder that reproduces our sampler; safetensors."""
 
+import functools
 import json
 
 import pytest
 import torch
 
-from diffusion.checkpoint import LoadedModel, load_model, net_state_dict, read_checkpoint
-from diffusion.export import check_diffusers_exportable, export, load_export, scheduler_config
+from diffusion.checkpoint import net_state_dict, read_checkpoint
+from diffusion.export import check_diffusers_exportable, export
+from diffusion.model import DiffusionModel
+from diffusion.process.discrete import NoiseSchedule, scheduler_config
 from diffusion.samplers import ddpm_sample
-from diffusion.schedule import NoiseSchedule
 from tests.conftest import run_cli, run_train
 
 QUIET = ["callbacks.sample_grid.every_n_steps=0", "trainer.max_steps=2", "logger=none", "+trainer.limit_val_batches=1"]
@@ -44,14 +46,14 @@ def test_finetuned_diffusers_unet_exports_to_a_ddpm_pipeline(tmp_path):
             "model=diffusers_unet",
             f"model.pretrained={tmp_path / 'pretrained'}",
             *QUIET,
-            "schedule.num_steps=20",
+            "process.num_steps=20",
             "data.batch_size=4",
             "callbacks.sample_grid.num_images=1",
         ],
     )
     ckpt = run / "checkpoints" / "last.ckpt"
     assert read_checkpoint(ckpt)["diffusion"]["net"]["target"] == "diffusion.diffusers_unet.DiffusersUNet"
-    ours = load_model(ckpt)  # rebuilt from the checkpoint alone: no pretrained folder needed
+    ours = DiffusionModel.from_checkpoint(ckpt)  # rebuilt from the checkpoint alone: no pretrained folder needed
     out = tmp_path / "exported"
     export(ckpt, out, format="diffusers")
     pipe = diffusers.DDPMPipeline.from_pretrained(str(out))
@@ -63,11 +65,11 @@ def test_finetuned_diffusers_unet_exports_to_a_ddpm_pipeline(tmp_path):
         torch.testing.assert_close(pipe.unet(x, t).sample, ours.net(x, t), rtol=0, atol=0)
     # 2. the whole DDPM trajectory: DDPMPipeline draws x_T and then one z per step t > 0 from the generator,
     # exactly as ddpm_sample does after we draw x_T from it; tables differ only in float32 vs float64 rounding.
-    T = ours.schedule.num_steps
+    T = ours.process.num_steps
     images = pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=T, output_type="np")
     g = torch.Generator().manual_seed(0)
     noise = torch.randn((1, 1, 16, 16), generator=g)
-    x0 = ddpm_sample(lambda x, t: ours.net(x, t), ours.schedule, noise, generator=g)
+    x0 = ddpm_sample(lambda x, t: ours.net(x, t), ours.process, noise, generator=g)
     expected = (x0 / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert abs(images.images - expected).max() < 1e-4
 
@@ -83,8 +85,8 @@ def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
     assert result.returncode == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["net"]["target"] == "diffusion.unet.UNet" and config["weights"] == "ema"  # EMA is on by default
-    assert config["schedule"]["num_steps"] == 50 and config["global_step"] == 2
-    loaded = load_export(out)
+    assert config["process"]["num_steps"] == 50 and config["global_step"] == 2
+    loaded = DiffusionModel.from_export(out)
     ema, _ = net_state_dict(read_checkpoint(run / "checkpoints" / "last.ckpt"))
     for k, v in ema.items():
         torch.testing.assert_close(loaded.net.state_dict()[k], v, rtol=0, atol=0)
@@ -94,7 +96,7 @@ def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
     ckpt["ema_state_dict"] = {k: v * 0.5 for k, v in raw.items()}
     torch.save(ckpt, tmp_path / "ema.ckpt")
     export(tmp_path / "ema.ckpt", tmp_path / "st_ema", format="safetensors")
-    loaded = load_export(tmp_path / "st_ema")
+    loaded = DiffusionModel.from_export(tmp_path / "st_ema")
     assert loaded.weights == "ema"
     torch.testing.assert_close(loaded.net.conv_in.weight, raw["conv_in.weight"] * 0.5, rtol=0, atol=0)
     # our own U-Net has no diffusers pipeline
@@ -108,15 +110,55 @@ def test_conditional_diffusers_unet_has_no_pipeline():
     from tests.test_diffusers_unet import TINY_UNET
 
     net = DiffusersUNet(image_size=16, in_channels=1, num_classes=2, unet=TINY_UNET)
-    from diffusion.conditioning import class_or_none
-
-    model = LoadedModel(
-        net=net,
-        schedule=NoiseSchedule(num_steps=10),
-        conditioning=class_or_none(num_classes=2),
-        weights="raw",
-        global_step=0,
-        description={},
-    )
+    model = DiffusionModel(net=net, process=NoiseSchedule(num_steps=10))
     with pytest.raises(ValueError, match="class-conditional"):
         check_diffusers_exportable(model)
+
+
+def test_an_export_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Files are written into a fresh folder and renamed into place at the end: a failure midway leaves no
+    model.safetensors without its config.json, removes the folder the export created, and keeps what was there."""
+    import diffusion.export as exporting
+
+    run = tmp_path / "run"
+    run_train(run, QUIET)
+
+    def half_then_fail(model, out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(exporting.__dict__, "export_safetensors", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export(run / "checkpoints" / "last.ckpt", tmp_path / "new", format="safetensors")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"):
+        export(run / "checkpoints" / "last.ckpt", tmp_path / "old", format="safetensors", overwrite=True)
+    assert [p.name for p in (tmp_path / "old").iterdir()] == ["config.json"]
+
+
+def test_safetensors_export_of_a_text_model_carries_its_tokenizer(tmp_path):
+    """A jointly trained text encoder's weights and its tokenizer (non-tensor state, in the file's metadata) go into
+    conditioning.safetensors; the folder rebuilds the same model (it crashed on the tokenizer before)."""
+    from tests.test_conditioning import TEXT
+
+    run = tmp_path / "run"
+    run_train(run, [*TEXT, "trainer.max_steps=2", "logger=none", "callbacks.sample_grid.every_n_steps=0"])
+    result = run_cli("export.py", f"ckpt={run}", f"out={tmp_path / 'st'}", "format=safetensors")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == [
+        "conditioning.safetensors",
+        "config.json",
+        "model.safetensors",
+    ]
+    ours = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    theirs = DiffusionModel.from_export(tmp_path / "st")
+    prompts = ["a 7", "a handwritten one"]
+    sampler = functools.partial(ddpm_sample, steps=3)
+    torch.testing.assert_close(
+        theirs.generate(prompts, seeds=[0, 1], sampler=sampler, guidance=3.0),
+        ours.generate(prompts, seeds=[0, 1], sampler=sampler, guidance=3.0),
+        rtol=0,
+        atol=0,
+    )

@@ -296,9 +296,10 @@ def test_fid_samples_in_the_trainers_precision(tmp_path, precision, net_dtype):
         sample_dtypes.add(x.dtype)
         return x
 
-    from diffusion.schedule import NoiseSchedule
+    from diffusion.model import DiffusionModel
+    from diffusion.process.discrete import NoiseSchedule
 
-    module = SimpleNamespace(net=net, schedule=NoiseSchedule(num_steps=20), device=CPU)
+    module = SimpleNamespace(model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=20)), device=CPU)
     dm = DigitsDataModule(image_size=8)
     dm.setup()
     fid = FID(

@@ -6,8 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from diffusion.checkpoint import build_net, net_state_dict, read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, net_state_dict, read_checkpoint
 from diffusion.finetune import init_from_checkpoint, matches
+from diffusion.networks import build_net
 from diffusion.unet import UNet
 from tests.conftest import compose_train, run_cli, run_train, write_image
 
@@ -27,7 +28,7 @@ class Probe(L.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step = trainer.global_step
         self.optimizer_state = dict(trainer.optimizers[0].state)
-        self.weights = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.net.state_dict().items()}
         self.ema_init_state = pl_module.ema_init_state
 
         def record(module, args, kwargs):
@@ -35,7 +36,7 @@ class Probe(L.Callback):
             if module.training and y is not None:
                 self.labels.append(y.detach().cpu())
 
-        pl_module.net.register_forward_pre_hook(record, with_kwargs=True)
+        pl_module.model.net.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def folder(root: Path, n: int, seed: int) -> Path:
@@ -70,7 +71,7 @@ def test_init_from_loads_exact_weights_fresh_optimizer_step0_other_dataset(tmp_p
         torch.testing.assert_close(probe.ema_init_state[k], v, rtol=0, atol=0)  # the EMA hook
     after = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 2  # counted from 0, not from the pretrained run's step 2
-    assert any(not torch.equal(after["state_dict"]["net." + k], v) for k, v in source.items())  # it trained
+    assert any(not torch.equal(after["state_dict"][NET_PREFIX + k], v) for k, v in source.items())  # it trained
 
 
 def test_init_from_prefers_ema_weights_and_ema_from_init_off(tmp_path, pretrained):

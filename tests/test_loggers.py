@@ -67,7 +67,7 @@ def test_wandb_offline_without_credentials_with_tensorboard_and_csv(tmp_path, mo
     assert images[0]["trainer/global_step"] == 2 and images[0]["samples/height"] == 2 * 17 + 1
     config = [r.config for r in records if r.WhichOneof("record_type") == "config"]
     keys = {item.key for c in config for item in c.update}
-    assert {"model", "schedule", "callbacks"} <= keys  # the resolved config
+    assert {"model", "process", "callbacks"} <= keys  # the resolved config
     summary = {
         item.key or "/".join(item.nested_key): json.loads(item.value_json)
         for r in records

@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from diffusion.checkpoint import load_model, net_state_dict, read_checkpoint
+from diffusion.checkpoint import net_state_dict, read_checkpoint
 from diffusion.finetune import LoRA, LoRANet, base_source
+from diffusion.model import DiffusionModel
 from diffusion.unet import UNet
 from tests.conftest import compose_train, run_cli, run_train, tiny_unet
 
@@ -61,7 +62,7 @@ def test_lora_on_our_unet_through_train_resume_and_sample(tmp_path, base_ckpt):
     adapters = len(ckpt["state_dict"])
     assert sum(len(g["params"]) for g in ckpt["optimizer_states"][0]["param_groups"]) == adapters
     # 3. the base weights are bit-identical after training; the adapters moved
-    loaded = load_model(run / "checkpoints" / "last.ckpt", use_ema=False)
+    loaded = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt", use_ema=False)
     assert isinstance(loaded.net, LoRANet)
     base_state, _ = net_state_dict(read_checkpoint(base_ckpt))
     for name, value in loaded.net.net.state_dict().items():

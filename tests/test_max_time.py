@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion.checkpoint import read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint
 from tests.conftest import run_train
 
 
@@ -23,5 +23,5 @@ def test_a_run_stopped_by_max_time_saves_its_last_step_and_ema(tmp_path):
     step = ckpt["global_step"]
     assert 1 <= step < 100000
     raw, ema = ckpt["state_dict"], ckpt["ema_state_dict"]
-    assert any(not torch.equal(raw[f"net.{k}"], v) for k, v in ema.items()), "the EMA is an average, not a copy"
+    assert any(not torch.equal(raw[NET_PREFIX + k], v) for k, v in ema.items()), "the EMA is an average, not a copy"
     assert (run / "samples" / f"step_{step:06d}.png").is_file()

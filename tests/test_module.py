@@ -10,8 +10,9 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffusion.data import DigitsDataModule
+from diffusion.model import DiffusionModel
 from diffusion.module import DiffusionModule
-from diffusion.schedule import NoiseSchedule
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.unet import UNet
 from tests.conftest import run_train
 from tests.test_unet import _randomize_output
@@ -35,7 +36,7 @@ def _module(**kwargs):
         min_snr_gamma=kwargs.pop("min_snr_gamma", None),
     )
     opt = functools.partial(torch.optim.AdamW, lr=kwargs.pop("lr", 3e-3))
-    return DiffusionModule(net=net, schedule=schedule, optimizer=opt, **kwargs)
+    return DiffusionModule(model=DiffusionModel(net=net, process=schedule), optimizer=opt, **kwargs)
 
 
 def _images(n=8):
@@ -55,7 +56,7 @@ def test_tiny_model_overfits_a_handful_of_images(prediction):
     def fixed_loss():
         module.eval()
         with torch.no_grad():
-            return module.per_sample_loss(x, eval_t, eval_noise, None).mean().item()
+            return module.model.loss(x, eval_t, eval_noise, None).mean().item()
 
     before = fixed_loss()
     module.train()
@@ -102,41 +103,61 @@ def test_images_per_sec_logs_when_an_epoch_is_shorter_than_the_log_period(tmp_pa
 def test_per_sample_loss_by_hand(prediction):
     """min-SNR-weighted MSE to the target (Hang et al. 2023, gamma = 5), per sample, from the formulas."""
     module = _module(prediction=prediction, min_snr_gamma=5.0)
-    _randomize_output(module.net)
+    _randomize_output(module.model.net)
     g = torch.Generator().manual_seed(0)
     x0, noise = _images(4), torch.randn(4, 1, 8, 8, generator=g)
     t = torch.tensor([0, 20, 60, 99])
-    ab = module.schedule.alpha_bar.double()[t].view(-1, 1, 1, 1)
+    ab = module.model.process.alpha_bar.double()[t].view(-1, 1, 1, 1)
     a, b = ab.sqrt(), (1 - ab).sqrt()
     x_t = (a * x0 + b * noise).float()
     target = {"eps": noise, "x0": x0, "v": a * noise - b * x0}[prediction]
     snr = (ab / (1 - ab)).flatten()
     weight = {"eps": snr.clamp(max=5) / snr, "v": snr.clamp(max=5) / (snr + 1), "x0": snr.clamp(max=5)}[prediction]
     with torch.no_grad():
-        expected = (module.net(x_t, t).double() - target).square().mean((1, 2, 3)) * weight
-        loss = module.per_sample_loss(x0, t, noise, None)
+        expected = (module.model.net(x_t, t).double() - target).square().mean((1, 2, 3)) * weight
+        loss = module.model.loss(x0, t, noise, None)
     assert loss.shape == (4,) and loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
     assert weight.min() < 0.5 or prediction == "x0"  # the weights are not all 1
     # under bf16 autocast the network's output is bf16, but the MSE on it is taken in fp32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = module.net(module.schedule.q_sample(x0, t, noise), t)
-        low = module.per_sample_loss(x0, t, noise, None)
+        out = module.model.net(module.model.process.q_sample(x0, t, noise), t)
+        low = module.model.loss(x0, t, noise, None)
     assert out.dtype == torch.bfloat16 and low.dtype == torch.float32
     expected = (out.double() - target).square().mean((1, 2, 3)) * weight
     torch.testing.assert_close(low.double(), expected, rtol=1e-4, atol=0)  # bf16 arithmetic: ~1e-2
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_of_a_bf16_cast_model_is_taken_in_fp32(prediction):
+    """trainer.precision=bf16-true casts the whole model (no autocast to upcast the MSE): the loss must still be
+    fp32 arithmetic on the bf16 output and target, checked against an fp64 reference (bf16 arithmetic: ~1e-2)."""
+    module = _module(prediction=prediction, min_snr_gamma=5.0)
+    _randomize_output(module.model.net)
+    model = module.model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = _images(4).to(torch.bfloat16), torch.randn(4, 1, 8, 8, generator=g).to(torch.bfloat16)
+    t = torch.tensor([0, 20, 60, 99])
+    with torch.no_grad():
+        out = model.net(*model.process.net_input(model.process.q_sample(x0, t, noise), t))
+        target = model.process.target(x0, noise, t)
+        loss = model.loss(x0, t, noise)
+    assert out.dtype == torch.bfloat16 and loss.dtype == torch.float32  # (v: the target is fp32 already)
+    weight = model.process.loss_weight(t).double()
+    expected = (out.double() - target.double()).square().flatten(1).mean(1) * weight
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
 def test_training_step_draws_t_uniformly_from_0_to_T(monkeypatch):
     module = _module()
     seen = []
-    original = DiffusionModule.per_sample_loss
+    original = DiffusionModel.loss
 
-    def spy(self, x0, t, noise, y):
+    def spy(self, x0, t, noise, cond=None, **kwargs):
         seen.append(t)
-        return original(self, x0, t, noise, y)
+        return original(self, x0, t, noise, cond, **kwargs)
 
-    monkeypatch.setattr(DiffusionModule, "per_sample_loss", spy)
+    monkeypatch.setattr(DiffusionModel, "loss", spy)
     torch.manual_seed(0)
     x = _images(64)
     for _ in range(20):
@@ -167,17 +188,17 @@ TINY_DIFFUSERS_UNET = [
 def test_bf16_true_training_keeps_the_schedule_in_fp32(tmp_path, monkeypatch, model):
     """trainer.precision=bf16-true casts the whole module to bfloat16; the schedule's tables must stay fp32."""
     seen = []
-    original = DiffusionModule.per_sample_loss
+    original = DiffusionModel.loss
 
-    def spy(self, x0, t, noise, y):
-        loss = original(self, x0, t, noise, y)
+    def spy(self, x0, t, noise, cond=None, **kwargs):
+        loss = original(self, x0, t, noise, cond, **kwargs)
         net_dtype = next(self.net.parameters()).dtype
-        seen.append((net_dtype, x0.dtype, self.schedule.alpha_bar, self.schedule.loss_weight(t), t, loss.dtype))
+        seen.append((net_dtype, x0.dtype, self.process.alpha_bar, self.process.loss_weight(t), t, loss.dtype))
         return loss
 
-    monkeypatch.setattr(DiffusionModule, "per_sample_loss", spy)
-    cfg, _ = run_train(tmp_path / "run", ["trainer.precision=bf16-true", "schedule.min_snr_gamma=5", *model])
-    reference = instantiate(cfg.schedule)
+    monkeypatch.setattr(DiffusionModel, "loss", spy)
+    cfg, _ = run_train(tmp_path / "run", ["trainer.precision=bf16-true", "process.min_snr_gamma=5", *model])
+    reference = instantiate(cfg.process)
     assert seen
     for net_dtype, x_dtype, alpha_bar, weight, t, loss_dtype in seen:
         assert net_dtype == torch.bfloat16 and x_dtype == torch.bfloat16  # the cast did happen
@@ -202,10 +223,11 @@ def test_validation_loss_is_reproducible():
 def test_label_dropout_and_missing_labels():
     module = _module(num_classes=3, cond_drop_prob=1.0)
     y = torch.tensor([0, 1, 2, 1])
-    assert (module.conditions(y, y.device, train=True)["y"] == 3).all()
-    assert (module.conditions(y, y.device, train=False)["y"] == y).all()
+    conditioning = module.model.conditioning
+    assert (conditioning(y, device=y.device, drop_prob=module.cond_drop_prob)["y"] == 3).all()
+    assert (conditioning(y, device=y.device)["y"] == y).all()
     with pytest.raises(ValueError, match="no class labels"):
-        module.conditions(torch.tensor([-1, -1]), y.device, train=True)
+        conditioning(torch.tensor([-1, -1]), device=y.device, drop_prob=module.cond_drop_prob)
 
 
 def test_warmup_then_cosine_decay():

@@ -21,8 +21,9 @@ from torch import nn
 
 from diffusion import posthoc
 from diffusion.callbacks.posthoc_ema import PostHocEMA
-from diffusion.checkpoint import load_model, read_checkpoint
+from diffusion.checkpoint import read_checkpoint
 from diffusion.errors import user_error_message
+from diffusion.model import DiffusionModel
 from tests.conftest import CONF, ROOT, run_cli, run_train
 from tests.test_ema import DDP_TINY
 
@@ -39,7 +40,7 @@ class Vec(nn.Module):
 def drive(callbacks, trajectory, *, dtype=torch.float32) -> Vec:
     """Feed the weights of `trajectory` (one row per optimizer step, steps 1..T) to PostHocEMA callbacks."""
     net = Vec(trajectory.shape[1], dtype)
-    module = SimpleNamespace(net=net)
+    module = SimpleNamespace(model=SimpleNamespace(net=net))
     for step, theta in enumerate(trajectory, start=1):
         with torch.no_grad():
             net.w.copy_(theta)
@@ -253,7 +254,7 @@ def test_sample_and_export_use_the_reconstructed_ema(run, tmp_path, caplog):
     import export
 
     ckpt = run / "checkpoints" / "last.ckpt"
-    net = load_model(ckpt).net
+    net = DiffusionModel.from_checkpoint(ckpt).net
     expected = posthoc.reconstruct_for_checkpoint(ckpt, net, sigma_rel=0.08).state_dict
 
     # export.py format=ckpt ema.sigma_rel=0.08: a checkpoint whose EMA is the reconstruction
@@ -323,7 +324,7 @@ def test_bad_callback_options():
 @pytest.mark.slow
 def test_bad_snapshot_folders_name_the_culprit(run, tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
-    net = load_model(ckpt).net
+    net = DiffusionModel.from_checkpoint(ckpt).net
     folder = tmp_path / "snaps"
     shutil.copytree(run / "ema_snapshots", folder)
     (folder / ".step_000002_sigma_0.050.pt.tmp-abc").write_bytes(b"half-written")  # ignored: a temp file

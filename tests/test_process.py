@@ -12,8 +12,8 @@ import torch
 from diffusion.checkpoint import check_description, flat_description, read_checkpoint
 from diffusion.errors import BadFileError, ConfigError
 from diffusion.process import EDM, Flow, build_process, karras_sigmas, shift_time
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.samplers import SAMPLERS, check_sampler, ddim_sample, dpmpp_sample, euler_sample, heun_sample
-from diffusion.schedule import NoiseSchedule
 from tests.conftest import TINY, run_cli, run_train
 from tests.test_resume import assert_same_tensors
 from tests.test_samplers import TWO_MODES, Mixture
@@ -223,12 +223,12 @@ def test_invalid_combinations_are_one_line_config_errors():
     cases = [
         (lambda: check_sampler(lambda *a, **k: heun_sample(*a, S_churn=10, **k), flow), "sampler.S_churn=10"),
         (lambda: check_sampler(lambda *a, **k: euler_sample(*a, S_churn=5, **k), discrete), "sampler.S_churn=5"),
-        (lambda: check_sampler(SAMPLERS["ddpm"], edm), "sampler.steps=null on schedule=edm"),
-        (lambda: check_sampler(lambda *a, **k: ddim_sample(*a, spacing="trailing", **k), edm), "schedule=edm"),
+        (lambda: check_sampler(SAMPLERS["ddpm"], edm), "sampler.steps=null on process=edm"),
+        (lambda: check_sampler(lambda *a, **k: ddim_sample(*a, spacing="trailing", **k), edm), "process=edm"),
         (lambda: check_sampler(lambda *a, **k: dpmpp_sample(*a, spacing="karras", **k), discrete), "spacing='karras'"),
-        (lambda: check_sampler(lambda *a, **k: heun_sample(*a, spacing="logsnr", **k), flow), "schedule=flow"),
-        (lambda: Flow(t_sampling="beta"), "schedule.t_sampling='beta'"),
-        (lambda: EDM(sigma_min=1.0, sigma_max=0.5), "schedule.sigma_max=0.5"),
+        (lambda: check_sampler(lambda *a, **k: heun_sample(*a, spacing="logsnr", **k), flow), "process=flow"),
+        (lambda: Flow(t_sampling="beta"), "process.t_sampling='beta'"),
+        (lambda: EDM(sigma_min=1.0, sigma_max=0.5), "process.sigma_max=0.5"),
     ]
     for make, message in cases:
         with pytest.raises(ConfigError, match=message.replace("[", r"\[")) as e:
@@ -315,16 +315,22 @@ def test_descriptions_rebuild_every_family_and_old_ones_are_discrete():
     old = {"format": 1, "net": net, "schedule": dict(NoiseSchedule(kind="sigmoid").config)}  # before families
     check_description(old, source="x")
     assert isinstance(build_process(old["schedule"]), NoiseSchedule)
-    assert flat_description(old)["schedule.family"] == "discrete"
+    assert flat_description(old)["process.family"] == "discrete"
     with pytest.raises(BadFileError, match="family 'vp'"):
         check_description({**old, "schedule": {"family": "vp"}}, source="x")
     with pytest.raises(BadFileError, match=r"EDM does not take: \['kind'\]"):
         check_description({**old, "schedule": {"family": "edm", "kind": "linear"}}, source="x")
+    # today's format names it "process"
+    new = {"format": 2, "net": net, "process": EDM().description()}
+    assert check_description(new, source="x") == new and flat_description(new)["process.family"] == "edm"
+    assert check_description(old, source="x")["process"] == old["schedule"]
+    with pytest.raises(BadFileError, match="family 'vp'"):
+        check_description({**new, "process": {"family": "vp"}}, source="x")
 
 
 # --- end to end through train.py / sample.py / export.py --------------------------------------------------------
 # conftest's TINY without its discrete-only schedule.num_steps
-E2E = [t for t in TINY if not t.startswith("schedule.")] + [
+E2E = [t for t in TINY if not t.startswith("process.")] + [
     "logger=csv",
     "trainer.deterministic=true",
 ]
@@ -333,16 +339,17 @@ E2E = [t for t in TINY if not t.startswith("schedule.")] + [
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["edm", "flow"])
 def test_train_resume_sample_init_from_and_export(tmp_path, family):
-    """schedule=edm / flow: train, resume exactly (as tests/test_resume.py), sample.py, init_from, safetensors."""
-    from diffusion.export import export, load_export
+    """process=edm / flow: train, resume exactly (as tests/test_resume.py), sample.py, init_from, safetensors."""
+    from diffusion.export import export
+    from diffusion.model import DiffusionModel
 
-    overrides = [*E2E, f"schedule={family}", "model.dropout=0.1"]  # the network's dropout is on the stream too
+    overrides = [*E2E, f"process={family}", "model.dropout=0.1"]  # the network's dropout is on the stream too
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(straight, [*overrides, "trainer.max_steps=4"], tiny=False)
     run_train(split, [*overrides, "trainer.max_steps=2"], tiny=False)
     run_train(split, [*overrides, "trainer.max_steps=4", f"ckpt_path={split}"], tiny=False)
     a, b = (read_checkpoint(str(run / "checkpoints" / "last.ckpt")) for run in (straight, split))
-    assert a["global_step"] == b["global_step"] == 4 and a["diffusion"]["schedule"]["family"] == family
+    assert a["global_step"] == b["global_step"] == 4 and a["diffusion"]["process"]["family"] == family
     for key in ("state_dict", "ema_state_dict", "optimizer_states", "training_rng"):
         assert_same_tensors(a[key], b[key], key)
     header = (straight / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -356,7 +363,7 @@ def test_train_resume_sample_init_from_and_export(tmp_path, family):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png", "000001.png", "000002.png"]
     bad = run_cli("sample.py", f"ckpt={straight}", "sampler=ddpm", f"out={tmp_path / 'bad'}")
-    assert bad.returncode == 1 and f"sampler.steps=null on schedule={family}" in bad.stderr
+    assert bad.returncode == 1 and f"sampler.steps=null on process={family}" in bad.stderr
     assert not (tmp_path / "bad").exists()  # refused before the output folder was made
 
     tuned = tmp_path / "tuned"
@@ -364,10 +371,8 @@ def test_train_resume_sample_init_from_and_export(tmp_path, family):
     assert read_checkpoint(str(tuned / "checkpoints" / "last.ckpt"))["diffusion"] == a["diffusion"]
 
     export(straight / "checkpoints" / "last.ckpt", tmp_path / "st", format="safetensors")
-    loaded = load_export(tmp_path / "st")
-    assert (
-        loaded.schedule.family == family and loaded.schedule.config == build_process(a["diffusion"]["schedule"]).config
-    )
+    loaded = DiffusionModel.from_export(tmp_path / "st")
+    assert loaded.process.family == family and loaded.process.config == build_process(a["diffusion"]["process"]).config
 
 
 @pytest.mark.slow
@@ -377,8 +382,8 @@ def test_diffusers_export_reproduces_our_euler_sampler(tmp_path, family):
     diffusers' scheduler loop, give our euler_sample's images for the same noise."""
     import diffusers
 
-    from diffusion.checkpoint import load_model
     from diffusion.export import export
+    from diffusion.model import DiffusionModel
     from tests.test_diffusers_unet import save_tiny_unet
 
     save_tiny_unet(tmp_path / "pretrained")
@@ -390,10 +395,10 @@ def test_diffusers_export_reproduces_our_euler_sampler(tmp_path, family):
         "+trainer.limit_val_batches=1",
     ]
     model = ["model=diffusers_unet", f"model.pretrained={tmp_path / 'pretrained'}", "data.batch_size=4"]
-    knob = "schedule.shift=3.0" if family == "flow" else "schedule.rho=5"
-    run_train(run, [*E2E, f"schedule={family}", knob, *model, *quiet], tiny=False)
+    knob = "process.shift=3.0" if family == "flow" else "process.rho=5"
+    run_train(run, [*E2E, f"process={family}", knob, *model, *quiet], tiny=False)
     ckpt = run / "checkpoints" / "last.ckpt"
-    ours = load_model(ckpt)
+    ours = DiffusionModel.from_checkpoint(ckpt)
     export(ckpt, tmp_path / "out", format="diffusers")
     pipe = diffusers.DDPMPipeline.from_pretrained(str(tmp_path / "out"))
     noise = torch.randn(2, 1, 16, 16, generator=G().manual_seed(0))
@@ -401,7 +406,7 @@ def test_diffusers_export_reproduces_our_euler_sampler(tmp_path, family):
     if family == "edm":
         assert isinstance(pipe.scheduler, diffusers.EDMEulerScheduler) and pipe.scheduler.config.rho == 5
         pipe.scheduler.set_timesteps(steps)
-        start = noise * ours.schedule.sigma_max
+        start = noise * ours.process.sigma_max
     else:
         assert (
             isinstance(pipe.scheduler, diffusers.FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == 3
@@ -410,7 +415,7 @@ def test_diffusers_export_reproduces_our_euler_sampler(tmp_path, family):
         start = noise
     with torch.no_grad():
         theirs = run_scheduler(pipe.scheduler, lambda x, t: pipe.unet(x, t).sample, start)
-        expected = euler_sample(lambda x, t: ours.net(x, t), ours.schedule, noise, steps=steps)
+        expected = euler_sample(lambda x, t: ours.net(x, t), ours.process, noise, steps=steps)
     assert (theirs - expected).abs().max() < 1e-4
     if family == "flow":  # DDPMPipeline itself runs: Euler on diffusers' own grid (close to ours, not equal)
         images = pipe(batch_size=1, num_inference_steps=steps, output_type="np").images

@@ -161,12 +161,12 @@ def test_readme_config_keys_exist():
 
 def test_key_check_catches_renames():
     """The checks above fail for keys and options that do not exist."""
-    assert check_token("schedule.min_snr_gamma=5") is None and check_token("callbacks=[default,fid]") is None
-    assert check_token("schedule.min_snr_gama=5") and check_token("model=unet_huge")
+    assert check_token("process.min_snr_gamma=5") is None and check_token("callbacks=[default,fid]") is None
+    assert check_token("process.min_snr_gama=5") and check_token("model=unet_huge")
     assert check_token("callbacks.ema.decy") and check_token("callbacks=[default,fdi]")
     assert check_token("model.pretrained=ID") is None  # diffusers_unet's key, found in that option
     with pytest.raises(Exception, match="min_snr_gama"):
-        _compose("train", ["schedule.min_snr_gama=5"])
+        _compose("train", ["process.min_snr_gama=5"])
 
 
 # --- running the commands --------------------------------------------------------------------------------

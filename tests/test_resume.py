@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffusion.checkpoint import read_checkpoint
+from diffusion.model import DiffusionModel
 from diffusion.module import NonFiniteLossError
 from tests.conftest import run_train
 
@@ -124,17 +125,18 @@ def test_skip_stops_after_too_many_consecutive_skips(tmp_path):
 
 def test_a_finite_step_ends_a_run_of_skips():
     from diffusion.module import DiffusionModule
-    from diffusion.schedule import NoiseSchedule
+    from diffusion.process.discrete import NoiseSchedule
     from diffusion.unet import UNet
 
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1, norm_groups=4)
-    module = DiffusionModule(net=net, schedule=NoiseSchedule(num_steps=10), nonfinite="skip", max_consecutive_skips=1)
-    module._on_step_checked(1, step=1, log=False)
-    module._on_step_checked(0, step=2, log=False)
-    module._on_step_checked(2, step=3, log=False)
+    model = DiffusionModel(net=net, process=NoiseSchedule(num_steps=10))
+    guard = DiffusionModule(model=model, nonfinite="skip", max_consecutive_skips=1).guard
+    guard._checked(1, step=1)
+    guard._checked(0, step=2)
+    guard._checked(2, step=3)
     with pytest.raises(NonFiniteLossError, match="2 steps in a row"):
-        module._on_step_checked(1, step=4, log=False)
-    assert module.skipped_steps == 3
+        guard._checked(1, step=4)
+    assert guard.skipped_steps == 3
 
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
@@ -218,3 +220,27 @@ def test_loader_workers_flip_and_resume_as_the_main_process():
     resumed = batches(0, resume=(0, 2 * 400))
     assert len(resumed[0]) == 2 and all(torch.equal(x, y) for x, y in zip(resumed[0], main[0][2:], strict=True))
     assert all(torch.equal(x, y) for x, y in zip(resumed[1], main[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["process=edm"], "process.family=discrete where the config has edm"),
+        (["process.prediction=eps"], "process.prediction=v where the config has eps"),
+    ],
+)
+def test_resume_refuses_a_changed_objective(tmp_path, change, named):
+    """Resuming with another process would train the restored optimizer state toward another target: one line
+    that names the change and the way out (init_from), and nothing trained or written."""
+    from diffusion.errors import ConfigError
+    from tests.test_process import E2E  # TINY without its discrete-only process.num_steps
+
+    quiet = [*E2E, "logger=none", "callbacks.sample_grid.every_n_steps=0"]
+    run = tmp_path / "run"
+    run_train(run, [*quiet, "trainer.max_steps=2"], tiny=False)
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ConfigError, match=f"{named}: resuming would train its optimizer state toward another"):
+        run_train(run, [*quiet, "trainer.max_steps=4", f"ckpt_path={run}", *change], tiny=False)
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    # a new run from those weights is the way to a new objective
+    run_train(tmp_path / "new", [*quiet, "trainer.max_steps=1", f"init_from={run}", *change], tiny=False)

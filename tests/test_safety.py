@@ -19,9 +19,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from diffusion.checkpoint import describe, load_model, read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint
 from diffusion.errors import user_error_message
-from diffusion.schedule import NoiseSchedule
+from diffusion.model import DiffusionModel
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.unet import UNet
 from tests.conftest import ROOT, compose_train, run_cli, run_train
 from tests.test_sample_cli import sample_in_process
@@ -33,9 +34,9 @@ TINY_NET = dict(in_channels=1, image_size=16, base_channels=8, channel_mult=(1, 
 def save_ckpt(path: Path, network: torch.nn.Module | None = None, **description_changes) -> Path:
     """A checkpoint as train.py writes it (description + net. weights), with parts of the description replaced."""
     network = network or UNet(**TINY_NET)
-    description = describe(network, NoiseSchedule(num_steps=20))
+    description = DiffusionModel(net=network, process=NoiseSchedule(num_steps=20)).describe()
     description.update(description_changes)
-    state = {f"net.{k}": v for k, v in network.state_dict().items()}
+    state = {NET_PREFIX + k: v for k, v in network.state_dict().items()}
     torch.save({"diffusion": description, "state_dict": state, "global_step": 3}, path)
     return path
 
@@ -77,7 +78,7 @@ def test_checkpoint_naming_export_is_refused_by_sample_and_export(tmp_path):
 )
 def test_only_registered_network_classes_are_built(tmp_path, target):
     ckpt = save_ckpt(tmp_path / "x.ckpt", net={"target": target, "config": {"in_features": 1, "out_features": 1}})
-    message = one_line_error(load_model, ckpt)
+    message = one_line_error(DiffusionModel.from_checkpoint, ckpt)
     assert "is not one of the network classes this project builds" in message and str(ckpt) in message
 
 
@@ -98,14 +99,14 @@ def test_init_from_refuses_a_crafted_checkpoint(tmp_path):
         {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, 3: 1}}},
         {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, "bogus": 1}}},
         {"net": {"target": "diffusion.diffusers_unet.DiffusersUNet", "config": {"pretrained": "org/model"}}},
-        {"schedule": {"kind": "linear", "device": "cuda"}},
-        {"schedule": {"kind": torch.ones(2)}},
+        {"process": {"kind": "linear", "device": "cuda"}},
+        {"process": {"kind": torch.ones(2)}},
         {"format": 99},
     ],
 )
 def test_description_is_validated_data(tmp_path, change):
     ckpt = save_ckpt(tmp_path / "x.ckpt", **change)
-    message = one_line_error(load_model, ckpt)
+    message = one_line_error(DiffusionModel.from_checkpoint, ckpt)
     assert str(ckpt) in message
 
 
@@ -238,7 +239,7 @@ def test_checkpoint_whose_description_disagrees_with_its_weights(tmp_path):
     data = torch.load(ckpt, weights_only=True)
     data["diffusion"]["net"]["config"]["base_channels"] = 8
     torch.save(data, ckpt)
-    message = one_line_error(load_model, ckpt)
+    message = one_line_error(DiffusionModel.from_checkpoint, ckpt)
     assert message.startswith(f"checkpoint {ckpt}: its weights do not match its own network description: ")
     assert "shapes differ" in message
     result = run_cli("export.py", f"ckpt={ckpt}", f"out={tmp_path}/e", "format=safetensors")
@@ -319,3 +320,40 @@ def test_kill_9_during_a_large_write_leaves_last_readable(tmp_path):
         proc.wait()
         ckpt = torch.load(last, weights_only=True)
         assert ckpt["w"].shape == (6_000_000,) and bool((ckpt["w"] == ckpt["step"]).all())
+
+
+class _Payload:
+    """Pickled, it runs `touch <marker>` when loaded with weights_only=False."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("where", ["data", "nested"])
+def test_a_run_folders_config_names_no_callable(tmp_path, where):
+    """export.py's post-hoc EMA sweep builds the run's validation data from <run>/.hydra/config.yaml: a run folder
+    someone sent is data, so a `_target_` there other than one of our datamodules (or any nested one) is refused
+    before anything is built, and a pickle it names never runs."""
+    from omegaconf import OmegaConf
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_ckpt(run / "checkpoints" / "last.ckpt")
+    marker, evil = tmp_path / "ran", tmp_path / "evil.pt"
+    torch.save(_Payload(marker), evil)
+    load = {"_target_": "torch.load", "f": str(evil), "weights_only": False}
+    cfg = OmegaConf.to_container(compose_train(run, ["callbacks=[default,posthoc_ema]"]), resolve=True)
+    cfg.pop("hydra")
+    cfg["data"] = load if where == "data" else {**cfg["data"], "image_size": load}
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    result = run_cli("export.py", f"ckpt={run}", f"out={tmp_path / 'out'}", "format=ckpt", "ema.sigma_rel=[0.05,0.08]")
+    assert not marker.exists(), "the pickle named by the run folder's config ran"
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "config.yaml" in result.stderr and "refused" in result.stderr
+    assert not (tmp_path / "out").exists()

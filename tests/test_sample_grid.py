@@ -8,8 +8,9 @@ from PIL import Image
 
 from diffusion.callbacks.ema import EMA
 from diffusion.callbacks.sample_grid import SampleGrid, generate
+from diffusion.model import DiffusionModel
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.samplers import ddim_sample
-from diffusion.schedule import NoiseSchedule
 from diffusion.unet import UNet
 
 SAMPLER = functools.partial(ddim_sample, steps=3)
@@ -30,7 +31,9 @@ def _module(seed: int = 0, num_classes: int | None = None):
     with torch.no_grad():  # an untrained U-Net outputs zeros (zero-initialised last layer): give it some weights
         for p in net.parameters():
             p.normal_(0, 0.05)
-    return SimpleNamespace(net=net, schedule=NoiseSchedule(num_steps=20), device=torch.device("cpu"))
+    return SimpleNamespace(
+        model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=20)), device=torch.device("cpu")
+    )
 
 
 def test_same_seed_same_grid_other_seed_other_grid(tmp_path):
@@ -41,21 +44,21 @@ def test_same_seed_same_grid_other_seed_other_grid(tmp_path):
     assert not torch.allclose(
         a, SampleGrid(dirpath=str(tmp_path), sampler=SAMPLER, num_images=4, seed=6).sample(module)
     )
-    assert module.net.training  # eval only while sampling
+    assert module.model.net.training  # eval only while sampling
 
 
 def test_samples_do_not_depend_on_batching():
     module = _module(num_classes=3)
-    whole = generate(module, SAMPLER, range(6), seed=1, batch_size=6)
-    split = generate(module, SAMPLER, range(6), seed=1, batch_size=4)
+    whole = generate(module.model, SAMPLER, range(6), seed=1, batch_size=6)
+    split = generate(module.model, SAMPLER, range(6), seed=1, batch_size=4)
     torch.testing.assert_close(whole, split)
-    torch.testing.assert_close(generate(module, SAMPLER, [3, 4], seed=1), whole[3:5])  # a rank's share
+    torch.testing.assert_close(generate(module.model, SAMPLER, [3, 4], seed=1), whole[3:5])  # a rank's share
 
 
 def test_grid_uses_ema_weights_and_writes_png(tmp_path):
     module, ema_module = _module(seed=0), _module(seed=1)
     ema = EMA(decay=0.5)
-    ema.update(ema_module.net, global_step=1)  # the average = the other net's weights
+    ema.update(ema_module.model.net, global_step=1)  # the average = the other net's weights
     trainer = SimpleNamespace(callbacks=[ema], global_step=1, loggers=[])
     grid = SampleGrid(dirpath=str(tmp_path), sampler=SAMPLER, num_images=4, nrow=2)
     with_ema = grid.sample(module, trainer)
@@ -75,6 +78,7 @@ class _LabelNet(torch.nn.Module):
 
     num_classes = 3
     config = {"in_channels": 1, "image_size": 2}
+    in_channels, image_size = 1, 2  # the network interface's declarations (diffusion/networks.py)
 
     def forward(self, x, t, y=None):
         return (y.float() / 10).view(-1, 1, 1, 1).expand_as(x)
@@ -84,7 +88,8 @@ def test_conditional_grid_has_one_row_per_class(tmp_path):
     def show_model(model, schedule, noise, generator=None):
         return model(noise, torch.zeros(len(noise), dtype=torch.long))
 
-    module = SimpleNamespace(net=_LabelNet(), schedule=None, device=torch.device("cpu"))
+    model = DiffusionModel(net=_LabelNet(), process=NoiseSchedule(num_steps=20))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
     trainer = SimpleNamespace(callbacks=[], global_step=3, loggers=[])
     path = SampleGrid(dirpath=str(tmp_path), sampler=show_model, num_images=7, nrow=7).save(trainer, module)
     with Image.open(path) as img:

@@ -6,17 +6,17 @@ import pytest
 import torch
 from torch import nn
 
+from diffusion.conditioning import ClassConditioning, NoConditioning
+from diffusion.model import DiffusionModel
+from diffusion.process.discrete import NoiseSchedule, sampling_timesteps
 from diffusion.samplers import (
     ddim_sample,
     ddpm_sample,
     dpmpp_sample,
     draw_noise,
     fixed_noise,
-    guided_model,
     image_generators,
-    sampling_timesteps,
 )
-from diffusion.schedule import NoiseSchedule
 
 KINDS = ["linear", "cosine", "sigmoid"]
 PREDICTIONS = ["eps", "v", "x0"]
@@ -358,26 +358,29 @@ class ToyConditionalNet(nn.Module):
 
 def test_guidance_combines_branches_in_one_forward():
     net = ToyConditionalNet()
+    model = DiffusionModel(net=net, process=NoiseSchedule(num_steps=10))  # class labels: the net has num_classes
     x, t = torch.randn(4, 1, 2, 2), torch.tensor([5, 6, 7, 8])
-    labels = torch.tensor([0, 1, 2, 1])
-    cond, uncond = net(x, t, labels), net(x, t, torch.full((4,), 3))
-    torch.testing.assert_close(guided_model(net, labels=labels, guidance=1.0)(x, t), cond)
-    torch.testing.assert_close(guided_model(net, labels=labels, guidance=0.0)(x, t), uncond)
-    torch.testing.assert_close(guided_model(net)(x, t), uncond)
+    labels = model.conditioning(torch.tensor([0, 1, 2, 1]))
+    cond, uncond = net(x, t, labels["y"]), net(x, t, torch.full((4,), 3))
+    torch.testing.assert_close(model.denoiser(labels, guidance=1.0)(x, t), cond)
+    torch.testing.assert_close(model.denoiser(labels, guidance=0.0)(x, t), uncond)
+    torch.testing.assert_close(model.denoiser()(x, t), uncond)
     net.calls = 0
-    out = guided_model(net, labels=labels, guidance=3.0)(x, t)
+    out = model.denoiser(labels, guidance=3.0)(x, t)
     assert net.calls == 1  # cond and uncond batched into one pass
     torch.testing.assert_close(out, uncond + 3.0 * (cond - uncond))
 
 
 def test_guidance_errors_name_the_problem():
     with pytest.raises(ValueError, match="label=3 is out of range"):
-        guided_model(ToyConditionalNet(), labels=torch.tensor([0, 3]))
-    unconditional = nn.Identity()
+        ClassConditioning(num_classes=3).conditions_from(label=[0, 3])
+    with pytest.raises(ValueError, match="guidance=2.0 needs a label"):
+        ClassConditioning(num_classes=3).conditions_from(guidance=2.0)
+    unconditional = NoConditioning()
     with pytest.raises(ValueError, match="model is unconditional"):
-        guided_model(unconditional, labels=torch.tensor([0]))
+        unconditional.conditions_from(label=[0])
     with pytest.raises(ValueError, match="guidance=2.0 needs a class-conditional model"):
-        guided_model(unconditional, guidance=2.0)
+        unconditional.conditions_from(guidance=2.0)
 
 
 # --- cross-check against diffusers -------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-from diffusion.checkpoint import load_model, read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint, sub_state_dict
 from diffusion.errors import user_error_message
+from diffusion.model import DiffusionModel
 from diffusion.module import DiffusionModule, NonFiniteLossError
-from diffusion.schedule import NoiseSchedule
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.unet import UNet
 from tests.conftest import CONF, TINY, compose_train, run_cli, run_train
 
@@ -85,7 +86,7 @@ def test_bf16_mixed_on_cpu_trains(tmp_path):
     _, val_loss = run_train(run, ["trainer.precision=bf16-mixed", "trainer.max_steps=6", *NO_GRIDS])
     assert val_loss is not None and 0 < val_loss < 10
     state = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
-    assert all(v.dtype == torch.float32 for k, v in state.items() if k.startswith("net."))  # fp32 master weights
+    assert all(v.dtype == torch.float32 for k, v in state.items() if k.startswith(NET_PREFIX))  # fp32 master weights
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     metrics = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     header = metrics[0].split(",")
@@ -135,21 +136,21 @@ def test_speed_options_train_and_keep_plain_checkpoints(tmp_path, caplog):
     assert hparams["effective_batch_size"] == 32 and hparams["optim"]["lr"] == lr
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
-    plain = UNet(**load_model(run / "checkpoints" / "last.ckpt").net.config)
-    assert {k[4:] for k in ckpt["state_dict"] if k.startswith("net.")} == set(plain.state_dict())
+    plain = UNet(**DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt").net.config)
+    assert set(sub_state_dict(ckpt["state_dict"], NET_PREFIX)) == set(plain.state_dict())
 
 
 def test_compile_keeps_the_networks_state_dict_keys():
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), norm_groups=4)
-    module = DiffusionModule(net=net, schedule=NoiseSchedule(num_steps=10), compile=True)
-    assert all(k.startswith(("net.", "val_")) and "_orig_mod" not in k for k in module.state_dict())
-    assert module.net_forward is not net and "net_forward" not in dict(module.named_children())
+    module = DiffusionModule(model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=10)), compile=True)
+    assert all(k.startswith((NET_PREFIX, "val_")) and "_orig_mod" not in k for k in module.state_dict())
+    assert module.compiled_forward is not net and "compiled_forward" not in dict(module.named_children())
 
 
 def test_bad_nonfinite_option_is_named():
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), norm_groups=4)
     with pytest.raises(ValueError, match="module.nonfinite='ignore' is not one of"):
-        DiffusionModule(net=net, schedule=NoiseSchedule(num_steps=10), nonfinite="ignore")
+        DiffusionModule(model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=10)), nonfinite="ignore")
 
 
 def run_tiny_multirun(sweep: Path, *overrides: str):
@@ -177,12 +178,12 @@ def tiny_multirun(sweep: Path, *overrides: str) -> list[float]:
 
 def test_multirun_runs_every_combination_in_its_own_folder(tmp_path):
     sweep = tmp_path / "sweep"
-    values = tiny_multirun(sweep, "schedule=linear,cosine", "optim.lr=0.001", "logger=csv")
+    values = tiny_multirun(sweep, "process=linear,cosine", "optim.lr=0.001", "logger=csv")
     assert (sweep / "multirun.yaml").exists()
     for job, kind in [("0", "linear"), ("1", "cosine")]:
         overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
-        assert f"schedule={kind}" in overrides and "optim.lr=0.001" in overrides
-        assert read_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["diffusion"]["schedule"]["kind"] == kind
+        assert f"process={kind}" in overrides and "optim.lr=0.001" in overrides
+        assert read_checkpoint(sweep / job / "checkpoints" / "last.ckpt")["diffusion"]["process"]["kind"] == kind
         assert "val/loss" in (sweep / job / "csv" / "version_0" / "metrics.csv").read_text()
     assert len(values) == 2 and all(v > 0 for v in values)
 
@@ -211,14 +212,14 @@ def test_experiments_compose(tmp_path, name):
     """The papers' settings (tests/test_recipes.py trains every recipe a few steps)."""
     cfg = compose_train(tmp_path / "run", [f"experiment={name}"], tiny=False)
     assert cfg.model.base_channels == 128 and cfg.model.dropout == 0.1
-    assert cfg.schedule.kind == "linear" and cfg.optim.lr == 2e-4 and cfg.data.batch_size == 128
+    assert cfg.process.kind == "linear" and cfg.optim.lr == 2e-4 and cfg.data.batch_size == 128
     assert cfg.data.flip is True and cfg.trainer.max_steps in (800_000, 500_000)
 
 
 def test_optuna_sweeper_config_composes(tmp_path):
     cfg = compose_train(tmp_path / "run", ["hparams_search=optuna"])
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "minimize"
-    assert set(cfg.hydra.sweeper.params) == {"optim.lr", "optim.warmup_steps", "schedule", "schedule.prediction"}
+    assert set(cfg.hydra.sweeper.params) == {"optim.lr", "optim.warmup_steps", "process", "process.prediction"}
     assert cfg.optimized_metric == "val/loss"
 
 
@@ -228,7 +229,7 @@ def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path):
     values = tiny_multirun(sweep, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
     assert len(values) == 2 and all(v > 0 for v in values)
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optim.lr", "optim.warmup_steps", "schedule", "schedule.prediction"}
+    assert set(best["best_params"]) == {"optim.lr", "optim.warmup_steps", "process", "process.prediction"}
     assert best["best_value"] == pytest.approx(min(values))
     for job in ("0", "1"):
         overrides = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
@@ -255,7 +256,7 @@ def test_compile_on_cuda_trains_and_saves_plain_keys(tmp_path):
     )
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4 and not any("_orig_mod" in k for k in ckpt["state_dict"])
-    load_model(run / "checkpoints" / "last.ckpt")  # strict key match against a fresh network
+    DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")  # strict key match against a fresh network
 
 
 @pytest.mark.gpu
@@ -271,7 +272,8 @@ def test_module_without_trainer_still_steps():
     """training_step outside a Trainer (research use) logs nothing and returns the loss."""
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), norm_groups=4)
     module = DiffusionModule(
-        net=net, schedule=NoiseSchedule(num_steps=10), optimizer=functools.partial(torch.optim.SGD, lr=0.1)
+        model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=10)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
     )
     loss = module.training_step((torch.zeros(2, 1, 8, 8), torch.full((2,), -1)), 0)
     assert loss.ndim == 0 and torch.isfinite(loss)

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusion.samplers import sampling_timesteps
-from diffusion.schedule import NoiseSchedule
+from diffusion.process.discrete import NoiseSchedule, sampling_timesteps
 
 KINDS = ["linear", "cosine", "sigmoid"]
 
@@ -211,10 +210,10 @@ def test_schedule_follows_its_owners_device_and_survives_copies():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(kind="quadratic"), "schedule.kind"),
-        (dict(prediction="score"), "schedule.prediction"),
-        (dict(num_steps=0), "schedule.num_steps"),
-        (dict(min_snr_gamma=-1.0), "schedule.min_snr_gamma"),
+        (dict(kind="quadratic"), "process.kind"),
+        (dict(prediction="score"), "process.prediction"),
+        (dict(num_steps=0), "process.num_steps"),
+        (dict(min_snr_gamma=-1.0), "process.min_snr_gamma"),
     ],
 )
 def test_bad_options_are_named(kwargs, match):

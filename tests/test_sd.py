@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from diffusion.checkpoint import load_model, read_checkpoint
+from diffusion.checkpoint import read_checkpoint
+from diffusion.model import DiffusionModel
 from diffusion.samplers import ddim_sample
 from tests.conftest import run_cli, run_train, write_image
 from tests.pipelines import save_tiny_sd
@@ -71,9 +72,9 @@ def test_sd_lora_train_sample_export_reloads_in_diffusers(tmp_path, sd_pipeline,
     description = ckpt["diffusion"]
     assert description["net"]["config"]["source"] == {"kind": "pretrained", "path": str(sd_pipeline.resolve())}
     assert description["codec"]["path"] == str(sd_pipeline)
-    assert description["schedule"]["kind"] == "scaled_linear" and description["schedule"]["beta_end"] == 0.012
+    assert description["process"]["kind"] == "scaled_linear" and description["process"]["beta_end"] == 0.012
     # 2. the base U-Net is bit-identical after training
-    ours = load_model(ckpt_path, use_ema=False)
+    ours = DiffusionModel.from_checkpoint(ckpt_path, use_ema=False)
     base = StableDiffusionPipeline.from_pretrained(str(sd_pipeline), safety_checker=None)
     base_state = base.unet.state_dict()
     for name, value in ours.net.net.unet.state_dict().items():
@@ -148,7 +149,7 @@ def test_sd_full_export_pipeline_matches_our_unet_and_ddim(tmp_path, sd_pipeline
     result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={out}", "format=pipeline")
     assert result.returncode == 0, result.stderr[-3000:]
     pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None)
-    ours = load_model(ckpt_path)
+    ours = DiffusionModel.from_checkpoint(ckpt_path)
     # 1. one U-Net forward with the same latents, timestep and prompt embeddings
     x, t, context = unet_inputs()
     with torch.no_grad():
@@ -166,10 +167,10 @@ def test_sd_full_export_pipeline_matches_our_unet_and_ddim(tmp_path, sd_pipeline
         for step in scheduler.timesteps:
             eps = pipe.unet(latents, step, encoder_hidden_states=context).sample
             latents = scheduler.step(eps, step, latents).prev_sample
-        mine = ddim_sample(lambda z, s: ours.net(z, s, context=context), ours.schedule, x, steps=4, clip_x0=False)
+        mine = ddim_sample(lambda z, s: ours.net(z, s, context=context), ours.process, x, steps=4, clip_x0=False)
     torch.testing.assert_close(mine, latents, rtol=1e-4, atol=1e-4)
     # 3. the scheduler read from the folder is diffusers' own
-    torch.testing.assert_close(ours.schedule.alpha_bar, pipe.scheduler.alphas_cumprod.float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.process.alpha_bar, pipe.scheduler.alphas_cumprod.float(), rtol=1e-6, atol=1e-7)
     # 4. format=lora of a full fine-tune is refused in one line
     result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={tmp_path / 'x'}", "format=lora")
     assert result.returncode == 1 and "format=lora needs a LoRA fine-tune" in result.stderr

@@ -392,7 +392,7 @@ TEXT_MODEL = [
 def test_text_models_train_on_shards_and_hf_captions(tmp_path, shard_set, saved_hf, kind):
     """conditioning=text on data=shards / data=hf: the tokenizer is built from the training captions (it failed:
     neither datamodule offered them, and validation batches held labels, not captions)."""
-    from diffusion.checkpoint import read_checkpoint
+    from diffusion.checkpoint import CONDITIONING_PREFIX, read_checkpoint
 
     data = {
         "shards": ["data=shards", f"data.path={shard_set}", "data.captions=true"],
@@ -400,7 +400,7 @@ def test_text_models_train_on_shards_and_hf_captions(tmp_path, shard_set, saved_
     }[kind]
     run_train(tmp_path / "run", [*TEXT_MODEL, *data])
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    vocab = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    vocab = json.loads(ckpt["state_dict"][CONDITIONING_PREFIX + "encoder._extra_state"]["tokenizer"])["model"]["vocab"]
     assert ("image" if kind == "shards" else "png") in vocab  # words of the training captions
     assert ckpt["global_step"] == 3
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from diffusion.conditioning import TextConditioning, build_conditioning
-from diffusion.samplers import guided_model
+from diffusion.model import DiffusionModel
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.text_encoders import CLIPTextEncoder, TransformerTextEncoder, word_tokenizer
 from diffusion.unet import AttentionBlock, CrossAttentionBlock, UNet
 from tests.conftest import tiny_unet
@@ -130,16 +131,18 @@ def test_text_net_prompts_null_caption_and_guidance():
     null = conditioning.null(2)
     assert not torch.allclose(net(x, t, **seven), net(x, t, **one))  # different prompts, different outputs
     # guidance=1 is exactly the conditional model; 0 the null caption's; the unconditional model is the null one
-    assert torch.equal(guided_model(net, cond=seven, null=null, guidance=1.0)(x, t), net(x, t, **seven))
-    assert torch.equal(guided_model(net, cond=seven, null=null, guidance=0.0)(x, t), net(x, t, **null))
-    assert torch.equal(guided_model(net, null=null)(x, t), net(x, t, **conditioning([""] * 2)))
+    model = DiffusionModel(net=net, process=NoiseSchedule(num_steps=20), conditioning=conditioning)
+    assert torch.equal(model.denoiser(seven, null=null, guidance=1.0)(x, t), net(x, t, **seven))
+    assert torch.equal(model.denoiser(seven, null=null, guidance=0.0)(x, t), net(x, t, **null))
+    assert torch.equal(model.denoiser(seven, guidance=0.0)(x, t), net(x, t, **null))  # the default null: ""
+    assert torch.equal(model.denoiser()(x, t), net(x, t, **conditioning([""] * 2)))
     # guidance > 1: one batched pass over both branches, the (longer) prompt and the (shorter) null caption padded
     cond_out, null_out = net(x, t, **seven), net(x, t, **null)
-    guided = guided_model(net, cond=seven, null=null, guidance=3.0)(x, t)
+    guided = model.denoiser(seven, null=null, guidance=3.0)(x, t)
     torch.testing.assert_close(guided, null_out + 3.0 * (cond_out - null_out), atol=1e-5, rtol=1e-5)
     # a negative prompt is the other branch
     negative = conditioning(["the digit 1"] * 2)
-    other = guided_model(net, cond=seven, null=negative, guidance=3.0)(x, t)
+    other = model.denoiser(seven, null=negative, guidance=3.0)(x, t)
     assert not torch.allclose(guided, other)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion.checkpoint import load_model, read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint
+from diffusion.model import DiffusionModel
 from tests.conftest import ROOT, compose_train, run_cli, run_train, write_image
 
 
@@ -26,14 +27,14 @@ def test_train_writes_checkpoint_grid_and_config(tmp_path):
     assert "train/loss" in metrics and "val/loss_t0-4" in metrics
 
     # The checkpoint describes itself: network and schedule rebuild from the file alone.
-    loaded = load_model(run / "checkpoints" / "last.ckpt")
-    assert loaded.global_step == 4 and loaded.schedule.num_steps == 50
+    loaded = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert loaded.global_step == 4 and loaded.process.num_steps == 50
     assert loaded.net.config["base_channels"] == cfg.model.base_channels
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert loaded.weights == "ema"  # callbacks.ema is on by default; the raw weights are still in state_dict
-    raw = load_model(run / "checkpoints" / "last.ckpt", use_ema=False)
+    raw = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt", use_ema=False)
     for k, v in raw.net.state_dict().items():
-        torch.testing.assert_close(v, ckpt["state_dict"]["net." + k])
+        torch.testing.assert_close(v, ckpt["state_dict"][NET_PREFIX + k])
 
 
 def test_resume_continues_the_global_step(tmp_path):
@@ -84,7 +85,7 @@ def test_folder_run_end_to_end(tmp_path, image_folder):
         (["data=folder", "data.path={tmp}/small"], "smaller than data.image_size=16"),
         (["ckpt_path={tmp}/nope.ckpt"], "nope.ckpt does not exist"),
         (["ckpt_path={tmp}/not_a_ckpt.ckpt"], "not_a_ckpt.ckpt is not a readable checkpoint"),
-        (["schedule.kind=quadratic"], "schedule.kind='quadratic' is not one of"),
+        (["process.kind=quadratic"], "process.kind='quadratic' is not one of"),
         (["model.norm_groups=3"], "model.norm_groups=3 does not divide"),
     ],
 )
@@ -139,7 +140,7 @@ def test_cli_train_runs(tmp_path):
         "model=unet_tiny",
         "trainer=cpu",
         "trainer.max_steps=3",
-        "schedule.num_steps=20",
+        "process.num_steps=20",
         "sampler.steps=3",
         "callbacks.sample_grid.num_images=4",
         f"hydra.run.dir={run}",

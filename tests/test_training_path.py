@@ -11,10 +11,12 @@ import pytest
 import tomllib
 import torch
 
-from diffusion.checkpoint import read_checkpoint
+from diffusion.checkpoint import NET_PREFIX, read_checkpoint
+from diffusion.guard import check_fused_clipping
+from diffusion.model import DiffusionModel
 from diffusion.module import DiffusionModule
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.samplers import precision_from_trainer, with_precision
-from diffusion.schedule import NoiseSchedule
 from diffusion.unet import AttentionBlock, UNet
 from tests.conftest import ROOT, run_cli, run_train
 from tests.test_scale import NO_GRIDS, PoisonBatch, _poison  # noqa: F401  (PoisonBatch is named by _poison)
@@ -31,9 +33,9 @@ def _tiny_net(**kw) -> UNet:
 def test_checkpoint_holds_the_network_once(compile, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the registration, not inductor, is under test
     net = _tiny_net()
-    module = DiffusionModule(net=net, schedule=NoiseSchedule(num_steps=10), compile=compile)
+    module = DiffusionModule(model=DiffusionModel(net=net, process=NoiseSchedule(num_steps=10)), compile=compile)
     tensors = {k: v for k, v in module.state_dict().items() if not k.startswith("val_")}
-    assert set(tensors) == {f"net.{k}" for k in net.state_dict()}
+    assert set(tensors) == {NET_PREFIX + k for k in net.state_dict()}
     assert sum(p.numel() for p in module.parameters()) == sum(p.numel() for p in net.parameters())
 
 
@@ -50,13 +52,17 @@ def test_resume_across_compile_settings(tmp_path, monkeypatch, first, second):
 
 
 def test_old_checkpoints_with_a_second_copy_still_resume(tmp_path):
-    """Checkpoints written before the fix also hold the network as net_forward.*: resuming drops that copy."""
+    """Checkpoints written before the fix (format 1: "net." keys) also hold the network as net_forward.*: resuming
+    drops that copy."""
     run = tmp_path / "run"
     run_train(run, ["trainer.max_steps=2", *NO_GRIDS])
     path = run / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, weights_only=True)
-    net_keys = [k for k in ckpt["state_dict"] if k.startswith("net.")]
-    ckpt["state_dict"].update({"net_forward." + k[4:]: ckpt["state_dict"][k].clone() for k in net_keys})
+    description = ckpt["diffusion"]
+    ckpt["diffusion"] = {**description, "format": 1, "schedule": description.pop("process")}
+    net = {k[len(NET_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)}
+    old = {"net." + k: v for k, v in net.items()}
+    ckpt["state_dict"] = {**old, **{"net_forward." + k: v.clone() for k, v in net.items()}}
     torch.save(ckpt, path)
     run_train(run, ["trainer.max_steps=4", f"ckpt_path={run}", *NO_GRIDS])
     assert read_checkpoint(path)["global_step"] == 4
@@ -73,7 +79,7 @@ def test_fused_adamw_with_clipping_trains_under_bf16_mixed(tmp_path):
 
 
 def test_fused_optimizer_with_clipping_under_16_mixed_is_refused_at_start():
-    module = DiffusionModule(net=_tiny_net(), schedule=NoiseSchedule(num_steps=10))
+    module = DiffusionModule(model=DiffusionModel(net=_tiny_net(), process=NoiseSchedule(num_steps=10)))
 
     class Plugin:
         scaler = object()  # 16-mixed: a gradient scaler
@@ -83,10 +89,10 @@ def test_fused_optimizer_with_clipping_under_16_mixed_is_refused_at_start():
         precision = "16-mixed"
         precision_plugin = Plugin()
 
-    optimizer = torch.optim.AdamW(module.net.parameters(), fused=True)
+    optimizer = torch.optim.AdamW(module.model.net.parameters(), fused=True)
     module.trainer = Trainer()  # attach a stand-in trainer: what the check reads, nothing else
     with pytest.raises(ValueError, match=r"optim.optimizer.fused=true under trainer.precision=16-mixed.*bf16-mixed"):
-        module._check_fused_clipping(optimizer)
+        check_fused_clipping(module.trainer, optimizer)
 
 
 class _Trainer:
@@ -100,12 +106,12 @@ class _Trainer:
 
 
 def _module_with_grads(scale: float) -> tuple[DiffusionModule, torch.optim.Optimizer]:
-    module = DiffusionModule(net=_tiny_net(), schedule=NoiseSchedule(num_steps=10))
+    module = DiffusionModule(model=DiffusionModel(net=_tiny_net(), process=NoiseSchedule(num_steps=10)))
     module.trainer = _Trainer()
-    for p in module.net.parameters():
+    for p in module.model.net.parameters():
         p.grad = torch.full_like(p, scale)
-    module._step_loss = torch.tensor(1.0)
-    return module, torch.optim.AdamW(module.net.parameters())
+    module.guard.add_loss(torch.tensor(1.0))
+    return module, torch.optim.AdamW(module.model.net.parameters())
 
 
 def test_clipping_clips_and_the_guard_reuses_its_norm(monkeypatch):
@@ -116,7 +122,7 @@ def test_clipping_clips_and_the_guard_reuses_its_norm(monkeypatch):
 
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", no_second_norm)
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
-    grads = [p.grad for p in module.net.parameters()]
+    grads = [p.grad for p in module.model.net.parameters()]
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     assert total == pytest.approx(1.0, rel=1e-4)
 
@@ -134,7 +140,7 @@ def test_ema_average_is_saved_in_fp32_under_bf16_true(tmp_path):
     run = tmp_path / "run"
     run_train(run, ["trainer.precision=bf16-true", "trainer.max_steps=2", *NO_GRIDS])
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert {v.dtype for k, v in ckpt["state_dict"].items() if k.startswith("net.")} == {torch.bfloat16}
+    assert {v.dtype for k, v in ckpt["state_dict"].items() if k.startswith(NET_PREFIX)} == {torch.bfloat16}
     ema = ckpt["ema_state_dict"]
     assert {v.dtype for v in ema.values() if v.is_floating_point()} == {torch.float32}
 

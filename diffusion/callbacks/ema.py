@@ -45,7 +45,7 @@ def ema_decay(
 
 
 class EMA(L.Callback):
-    """Keeps an exponential moving average of `pl_module.net`'s weights.
+    """Keeps an exponential moving average of `pl_module.model.net`'s weights.
 
     Args:
         decay: the largest decay (the decay itself when `warmup=false`).
@@ -154,7 +154,7 @@ class EMA(L.Callback):
     def maybe_update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Update once per due optimizer step; safe to call from several hooks (other callbacks call it first)."""
         if self._is_due(trainer.global_step):
-            self.update(pl_module.net, trainer.global_step)
+            self.update(pl_module.model.net, trainer.global_step)
 
     def state_dict_for_net(self, net: nn.Module) -> dict[str, Tensor]:
         """The averaged weights as a state dict for `net` (its raw weights while the average has not started)."""
@@ -165,14 +165,14 @@ class EMA(L.Callback):
 
     @contextlib.contextmanager
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
-        """Run the body with the averaged weights in `pl_module.net`; the raw tensors are restored exactly after.
+        """Run the body with the averaged weights in `pl_module.model.net`; the raw tensors are restored exactly after.
 
         Re-entrant: a nested call inside an active swap does nothing. Before the average starts it does nothing.
         """
         if self._swapped or self.ema is None or self.num_updates == 0:
             yield
             return
-        net = pl_module.net
+        net = pl_module.model.net
         self._to_device(net)
         state = net.state_dict()  # the live tensors, so copy_ writes into the module
         raw = {k: v.detach().clone() for k, v in state.items()}
@@ -190,8 +190,8 @@ class EMA(L.Callback):
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not hasattr(pl_module, "net"):
-            raise TypeError(f"the EMA callback needs a module with a `.net`; {type(pl_module).__name__} has none")
+        if not hasattr(pl_module, "model"):
+            raise TypeError(f"the EMA callback needs a DiffusionModule (a `.model`), not {type(pl_module).__name__}")
         init = getattr(pl_module, "ema_init_state", None)
         if init is not None and self.ema is None and self.num_updates == 0:
             # Fine-tuning (init_from with init.ema_from_init): the average starts at the loaded weights; with the
@@ -202,7 +202,7 @@ class EMA(L.Callback):
                 "EMA: starts from the init_from weights, "
                 + ("with the warm-up" if self.warmup else f"at constant decay {self.decay}")
             )
-        self._to_device(pl_module.net)
+        self._to_device(pl_module.model.net)
         rank_zero_info(
             f"EMA: decay {self.decay} ({'warm-up' if self.warmup else 'constant'}), every "
             f"{self.update_every_n_steps} step(s) after step {self.start_step}; "
@@ -235,7 +235,7 @@ class EMA(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # The average as it is kept (fp32 for low-precision weights), so resuming a bf16-true run loses nothing.
         if self.ema is None or self.num_updates == 0:
-            state = {k: self._stored(v) for k, v in pl_module.net.state_dict().items()}
+            state = {k: self._stored(v) for k, v in pl_module.model.net.state_dict().items()}
         else:
             state = self.ema
         checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -472,7 +472,12 @@ class FID(L.Callback):
         precision = precision_from_trainer(getattr(trainer, "precision", None))  # the network's; sampler: fp32
         with ema_weights(trainer if self.use_ema else None, pl_module):
             fake = generate(
-                pl_module, self.sampler, range(lo, hi), seed=self.seed, batch_size=self.batch_size, precision=precision
+                pl_module.model,
+                self.sampler,
+                range(lo, hi),
+                seed=self.seed,
+                batch_size=self.batch_size,
+                precision=precision,
             )
         fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
         values = fid_kid(

@@ -37,7 +37,7 @@ from diffusion.posthoc import (
 
 
 class PostHocEMA(L.Callback):
-    """Power-function EMA profiles of `pl_module.net`, saved as snapshots for post-hoc reconstruction.
+    """Power-function EMA profiles of `pl_module.model.net`, saved as snapshots for post-hoc reconstruction.
 
     Args:
         dirpath: the snapshot folder (`<run>/ema_snapshots`; sample.py and export.py look there).
@@ -112,8 +112,8 @@ class PostHocEMA(L.Callback):
 
     # --- Lightning hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
-        if not hasattr(pl_module, "net"):
-            raise TypeError(f"PostHocEMA needs a module with a `.net`; {type(pl_module).__name__} has none")
+        if not hasattr(pl_module, "model"):
+            raise TypeError(f"PostHocEMA needs a DiffusionModule (with a `.model`), not {type(pl_module).__name__}")
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Here the step is restored. Snapshots after it belong to a continuation this run replaces.
@@ -130,7 +130,7 @@ class PostHocEMA(L.Callback):
                 rank_zero_info(
                     f"PostHocEMA: snapshots after step {step} (a continuation this run replaces) moved to {moved}"
                 )
-        self._to_device(pl_module.net)
+        self._to_device(pl_module.model.net)
         rank_zero_info(
             f"PostHocEMA: profiles sigma_rel {', '.join(f'{s:g}' for s in self.sigma_rels)} (gamma "
             f"{', '.join(f'{g:.2f}' for g in self.gammas)}), snapshots every {self.every_n_steps} steps "
@@ -140,7 +140,7 @@ class PostHocEMA(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if step > self.step:  # once per optimizer step (gradient accumulation calls this per micro-batch)
-            self.update(pl_module.net, step)
+            self.update(pl_module.model.net, step)
             if step % self.every_n_steps == 0:
                 self.save_snapshots(trainer)
 
@@ -192,20 +192,23 @@ def score_ema_lengths(
     *,
     sigma_rels: Sequence[float],
     datamodule: L.LightningDataModule,
-    build_module: Callable[..., L.LightningModule],
+    val_seed: int = 0,
+    val_buckets: int = 10,
     snapshots: str | Path | None = None,
     accelerator: str = "auto",
 ) -> list[Score]:
-    """`val/loss` (fixed noise and timesteps, as training reports it) of a checkpoint's raw weights, its stored
-    EMA, and the post-hoc EMA of each of `sigma_rels` at its step. `build_module(net=, schedule=)` builds the
-    LightningModule that computes it (the run's `module` config); `datamodule` is the run's data."""
-    from diffusion.checkpoint import EMA_KEY, load_model, net_state_dict, read_checkpoint
+    """`val/loss` (fixed noise and levels, as training reports it: `val_seed`, `val_buckets`) of a checkpoint's raw
+    weights, its stored EMA, and the post-hoc EMA of each of `sigma_rels` at its step, on `datamodule` (the run's
+    data)."""
+    from diffusion.checkpoint import EMA_KEY, net_state_dict, read_checkpoint
+    from diffusion.model import DiffusionModel
+    from diffusion.module import DiffusionModule
     from diffusion.posthoc import check_sigma_rel, reconstruct_for_checkpoint
 
     sigma_rels = [check_sigma_rel(s, key="ema.sigma_rel") for s in sigma_rels]
     ckpt = read_checkpoint(ckpt_path)
-    loaded = load_model(ckpt_path, use_ema=False)
-    net = loaded.net
+    model = DiffusionModel.from_checkpoint(ckpt_path, use_ema=False)
+    net = model.net
     candidates: list[tuple[str, float | None, Callable[[], dict], str]] = [
         ("raw", None, lambda: net_state_dict(ckpt, use_ema=False)[0], "")
     ]
@@ -215,7 +218,7 @@ def score_ema_lengths(
         rec = reconstruct_for_checkpoint(ckpt_path, net, sigma_rel=s, snapshots=snapshots, ckpt=ckpt)
         note = f"profile error {100 * rec.profile_error:.2f}%"
         candidates.append(("post-hoc", s, lambda rec=rec: rec.state_dict, note))
-    module = build_module(net=net, schedule=loaded.schedule)
+    module = DiffusionModule(model=model, val_seed=val_seed, val_buckets=val_buckets)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,

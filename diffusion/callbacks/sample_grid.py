@@ -4,7 +4,7 @@ The noise comes from fixed seeds (image i from seed + i), so grids from differen
 runs with the same seed, show the same starting points and can be compared by eye. When the trainer has an
 `EMA` callback the grid is drawn with the averaged weights. Grids are saved as `samples/step_XXXXXX.png` in
 the run folder and logged to every logger that takes images (W&B `log_image`, TensorBoard `add_image`).
-Rank zero only. `generate` (fixed-seed samples for any set of indices) is shared with the FID callback.
+Rank zero only. `generate` (fixed-seed previews for any set of indices) is shared with the FID callback.
 """
 
 from __future__ import annotations
@@ -19,23 +19,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from diffusion.callbacks.ema import ema_weights
-from diffusion.checkpoint import image_shape
-from diffusion.codec import sampler_for
-from diffusion.conditioning import Conditioning, class_or_none
 from diffusion.data import to_unit_range
 from diffusion.errors import ConfigError
-from diffusion.samplers import SamplePrecision, draw_noise, image_generators, precision_from_trainer, with_precision
-
-
-def module_conditioning(pl_module) -> Conditioning:
-    """The module's conditioning; for a bare module without one, what its network implies (labels or none)."""
-    found = getattr(pl_module, "conditioning", None)
-    return found if found is not None else class_or_none(num_classes=getattr(pl_module.net, "num_classes", None))
+from diffusion.model import DiffusionModel
+from diffusion.samplers import SamplePrecision, precision_from_trainer
 
 
 @torch.no_grad()
 def generate(
-    pl_module: L.LightningModule,
+    model: DiffusionModel,
     sampler: Callable[..., Tensor],
     indices: Sequence[int],
     *,
@@ -43,39 +35,16 @@ def generate(
     batch_size: int = 64,
     precision: SamplePrecision = "fp32",
 ) -> Tensor:
-    """(len(indices), C, H, W) samples in [-1, 1] from the module's current network, in eval mode, decoded to
-    pixels through the module's codec.
-
-    Sample i starts from noise seeded seed + i and, for conditional nets, is conditioned on condition i mod K of
-    the module's conditioning's K `preview_conditions()` (the classes, or a text model's preview prompts); so
-    which samples exist depends only on the indices, not on how they are split into
-    batches or across ranks, for stochastic samplers too (each sample has its own generator). `precision` is the
-    network's autocast precision ("bf16" under a bf16 trainer); the sampler's arithmetic stays fp32.
-    """
-    net, schedule = pl_module.net, pl_module.schedule
-    codec = getattr(pl_module, "codec", None)
-    shape = image_shape(net)  # in the codec's latent space
-    conditioning = module_conditioning(pl_module)
-    conditions = conditioning.preview_conditions()
+    """(len(indices), C, H, W) pixels in [-1, 1] from `model` (`DiffusionModel.generate`), the previews of grids
+    and FID: sample i starts from noise seeded seed + i and, for conditional models, is conditioned on condition
+    i mod K of the conditioning's K `preview_conditions()` (the classes, or a text model's preview prompts). So
+    which samples exist depends only on the indices, not on how they are split into batches or across ranks.
+    `precision` is the network's autocast precision ("bf16" under a bf16 trainer); the sampler's stays fp32."""
     indices = list(indices)
-    was_training = net.training
-    net.eval()
-    out = []
-    try:
-        for lo in range(0, len(indices), batch_size):
-            chunk = indices[lo : lo + batch_size]
-            # One generator per sample, seeded seed + i: its starting noise and any fresh noise the sampler draws.
-            generators = image_generators(seed + i for i in chunk)
-            noise = draw_noise((len(chunk), *shape), generator=generators, device=pl_module.device)
-            kwargs = {}
-            if conditions:
-                kwargs = conditioning([conditions[i % len(conditions)] for i in chunk], device=pl_module.device)
-            model = with_precision(lambda x, t, kw=kwargs: net(x, t, **kw), precision, pl_module.device)
-            z = sampler_for(sampler, codec)(model, schedule, noise, generator=generators)
-            out.append(codec.decode(z) if codec is not None else z)  # pixels in [-1, 1]
-    finally:
-        net.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, *shape)
+    previews = model.conditioning.preview_conditions()
+    conditions = [previews[i % len(previews)] for i in indices] if previews else None
+    seeds = [seed + i for i in indices]
+    return model.generate(conditions, seeds=seeds, sampler=sampler, batch_size=batch_size, precision=precision)
 
 
 class SampleGrid(L.Callback):
@@ -122,7 +91,7 @@ class SampleGrid(L.Callback):
             self.last_used_ema = used_ema
             precision = precision_from_trainer(getattr(trainer, "precision", None))
             return generate(
-                pl_module,
+                pl_module.model,
                 self.sampler,
                 range(self.num_images),
                 seed=self.seed,
@@ -136,7 +105,7 @@ class SampleGrid(L.Callback):
 
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
-        conditions = module_conditioning(pl_module).preview_conditions()
+        conditions = pl_module.model.conditioning.preview_conditions()
         images, nrow = class_rows(images, len(conditions) if conditions else None, self.nrow)
         grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """The diffusion processes: one interface (`Process`, base.py), three families.
 
-- "discrete": `diffusion.schedule.NoiseSchedule`, DDPM-style linear / cosine / sigmoid schedules over T integer
-  timesteps with eps / v / x0 prediction (kept in schedule.py, where it has always been);
+- "discrete": `NoiseSchedule`, DDPM-style linear / cosine / sigmoid schedules over T integer timesteps with eps / v
+  / x0 prediction (discrete.py);
 - "edm": `EDM`, Karras et al. 2022's preconditioned variance-exploding process (edm.py);
 - "flow": `Flow`, rectified flow with velocity prediction (flow.py).
 A checkpoint stores `process.description()` ({"family": ..., **config}); `build_process` rebuilds it, and a
@@ -14,6 +14,7 @@ import inspect
 
 from diffusion.errors import BadFileError
 from diffusion.process.base import Process
+from diffusion.process.discrete import NoiseSchedule
 from diffusion.process.edm import EDM, karras_sigmas
 from diffusion.process.flow import Flow, shift_time
 
@@ -21,9 +22,7 @@ DEFAULT_FAMILY = "discrete"
 
 
 def families() -> dict[str, type[Process]]:
-    """Family name -> class (imported here: schedule.py itself imports this package's base)."""
-    from diffusion.schedule import NoiseSchedule
-
+    """Family name -> class."""
     return {"discrete": NoiseSchedule, "edm": EDM, "flow": Flow}
 
 
@@ -36,12 +35,12 @@ def check_process_description(description, *, source: str) -> None:
     """A one-line BadFileError unless `description` names a known family with keys its class takes."""
     family = description.get("family", DEFAULT_FAMILY)
     if family not in families():
-        raise BadFileError(f"{source}: the schedule description names family {family!r}, not one of "
+        raise BadFileError(f"{source}: the process description names family {family!r}, not one of "
                            f"{', '.join(families())}; refused")  # fmt: skip
     unknown = sorted(set(description) - {"family"} - family_keys(family))
     if unknown:
         cls = families()[family].__name__
-        raise BadFileError(f"{source}: the schedule description has keys {cls} does not take: {unknown}")
+        raise BadFileError(f"{source}: the process description has keys {cls} does not take: {unknown}")
 
 
 def build_process(description: dict) -> Process:
@@ -54,6 +53,7 @@ __all__ = [
     "DEFAULT_FAMILY",
     "EDM",
     "Flow",
+    "NoiseSchedule",
     "Process",
     "build_process",
     "check_process_description",

@@ -35,7 +35,7 @@ def check_spacing(spacing: str | None, literal, family: str) -> None:
     if spacing is not None and spacing not in get_args(literal):
         choices = " | ".join(get_args(literal))
         raise ConfigError(
-            f"sampler.spacing={spacing!r} does not apply to schedule={family}: use sampler.spacing=null (or {choices})"
+            f"sampler.spacing={spacing!r} does not apply to process={family}: use sampler.spacing=null (or {choices})"
         )
 
 
@@ -127,6 +127,12 @@ class Process(nn.Module):
     def output_from_x0(self, x0: Tensor, x_t: Tensor, level: Tensor) -> Tensor:
         """The network output that denoises x_t at `level` to x0 (the inverse of `to_x0`)."""
         raise NotImplementedError
+
+    def diffusers_scheduler(self):
+        """The diffusers scheduler that defines this process and our Euler / DDPM sampler (export format=diffusers)."""
+        raise ConfigError(
+            f"format=diffusers: the {self.family} process has no diffusers scheduler; use format=safetensors"
+        )
 
     # --- sampling ---------------------------------------------------------------------------------------
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list:

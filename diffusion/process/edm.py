@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
+from diffusion.optional import import_diffusers
 from diffusion.process.base import Process, broadcast, check_spacing
 
 EDMSpacing = Literal["karras"]
@@ -60,9 +61,9 @@ class EDM(Process):
         super().__init__()
         for name, value in (("sigma_data", sigma_data), ("P_std", P_std), ("sigma_min", sigma_min), ("rho", rho)):
             if not value > 0:
-                raise ConfigError(f"schedule.{name}={value} must be > 0")
+                raise ConfigError(f"process.{name}={value} must be > 0")
         if not sigma_max > sigma_min:
-            raise ConfigError(f"schedule.sigma_max={sigma_max} must be > schedule.sigma_min={sigma_min}")
+            raise ConfigError(f"process.sigma_max={sigma_max} must be > process.sigma_min={sigma_min}")
         self.config = dict(sigma_data=sigma_data, P_mean=P_mean, P_std=P_std, sigma_min=sigma_min,
                            sigma_max=sigma_max, rho=rho)  # fmt: skip
         self.sigma_data, self.P_mean, self.P_std = sigma_data, P_mean, P_std
@@ -123,11 +124,25 @@ class EDM(Process):
         return (x0 - self.c_skip(sigma) * x_t) / self.c_out(sigma)
 
     # --- sampling ---------------------------------------------------------------------------------------
+    def diffusers_scheduler(self):
+        """diffusers' EDMEulerScheduler: its loop (x = sigma_max noise, `scale_model_input`, the network, `step`) is our
+        `euler_sample` on the Karras grid; "epsilon" there is EDM's F preconditioning, D = c_skip x + c_out F."""
+        cfg = self.config
+        return import_diffusers().EDMEulerScheduler(
+            sigma_min=cfg["sigma_min"],
+            sigma_max=cfg["sigma_max"],
+            sigma_data=cfg["sigma_data"],
+            sigma_schedule="karras",
+            rho=cfg["rho"],
+            prediction_type="epsilon",
+            final_sigmas_type="zero",
+        )
+
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[float]:
         check_spacing(spacing, EDMSpacing, "edm")
         if steps is None or steps < 1:
             raise ConfigError(
-                f"sampler.steps={'null' if steps is None else steps} on schedule=edm: give a number of steps >= 1"
+                f"sampler.steps={'null' if steps is None else steps} on process=edm: give a number of steps >= 1"
             )
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
 

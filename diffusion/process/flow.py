@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
+from diffusion.optional import import_diffusers
 from diffusion.process.base import Process, broadcast, check_choice, check_spacing
 
 TSampling = Literal["uniform", "logit_normal"]
@@ -51,10 +52,10 @@ class Flow(Process):
         time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
-        check_choice("schedule.t_sampling", t_sampling, TSampling)
+        check_choice("process.t_sampling", t_sampling, TSampling)
         for name, value in (("logit_std", logit_std), ("shift", shift), ("time_scale", time_scale)):
             if not value > 0:
-                raise ConfigError(f"schedule.{name}={value} must be > 0")
+                raise ConfigError(f"process.{name}={value} must be > 0")
         self.config = dict(t_sampling=t_sampling, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
                            time_scale=time_scale)  # fmt: skip
         self.t_sampling, self.logit_mean, self.logit_std = t_sampling, logit_mean, logit_std
@@ -95,12 +96,24 @@ class Flow(Process):
         return (x_t - x0) / broadcast(level.to(x0.dtype), x_t.ndim)  # v = (x_t - x0) / t
 
     # --- sampling ---------------------------------------------------------------------------------------
+    def diffusers_scheduler(self):
+        """diffusers' FlowMatchEulerDiscreteScheduler (num_train_timesteps = the network's time scale, our shift):
+        `set_timesteps(sigmas=1 - i / steps)` and its loop are our `euler_sample`."""
+        cfg = self.config
+        if cfg["time_scale"] != int(cfg["time_scale"]):
+            raise ConfigError(
+                f"format=diffusers: process.time_scale={cfg['time_scale']} is not a whole number, which "
+                "FlowMatchEulerDiscreteScheduler's num_train_timesteps must be; use format=safetensors"
+            )
+        scheduler = import_diffusers().FlowMatchEulerDiscreteScheduler
+        return scheduler(num_train_timesteps=int(cfg["time_scale"]), shift=cfg["shift"])
+
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[float]:
         """t_i = shift(1 - i / steps) for i < steps: `steps` equal steps in the unshifted time, from t = 1."""
         check_spacing(spacing, FlowSpacing, "flow")
         if steps is None or steps < 1:
             raise ConfigError(
-                f"sampler.steps={'null' if steps is None else steps} on schedule=flow: give a number of steps >= 1"
+                f"sampler.steps={'null' if steps is None else steps} on process=flow: give a number of steps >= 1"
             )
         u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
         return shift_time(u, self.shift).tolist()

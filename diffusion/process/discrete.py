@@ -14,17 +14,21 @@ are the integer timesteps, and the network is given x_t and t.
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from diffusion.errors import ConfigError
+from diffusion.optional import import_diffusers
 from diffusion.process.base import Process, check_choice
 
 ScheduleKind = Literal["linear", "cosine", "sigmoid", "scaled_linear"]
 Prediction = Literal["eps", "v", "x0"]
+TimestepSpacing = Literal["leading", "trailing", "linspace", "logsnr"]
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}  # ours -> DDPMScheduler's
 
 
 def make_betas(
@@ -49,9 +53,9 @@ def make_betas(
       sqrt(beta_end), not rescaled for T (SD: 0.00085, 0.012, T = 1000; diffusers' "scaled_linear").
     Cosine and sigmoid betas are clipped at max_beta to avoid the singularity at t = T.
     """
-    check_choice("schedule.kind", kind, ScheduleKind)
+    check_choice("process.kind", kind, ScheduleKind)
     if num_steps < 1:
-        raise ConfigError(f"schedule.num_steps={num_steps} must be >= 1")
+        raise ConfigError(f"process.num_steps={num_steps} must be >= 1")
     if kind == "linear":
         scale = 1000.0 / num_steps
         return torch.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=torch.float64).clamp(max=max_beta)
@@ -110,9 +114,9 @@ class NoiseSchedule(Process):
         sigmoid_tau: float = 1.0,
     ) -> None:
         super().__init__()
-        check_choice("schedule.prediction", prediction, Prediction)
+        check_choice("process.prediction", prediction, Prediction)
         if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ConfigError(f"schedule.min_snr_gamma={min_snr_gamma} must be > 0 (or null to turn it off)")
+            raise ConfigError(f"process.min_snr_gamma={min_snr_gamma} must be > 0 (or null to turn it off)")
         # Plain values, enough to rebuild this schedule (saved into checkpoints).
         self.config = dict(
             kind=kind,
@@ -301,10 +305,110 @@ class NoiseSchedule(Process):
     def level_tensor(self, level, n: int, device: torch.device) -> Tensor:
         return torch.full((n,), int(level), device=device, dtype=torch.long)
 
+    def diffusers_scheduler(self):
+        """diffusers' DDPMScheduler with our betas (`scheduler_config`): DDPMPipeline run with num_steps steps is our
+        DDPM sampler (Ho et al. 2020, Algorithm 2)."""
+        return import_diffusers().DDPMScheduler(**scheduler_config(self))
+
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[int]:
         """`sampling_timesteps` (all T for steps=None); spacing None is logsnr for dpmpp, else trailing."""
-        from diffusion.samplers import sampling_timesteps
-
         spacing = spacing or ("logsnr" if sampler == "dpmpp" else "trailing")
         T = self.num_steps
         return sampling_timesteps(T, T if steps is None else steps, spacing, alpha_bar=self.alpha_bar)
+
+
+# --- diffusers ---------------------------------------------------------------------------------------------
+def scheduler_config(schedule: NoiseSchedule) -> dict:
+    """DDPMScheduler kwargs equivalent to `schedule` with our DDPM sampler's defaults (beta-tilde, clipped x0).
+
+    The betas go in as `trained_betas` (float64 from the schedule's own formula), so every schedule kind and
+    length is exact; `beta_schedule` names the equivalent built-in for readers but is not used by diffusers.
+    """
+    cfg = schedule.config
+    betas = make_betas(
+        cfg["kind"],
+        cfg["num_steps"],
+        **{k: cfg[k] for k in ("beta_start", "beta_end", "cosine_s", "sigmoid_start", "sigmoid_end", "sigmoid_tau")},
+    )
+    scale = 1000.0 / cfg["num_steps"] if cfg["kind"] == "linear" else 1.0  # our linear betas are rescaled for T
+    names = {"linear": "linear", "cosine": "squaredcos_cap_v2", "sigmoid": "sigmoid", "scaled_linear": "scaled_linear"}
+    return dict(
+        num_train_timesteps=cfg["num_steps"],
+        beta_schedule=names[cfg["kind"]],
+        beta_start=cfg["beta_start"] * scale,
+        beta_end=cfg["beta_end"] * scale,
+        trained_betas=betas.tolist(),
+        variance_type="fixed_small",  # beta-tilde_t, DDPM eq. 7
+        clip_sample=True,
+        clip_sample_range=1.0,
+        prediction_type=PREDICTION_TYPES[cfg["prediction"]],
+        timestep_spacing="leading",
+        steps_offset=0,
+    )
+
+
+# --- sampling grids --------------------------------------------------------------------------------------------
+def sampling_timesteps(
+    num_train_steps: int, steps: int, spacing: TimestepSpacing = "trailing", *, alpha_bar: Tensor | None = None
+) -> list[int]:
+    """The `steps` training timesteps a strided sampler visits, in decreasing order (fewer only if rounding merges
+    two of "leading"/"linspace").
+
+    Spacings follow Lin et al. 2024 (table 2): "leading" (DDIM's original, starts below T-1), "trailing" (ends at
+    T-1, so the first step starts from pure noise) and "linspace" (evenly spaced from 0 to T-1, rounded); and
+    "logsnr" (Lu et al. 2022, sec. 3.3: uniform in lambda = log(alpha / sigma), see `_logsnr_timesteps`), which
+    needs the schedule's `alpha_bar`.
+    """
+    if spacing not in get_args(TimestepSpacing):
+        choices = ", ".join(repr(c) for c in get_args(TimestepSpacing))
+        raise ConfigError(f"sampler.spacing={spacing!r} is not one of {choices}")
+    if not 1 <= steps <= num_train_steps:
+        raise ConfigError(f"sampler.steps={steps} must be in [1, {num_train_steps}] (the schedule's num_steps)")
+    T = num_train_steps
+    if spacing == "logsnr":
+        if alpha_bar is None:
+            raise ConfigError("sampler.spacing='logsnr' needs the schedule's alpha_bar")
+        return _logsnr_timesteps(alpha_bar, steps)
+    if spacing == "leading":
+        ts = [i * (T // steps) for i in range(steps)]
+    elif spacing == "trailing":
+        ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
+    else:
+        ts = torch.linspace(0, T - 1, steps).round().long().tolist()
+    return sorted(set(int(t) for t in ts), reverse=True)
+
+
+def _logsnr_timesteps(alpha_bar: Tensor, steps: int) -> list[int]:
+    """`steps` distinct timesteps from T-1 down to 0, as evenly spaced in lambda = log(alpha / sigma) as whole
+    timesteps allow (Lu et al. 2022, sec. 3.3).
+
+    The grid spans lambda from t = T-2, not T-1: the cosine and sigmoid schedules clip the last beta at 0.999, so
+    lambda drops by 0.5 log(1000) = 3.45 in the last step alone, and a grid from lambda_{T-1} puts several points
+    into that gap, which all round to t >= T-2 (8 of 20 model calls at t >= 991 on cosine). The first step
+    still starts from pure noise at T-1. Points are placed from both ends in turn, each at the nearest timestep
+    to an even split of the lambda range still open: where timesteps are coarser than the grid (near T-1 and
+    near 0 with many steps) the rest of the grid closes up instead of piling up consecutive timesteps.
+    """
+    T = alpha_bar.shape[0]
+    if steps == 1:
+        return [T - 1]
+    lam = (0.5 * (alpha_bar.double().log() - (1 - alpha_bar.double()).log())).tolist()  # decreasing in t
+    neg_lam = [-v for v in lam]  # increasing in t, for bisect
+    top, bottom = [T - 1], [0]  # placed from t = T-1 downwards and from t = 0 upwards
+    top_lam = lam[max(T - 2, 0)]
+    while len(top) + len(bottom) < steps:
+        left = steps - len(top) - len(bottom)  # points still to place, this one included
+        h = (lam[bottom[-1]] - top_lam) / (left + 1)
+        from_top = len(top) <= len(bottom)
+        target = top_lam + h if from_top else lam[bottom[-1]] - h
+        # the timestep nearest to the target that leaves one free timestep for each later point
+        lo = bottom[-1] + 1 + (left - 1 if from_top else 0)
+        hi = top[-1] - 1 - (0 if from_top else left - 1)
+        i = bisect.bisect_left(neg_lam, -target, lo, hi + 1)  # lam[i - 1] > target >= lam[i]
+        t = min((c for c in (i - 1, i) if lo <= c <= hi), key=lambda c: abs(lam[c] - target))
+        if from_top:
+            top.append(t)
+            top_lam = lam[t]
+        else:
+            bottom.append(t)
+    return top + bottom[::-1]

@@ -1,0 +1,108 @@
+"""Imports run one way (DESIGN.md, "Layers"): no circle inside `diffusion/`, even through imports placed inside
+functions; the core (plain torch) imports neither Lightning, Hydra nor the Lightning glue; and no entry point
+(train.py, sample.py, export.py, bench/) imports another. The graph is built from the source, not from what
+happens to be imported at run time, so a circle hidden in a function body is found too."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+ENTRY_POINTS = ("train", "sample", "export")
+GLUE = ("diffusion.module", "diffusion.guard", "diffusion.loggers", "diffusion.extras", "diffusion.callbacks",
+        "diffusion.data")  # fmt: skip
+FRAMEWORKS = ("lightning", "hydra", "omegaconf", "pytorch_lightning")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every module an import statement anywhere in the file names (`from a.b import c` names a.b and a.b.c)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (an import of a package is an edge to its __init__)."""
+    root = package.parent
+    files = {module_name(p, root): p for p in package.rglob("*.py")}
+    return {m: {n for n in imported_names(p) if n in files and n != m} for m, p in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return [*path[path.index(n) :], n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_circle():
+    cycle = find_cycle(import_graph(ROOT / "diffusion"))
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_an_injected_circle_is_found(tmp_path):
+    """The check itself can fail: a copy of the package with one import placed inside a function that closes a
+    circle (the process imports the model, which imports the process)."""
+    copy = tmp_path / "diffusion"
+    shutil.copytree(ROOT / "diffusion", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    base = copy / "process" / "base.py"
+    base.write_text(base.read_text() + "\n\ndef _late():\n    from diffusion.model import DiffusionModel\n")
+    cycle = find_cycle(import_graph(copy))
+    assert cycle is not None and "diffusion.model" in cycle and "diffusion.process.base" in cycle
+
+
+def test_the_core_imports_no_framework_and_no_glue():
+    graph = import_graph(ROOT / "diffusion")
+    root = ROOT
+    offenders = []
+    for path in sorted((ROOT / "diffusion").rglob("*.py")):
+        name = module_name(path, root)
+        if name.startswith(GLUE):
+            continue
+        frameworks = sorted(n for n in imported_names(path) if n.split(".")[0] in FRAMEWORKS)
+        glue = sorted(n for n in graph[name] if n.startswith(GLUE))
+        if frameworks or glue:
+            offenders.append(f"{name}: {', '.join(frameworks + glue)}")
+    assert not offenders, "the core imports Lightning / Hydra / the glue: " + "; ".join(offenders)
+
+
+@pytest.mark.parametrize(
+    "path", [*(f"{e}.py" for e in ENTRY_POINTS), *(f"bench/{p.name}" for p in (ROOT / "bench").glob("*.py"))]
+)
+def test_no_entry_point_imports_another(path):
+    """train.py, sample.py, export.py and the benchmarks share code through the package, never through each other
+    (a benchmark may use the benchmarks' own helpers, e.g. bench/digits_eval.py's classifier)."""
+    names = {n.split(".")[0] for n in imported_names(ROOT / path)}
+    forbidden = {*ENTRY_POINTS} | ({"bench"} if not path.startswith("bench/") else set())
+    assert not names & forbidden, f"{path} imports {sorted(names & forbidden)}"
