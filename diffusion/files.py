@@ -5,19 +5,28 @@ bytes go into a new temporary file in the destination's own folder (created excl
 so a planted file or link with that name is never opened), which is flushed, fsynced and renamed over the
 destination. The rename replaces a link at the destination instead of writing through it, and it is atomic on
 the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any moment, sees the old file or
-the new one, never half of one. On any error (a full disk) the temporary file is removed and the old file is
-left as it was. Plain Python: no torch, no Lightning.
+the new one, never half of one. On any error the temporary file is removed and the old file is left as it was;
+a write the disk refuses (full, over quota, read-only, not allowed) becomes one `PathError` naming the file, also
+when the writer reports it in its own way (torch.save: RuntimeError "unexpected pos", the OSError as its context).
+Plain Python: no torch, no Lightning.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from diffusion.errors import PathError
+
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Why the disk refuses a write; the user acts on these (frees space, raises a quota, picks another folder).
+REFUSED_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# What torch's zip writer says when a write under it failed and it lost the OSError's errno.
+FAILED_WRITE_WORDS = ("unexpected pos", "file write failed")
 
 
 def create_exclusive(path: Path) -> int:
@@ -37,25 +46,50 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+def refused_write(exc: BaseException) -> str | None:
+    """Why the disk refused a write ("No space left on device"), if `exc` or an error in its chain says so."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITE:
+            return exc.strerror or os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    if isinstance(seen[0], RuntimeError) and any(w in str(seen[0]) for w in FAILED_WRITE_WORDS):
+        return "the write failed"
+    return None
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[BinaryIO], None], *, fsync: bool = True, what: str | None = None
+) -> None:
     """Write `path` atomically: `write(f)` fills a temporary file beside it, which then replaces `path`.
 
     `fsync=False` skips the two fsyncs (for files a crash may lose, such as thousands of sample PNGs); the
-    replace is still atomic for readers and still never follows a link at `path`.
+    replace is still atomic for readers and still never follows a link at `path`. A write the disk refuses
+    raises a one-line PathError: "could not save <what> P (No space left on device); the previous <what> there
+    is intact" (`what`, e.g. "checkpoint", names the kind of file; by default "file").
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    fd = create_exclusive(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = create_exclusive(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except Exception as e:
+        reason = refused_write(e)
+        if reason is None:
+            raise
+        kind = what or "file"
+        kept = f"the previous {kind} there is intact" if path.exists() else f"no {kind} was there before"
+        raise PathError(f"could not save {f'{what} ' if what else ''}{path} ({reason}); {kept}") from e
     if fsync:
         fsync_dir(path.parent)
 

@@ -1,0 +1,106 @@
+"""Faults a run meets from its surroundings (issue 24): a full disk, a stop signal, a secret on the command line,
+a second run into the same folder. Each ends in one line naming what happened, with an exit code that says so,
+and nothing written that should not be."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion.checkpoint import read_checkpoint
+from diffusion.files import atomic_write
+from tests.conftest import TINY, run_cli, run_train
+from tests.test_safety import one_line_error
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The `error: ...` lines of a command's stderr, checked to be all it says besides Python warnings."""
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+# --- a full disk -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of 4 MiB (mounting needs root; skipped where the test cannot mount one)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill `disk`'s filesystem but for about `leave` bytes."""
+    stats = os.statvfs(disk)
+    free = stats.f_bavail * stats.f_frsize
+    with open(disk / "filler", "ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_failed_torch_save_is_one_line_naming_the_file_and_keeps_the_previous_one(tmp_path):
+    """torch.save reports a write the disk refused as RuntimeError('unexpected pos ...'), not as the OSError."""
+    path = tmp_path / "w.pt"
+    atomic_write(path, lambda f: torch.save({"w": torch.ones(10)}, f))
+    before = path.read_bytes()
+
+    class FullDisk:  # the file as a full disk makes it: the first write beyond a few bytes fails
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if self.f.tell() + len(data) > 100:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    message = one_line_error(atomic_write, path, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+    assert message == f"could not save {path} (No space left on device); the previous file there is intact"
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.pt"]
+    new = tmp_path / "new.pt"
+    message = one_line_error(atomic_write, new, lambda f: torch.save({"w": torch.zeros(1000)}, FullDisk(f)))
+    assert message == f"could not save {new} (No space left on device); no file was there before"
+
+
+def test_a_full_disk_is_one_line_and_exit_1_in_train_sample_and_export(small_disk):
+    """On a real small filesystem: resuming a run, sampling and exporting when the disk fills up."""
+    run = small_disk / "run"
+    quiet = ["callbacks.model_checkpoint.every_n_train_steps=1000", "callbacks.sample_grid=null", "logger=none"]
+    run_train(run, [*quiet, "trainer.max_steps=2"])
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    fill(small_disk, leave=200_000)  # room for the logs, not for a second checkpoint (0.9 MB)
+
+    result = run_cli("train.py", *TINY, *quiet, "trainer.max_steps=4", f"ckpt_path={run}", f"hydra.run.dir={run}")
+    assert result.returncode == 1 and error_lines(result) == [
+        f"error: could not save checkpoint {last} (No space left on device); the previous checkpoint there is intact"
+    ]
+    assert last.read_bytes() == before and read_checkpoint(str(last))["global_step"] == 2
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+    fill(small_disk, leave=8_000)
+    for script, args, out in [
+        ("sample.py", ["n=64", "npz=true", "device=cpu"], small_disk / "samples"),
+        ("export.py", ["format=ckpt"], small_disk / "export"),
+    ]:
+        result = run_cli(script, f"ckpt={last}", f"out={out}", *args)
+        assert result.returncode == 1 and len(error_lines(result)) == 1
+        assert error_lines(result)[0].startswith(f"error: could not save {out}/"), result.stderr
+        assert "(No space left on device)" in result.stderr
+        assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
