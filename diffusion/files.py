@@ -14,8 +14,10 @@ Plain Python: no torch, no Lightning.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -97,6 +99,22 @@ def atomic_write(
 def write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """`atomic_write` of `data`."""
     atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+class LogFile(logging.FileHandler):
+    """The run's log file (`<run folder>/train.log`, conf/hydra/default.yaml). When the disk refuses a write, one
+    warning line on stderr, and the console keeps the messages; logging's own handler prints a traceback for
+    every message instead (the write that fails next, a checkpoint, then ends the run with its one line)."""
+
+    refused = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        reason = refused_write(sys.exc_info()[1]) if sys.exc_info()[1] is not None else None
+        if reason is None:
+            super().handleError(record)
+        elif not self.refused:
+            self.refused = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({reason}); messages go to the console only\n")
 
 
 def check_writable(folder: Path) -> None:
