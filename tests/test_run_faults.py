@@ -104,3 +104,37 @@ def test_a_full_disk_is_one_line_and_exit_1_in_train_sample_and_export(small_dis
         assert error_lines(result)[0].startswith(f"error: could not save {out}/"), result.stderr
         assert "(No space left on device)" in result.stderr
         assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+# --- secrets in the config -------------------------------------------------------------------------------------
+
+SECRET = "s3cr3tValue"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ([f"data.path=https://user:{SECRET}@example.com/x"], "data.path carries credentials"),
+        ([f"data.path='https://example.com/x?X-Amz-Signature={SECRET}'"], "data.path carries a signed"),
+        (["data.path=s3://bucket/x", f"+data.storage.aws_secret_access_key={SECRET}"], "data.storage.aws_secret"),
+        (["-m", f"data.path=/data/a,https://user:{SECRET}@example.com/x"], "data.path carries credentials"),
+    ],
+    ids=["user-password", "signed-url", "storage-key", "sweep"],
+)
+def test_a_secret_in_the_config_is_refused_before_anything_is_written(tmp_path, overrides, says):
+    """Hydra writes .hydra/ (config, overrides) and train.log as the job starts: the refusal comes first."""
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    flags = [o for o in overrides if o.startswith("-")]  # -m before the overrides
+    overrides = [o for o in overrides if o not in flags]
+    args = [*flags, *TINY, "data=shards", *overrides, f"hydra.run.dir={run}", f"hydra.sweep.dir={sweep}"]
+    result = run_cli("train.py", *args, cwd=tmp_path)
+    assert result.returncode == 1 and len(error_lines(result)) == 1 and says in error_lines(result)[0]
+    assert SECRET not in result.stdout + result.stderr
+    assert not run.exists() and not sweep.exists() and sorted(tmp_path.iterdir()) == []
+
+
+def test_options_named_like_a_secret_that_are_none_pass():
+    from diffusion.data.shards import check_config_secrets
+
+    check_config_secrets({"data": {"path": "s3://bucket/x", "storage": {"skip_signature": True, "region": "eu"}}})
+    check_config_secrets({"hydra": {"overrides": {"task": ["data.path=https://example.com/x?page=2"]}}})
