@@ -109,14 +109,37 @@ class RunFolderGuard(Callback):
         # HydraConfig: without this, `python train.py -m ...` without hydra.sweep.dir= fails at once.
         HydraConfig.instance().set_config(config)
         refuse_secrets(config)
+        hold_run_folder(Path(str(config.hydra.sweep.dir)).absolute(), key="hydra.sweep.dir")
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         refuse_secrets(config)
-        if config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1:
-            return  # resuming writes into its own folder
-        message = occupied(Path(str(config.hydra.run.dir)).absolute())
+        run = Path(str(config.hydra.run.dir)).absolute()
+        resuming = (
+            config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1
+        )
+        message = None if resuming else occupied(run)  # resuming writes into its own folder
         if message:
             refuse(message)
+        hold_run_folder(run)
+
+
+def hold_run_folder(run: Path, key: str = "hydra.run.dir") -> None:
+    """This process holds run folder `run` (a sweep's: its hydra.sweep.dir) for its life
+    (`diffusion.files.hold_folder`), or is refused in one line naming the run that holds it. DDP's other ranks
+    (Lightning starts this script again in the same folder) work in the folder their rank zero holds; a requeued
+    SLURM job finds it free (its first process has ended)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from diffusion.files import hold_folder
+
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        holder = hold_folder(run)
+    except OSError as e:
+        refuse(f"{key}={run} cannot be written ({e.strerror or e})")
+    if holder is not None:
+        refuse(f"run folder {run} is in use by another run (pid {holder}); wait for it to end, or choose another {key}")
 
 
 def check_resume(ckpt_path: str, ckpt: dict, net, schedule, codec=None, *, verb: str = "resume") -> None:

@@ -13,6 +13,7 @@ Plain Python: no torch, no Lightning.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import BinaryIO
 from diffusion.errors import PathError
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+LOCK_FILE = ".lock"  # in a folder a process holds (hold_folder): the holder's pid
 # Why the disk refuses a write; the user acts on these (frees space, raises a quota, picks another folder).
 REFUSED_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 # What torch's zip writer says when a write under it failed and it lost the OSError's errno.
@@ -147,3 +149,47 @@ def move_tree(src: Path, dest: Path) -> None:
     for folder in sorted((p for p in src.rglob("*") if p.is_dir()), reverse=True):
         folder.rmdir()
     src.rmdir()
+
+
+def hold_folder(folder: Path) -> str | None:
+    """Hold `folder` for the rest of this process's life; None once held, or the pid of the process holding it.
+
+    An exclusive flock on `folder/.lock`, on a descriptor kept open: the kernel releases it when the process
+    ends however it ends, so a crashed or killed holder leaves the folder free (its unlocked .lock file is
+    reused). The lock file is written in place, not through `atomic_write`: a rename would put a new, unlocked
+    file there. A clean exit removes it. Where there is no flock (Windows), folders are not held.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "unknown"
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it as it ended, after we opened it: lock the file there now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    atexit.register(_release_folder, fd, path)
+    return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _release_folder(fd: int, path: Path) -> None:
+    if _same_file(fd, path):  # removed while still locked, so no one else holds that file meanwhile
+        path.unlink()
+    os.close(fd)

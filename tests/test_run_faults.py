@@ -8,6 +8,8 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 
 from diffusion.checkpoint import read_checkpoint
 from diffusion.files import atomic_write
-from tests.conftest import TINY, run_cli, run_train
+from tests.conftest import ROOT, TINY, run_cli, run_train
 from tests.test_safety import one_line_error
 
 
@@ -138,3 +140,48 @@ def test_options_named_like_a_secret_that_are_none_pass():
 
     check_config_secrets({"data": {"path": "s3://bucket/x", "storage": {"skip_signature": True, "region": "eu"}}})
     check_config_secrets({"hydra": {"overrides": {"task": ["data.path=https://example.com/x?page=2"]}}})
+
+
+# --- one run per folder ----------------------------------------------------------------------------------------
+
+
+def start_train(run: Path, *args: str) -> subprocess.Popen:
+    """`python train.py` on the tiny config into `run`, in the background; output captured as text."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    argv = [sys.executable, str(ROOT / "train.py"), *TINY, *args, f"hydra.run.dir={run}"]
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, done, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"ended (exit {proc.returncode}) before {what}: {out[-2000:]} {err[-2000:]}")
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.2)
+
+
+def test_a_run_holds_its_folder_and_a_killed_one_leaves_it_free(tmp_path):
+    run = tmp_path / "run"
+    first = start_train(run, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=100000")
+    try:  # training, and no checkpoint yet: a second run would pass the 'holds checkpoints' check
+        wait_for(first, lambda: "effective batch" in read_text(run / "train.log"), "training")
+        before = read_text(run / ".hydra" / "config.yaml")
+        second = run_cli("train.py", *TINY, f"hydra.run.dir={run}", "seed=1")
+        assert second.returncode == 1 and error_lines(second) == [
+            f"error: run folder {run} is in use by another run (pid {first.pid}); wait for it to end, or choose "
+            "another hydra.run.dir"
+        ]
+        assert read_text(run / ".hydra" / "config.yaml") == before  # the second wrote nothing there
+    finally:
+        first.kill()  # SIGKILL: no clean-up of its own
+        first.communicate()
+    third = run_cli("train.py", *TINY, "trainer.max_steps=1", f"hydra.run.dir={run}")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not (run / ".lock").exists()  # a run that ends removes its lock file
+
+
+def read_text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
