@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,12 @@ import torch
 from diffusion.checkpoint import read_checkpoint
 from diffusion.files import atomic_write
 from tests.conftest import ROOT, TINY, run_cli, run_train
+from tests.test_resume import assert_same_tensors
 from tests.test_safety import one_line_error
+
+# A learning rate that does not depend on trainer.max_steps (the cosine plan does), so that a run stopped at
+# any step and resumed to step N can be compared with one that trained to N straight.
+EXACT_STOP = ["optim.lr_decay=constant", "trainer.deterministic=true"]
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -185,3 +191,33 @@ def test_a_run_holds_its_folder_and_a_killed_one_leaves_it_free(tmp_path):
 
 def read_text(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
+
+
+# --- stop signals ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(tmp_path, signum, code):
+    """kill, scancel, docker stop, Kubernetes (SIGTERM) and Ctrl-C (SIGINT) sent to a local train.py."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    exact = [*EXACT_STOP, "trainer.val_check_interval=100000", "callbacks.sample_grid.every_n_steps=100000"]
+    proc = start_train(run, *exact, "trainer.max_steps=100000")
+    try:
+        wait_for(proc, lambda: (run / "checkpoints" / "step_000004.ckpt").exists(), "step 4")
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    last = run / "checkpoints" / "last.ckpt"
+    assert proc.returncode == code, out[-2000:] + err[-3000:]
+    step = read_checkpoint(str(last))["global_step"]
+    name = signal.Signals(signum).name
+    assert f"{name}: saved {last} at step {step}; resume with ckpt_path={run}\n" in out, out[-2000:]
+    assert 4 <= step < 100000 and "Traceback" not in err, err[-3000:]
+
+    run_train(run, [*exact, f"trainer.max_steps={step + 2}", f"ckpt_path={run}"])
+    run_train(straight, [*exact, f"trainer.max_steps={step + 2}"])
+    a, b = (read_checkpoint(str(r / "checkpoints" / "last.ckpt")) for r in (straight, run))
+    assert a["global_step"] == b["global_step"] == step + 2
+    for key in ("state_dict", "ema_state_dict", "optimizer_states", "lr_schedulers"):
+        assert_same_tensors(a[key], b[key], key)
