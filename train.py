@@ -51,26 +51,75 @@ def occupied(output_dir: Path) -> str | None:
     return None
 
 
+def refuse(message: str) -> None:
+    """End the command with `error: message` on stderr and exit code 1, from a Hydra callback (whose exceptions
+    Hydra turns into warnings)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def refuse_secrets(config: DictConfig) -> None:
+    """Refuse credentials anywhere in the composed config or the command line (a sweep's values included) before
+    Hydra writes them into .hydra/, multirun.yaml or train.log; the message never repeats them."""
+    from diffusion.data.shards import check_config_secrets
+
+    try:
+        check_config_secrets(OmegaConf.to_container(config, resolve=False))
+        data = config.get("data")
+        try:  # an interpolation (${oc.env:...}) ends up resolved in config_tree.log
+            resolved = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else None
+        except Exception:  # one that cannot resolve yet (${hydra:...}): building the data names it
+            resolved = None
+        check_config_secrets({"data": resolved} if resolved else {})
+    except ConfigError as e:
+        refuse(str(e))
+
+
 class RunFolderGuard(Callback):
-    """Refuses a new run into a folder that holds checkpoints before Hydra writes anything there; lets a sweep
-    resolve its folder.
+    """Refuses a new run into a folder that holds checkpoints, and credentials in the config, before Hydra writes
+    anything; lets a sweep resolve its folder.
 
     Hydra writes .hydra/config.yaml, hydra.yaml and overrides.yaml when the job starts, before `train` runs:
-    `on_run_start` comes first. A callback's exceptions only become warnings in Hydra, so this one exits.
+    `on_run_start` comes first (a sweep: `on_multirun_start`, before multirun.yaml). A callback's exceptions only
+    become warnings in Hydra, so this one exits.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         # The sweeper resolves hydra.sweep.dir (paths.runs_dir -> ${hydra:runtime.cwd}) before any job has set
         # HydraConfig: without this, `python train.py -m ...` without hydra.sweep.dir= fails at once.
         HydraConfig.instance().set_config(config)
+        refuse_secrets(config)
+        hold_run_folder(Path(str(config.hydra.sweep.dir)).absolute(), key="hydra.sweep.dir")
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1:
-            return  # resuming writes into its own folder
-        message = occupied(Path(str(config.hydra.run.dir)).absolute())
+        refuse_secrets(config)
+        run = Path(str(config.hydra.run.dir)).absolute()
+        resuming = (
+            config.get("ckpt_path") not in (None, "") or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) >= 1
+        )
+        message = None if resuming else occupied(run)  # resuming writes into its own folder
         if message:
-            print(f"error: {message}", file=sys.stderr)
-            sys.exit(1)
+            refuse(message)
+        hold_run_folder(run)
+
+
+def hold_run_folder(run: Path, key: str = "hydra.run.dir") -> None:
+    """This process holds run folder `run` (a sweep's: its hydra.sweep.dir) for its life
+    (`diffusion.files.hold_folder`), or is refused in one line naming the run that holds it. DDP's other ranks
+    (Lightning starts this script again in the same folder) work in the folder their rank zero holds; a requeued
+    SLURM job finds it free (its first process has ended)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from diffusion.files import hold_folder
+
+    if rank_zero_only.rank != 0:
+        return
+    try:
+        holder = hold_folder(run)
+    except OSError as e:
+        refuse(f"{key}={run} cannot be written ({e.strerror or e})")
+    if holder is not None:
+        refuse(f"run folder {run} is in use by another run (pid {holder}); wait for it to end, or choose another {key}")
 
 
 def check_resume(ckpt_path: str, ckpt: dict, model, *, verb: str = "resume") -> None:

@@ -5,19 +5,32 @@ bytes go into a new temporary file in the destination's own folder (created excl
 so a planted file or link with that name is never opened), which is flushed, fsynced and renamed over the
 destination. The rename replaces a link at the destination instead of writing through it, and it is atomic on
 the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any moment, sees the old file or
-the new one, never half of one. On any error (a full disk) the temporary file is removed and the old file is
-left as it was. Plain Python: no torch, no Lightning.
+the new one, never half of one. On any error the temporary file is removed and the old file is left as it was;
+a write the disk refuses (full, over quota, read-only, not allowed) becomes one `PathError` naming the file, also
+when the writer reports it in its own way (torch.save: RuntimeError "unexpected pos", the OSError as its context).
+Plain Python: no torch, no Lightning.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import logging
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from diffusion.errors import PathError
+
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+LOCK_FILE = ".lock"  # in a folder a process holds (hold_folder): the holder's pid
+# Why the disk refuses a write; the user acts on these (frees space, raises a quota, picks another folder).
+REFUSED_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# What torch's zip writer says when a write under it failed and it lost the OSError's errno.
+FAILED_WRITE_WORDS = ("unexpected pos", "file write failed")
 
 
 def create_exclusive(path: Path) -> int:
@@ -37,25 +50,50 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, fsync: bool = True) -> None:
+def refused_write(exc: BaseException) -> str | None:
+    """Why the disk refused a write ("No space left on device"), if `exc` or an error in its chain says so."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITE:
+            return exc.strerror or os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    if isinstance(seen[0], RuntimeError) and any(w in str(seen[0]) for w in FAILED_WRITE_WORDS):
+        return "the write failed"
+    return None
+
+
+def atomic_write(
+    path: str | Path, write: Callable[[BinaryIO], None], *, fsync: bool = True, what: str | None = None
+) -> None:
     """Write `path` atomically: `write(f)` fills a temporary file beside it, which then replaces `path`.
 
     `fsync=False` skips the two fsyncs (for files a crash may lose, such as thousands of sample PNGs); the
-    replace is still atomic for readers and still never follows a link at `path`.
+    replace is still atomic for readers and still never follows a link at `path`. A write the disk refuses
+    raises a one-line PathError: "could not save <what> P (No space left on device); the previous <what> there
+    is intact" (`what`, e.g. "checkpoint", names the kind of file; by default "file").
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
-    fd = create_exclusive(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        fd = create_exclusive(tmp)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                if fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except Exception as e:
+        reason = refused_write(e)
+        if reason is None:
+            raise
+        kind = what or "file"
+        kept = f"the previous {kind} there is intact" if path.exists() else f"no {kind} was there before"
+        raise PathError(f"could not save {f'{what} ' if what else ''}{path} ({reason}); {kept}") from e
     if fsync:
         fsync_dir(path.parent)
 
@@ -63,6 +101,22 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, fsync: 
 def write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """`atomic_write` of `data`."""
     atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+class LogFile(logging.FileHandler):
+    """The run's log file (`<run folder>/train.log`, conf/hydra/default.yaml). When the disk refuses a write, one
+    warning line on stderr, and the console keeps the messages; logging's own handler prints a traceback for
+    every message instead (the write that fails next, a checkpoint, then ends the run with its one line)."""
+
+    refused = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        reason = refused_write(sys.exc_info()[1]) if sys.exc_info()[1] is not None else None
+        if reason is None:
+            super().handleError(record)
+        elif not self.refused:
+            self.refused = True
+            sys.stderr.write(f"warning: cannot write {self.baseFilename} ({reason}); messages go to the console only\n")
 
 
 def check_writable(folder: Path) -> None:
@@ -95,3 +149,47 @@ def move_tree(src: Path, dest: Path) -> None:
     for folder in sorted((p for p in src.rglob("*") if p.is_dir()), reverse=True):
         folder.rmdir()
     src.rmdir()
+
+
+def hold_folder(folder: Path) -> str | None:
+    """Hold `folder` for the rest of this process's life; None once held, or the pid of the process holding it.
+
+    An exclusive flock on `folder/.lock`, on a descriptor kept open: the kernel releases it when the process
+    ends however it ends, so a crashed or killed holder leaves the folder free (its unlocked .lock file is
+    reused). The lock file is written in place, not through `atomic_write`: a rename would put a new, unlocked
+    file there. A clean exit removes it. Where there is no flock (Windows), folders are not held.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | NOFOLLOW, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "unknown"
+        if _same_file(fd, path):
+            break
+        os.close(fd)  # its holder removed it as it ended, after we opened it: lock the file there now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    atexit.register(_release_folder, fd, path)
+    return None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+    except FileNotFoundError:
+        return False
+
+
+def _release_folder(fd: int, path: Path) -> None:
+    if _same_file(fd, path):  # removed while still locked, so no one else holds that file meanwhile
+        path.unlink()
+    os.close(fd)

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffusion.errors import PathError
 from diffusion.files import atomic_write
 
 
@@ -28,8 +27,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write(path, lambda f: torch.save(checkpoint, f))
-        except OSError as e:
-            kept = "the previous checkpoint there is intact" if path.exists() else "no checkpoint was there before"
-            raise PathError(f"could not save checkpoint {path} ({e.strerror or e}); {kept}") from e
+        atomic_write(path, lambda f: torch.save(checkpoint, f), what="checkpoint")  # a full disk: one line

@@ -71,29 +71,55 @@ INDEX = "index.json"
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 # Config keys (data.storage.*) and URL query fields that carry credentials: those belong in the environment.
 SECRET_WORDS = ("secret", "password", "token", "access_key", "key_id", "credential", "signature", "sas", "private")
+NOT_SECRET = ("skip_signature",)  # data.storage options named like a secret that are none (public buckets)
+URL_IN_TEXT = re.compile(r"[a-z][a-z0-9+.-]*://[^\s,'\"\[\]()]+", re.I)  # a URL inside an override or a sweep list
 
 log = logging.getLogger(__name__)
 info = rank_zero_only(log.info)
 
 
 # --- where shards live ----------------------------------------------------------------------------------------
-def check_no_secrets(path: str, storage: dict) -> None:
-    """A one-line ConfigError when the config carries credentials (in the URL or in data.storage)."""
+def check_no_secrets(path: str, storage: dict, *, key: str = "data.path") -> None:
+    """A one-line ConfigError when the config carries credentials (in the URL at `key` or in data.storage); the
+    message never repeats them."""
     if URL.match(path):
         rest = path.split("://", 1)[1]
         if "@" in rest.split("/", 1)[0]:
             raise ConfigError(
-                f"data.path carries credentials (user:password@); put them in the environment, not the config: {path.split('://')[0]}://..."
+                f"{key} carries credentials (user:password@); put them in the environment, not the config: {path.split('://')[0]}://..."
             )
         query = rest.split("?", 1)[1].lower() if "?" in rest else ""
         if any(w in query for w in SECRET_WORDS):
-            raise ConfigError("data.path carries a signed or secret query string; credentials go in the environment")
-    for key in storage:
-        if any(w in str(key).lower() for w in SECRET_WORDS):
+            raise ConfigError(f"{key} carries a signed or secret query string; credentials go in the environment")
+    for name in storage:
+        lowered = str(name).lower()
+        if any(w in lowered for w in SECRET_WORDS) and not lowered.endswith(NOT_SECRET):
             raise ConfigError(
-                f"data.storage.{key} looks like a credential: set it in the environment (e.g. AWS_SECRET_ACCESS_KEY, "
+                f"data.storage.{name} looks like a credential: set it in the environment (e.g. AWS_SECRET_ACCESS_KEY, "
                 "GOOGLE_APPLICATION_CREDENTIALS), never in the config"
             )
+
+
+def check_config_secrets(config: dict, *, key: str = "") -> None:
+    """`check_no_secrets` over a whole composed config (plain values, Hydra's node included), before anything
+    is written: every URL in every string, named by its key, and data.storage's keys. The command line's
+    overrides (`hydra.overrides.task`: `data.path=a,b` sweeps, `+data.storage.K=V`) are named by their own key."""
+    for name, value in config.items():
+        at = f"{key}.{name}" if key else str(name)
+        if isinstance(value, dict):
+            check_config_secrets(value, key=at)
+            if at == "data.storage":
+                check_no_secrets("", value)
+        elif isinstance(value, list):
+            check_config_secrets({f"{name}[{i}]": v for i, v in enumerate(value)}, key=key)
+        elif isinstance(value, str):
+            if at.startswith("hydra.overrides.") and "=" in value:  # "data.path=a,b" is about data.path
+                at, value = value.split("=", 1)
+                at = at.lstrip("+~")
+                if at.startswith("data.storage."):
+                    check_no_secrets("", {at.removeprefix("data.storage."): None})
+            for url in URL_IN_TEXT.findall(value):
+                check_no_secrets(url, {}, key=at)
 
 
 class _Chunks(io.RawIOBase):
