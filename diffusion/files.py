@@ -6,17 +6,22 @@ so a planted file or link with that name is never opened), which is flushed, fsy
 destination. The rename replaces a link at the destination instead of writing through it, and it is atomic on
 the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any moment, sees the old file or
 the new one, never half of one. On any error (a full disk) the temporary file is removed and the old file is
-left as it was. Plain Python: no torch, no Lightning.
+left as it was. An overwrite removes only what we wrote there (`replace_folder`). Plain Python: no torch, no
+Lightning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO
 
+from diffusion.errors import PathExistsError
+
+log = logging.getLogger(__name__)
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -95,3 +100,37 @@ def move_tree(src: Path, dest: Path) -> None:
     for folder in sorted((p for p in src.rglob("*") if p.is_dir()), reverse=True):
         folder.rmdir()
     src.rmdir()
+
+
+def check_replaceable(dest: Path, ours: Collection[str], *, what: str) -> None:
+    """A one-line PathExistsError naming `dest` unless an overwrite may remove it: a real folder (not a link)
+    holding nothing but regular files named in `ours` (what we wrote there; an empty folder passes). A link, a
+    file, or a folder holding anything else (the user's files, another folder) is never removed."""
+    if dest.is_symlink() or not dest.is_dir():
+        kind = "a link" if dest.is_symlink() else "a file"
+        raise PathExistsError(f"{dest} is {kind}, not {what}; refusing to overwrite it")
+    for entry in sorted(os.scandir(dest), key=lambda e: e.name):
+        if entry.name not in ours or not entry.is_file(follow_symlinks=False):
+            raise PathExistsError(
+                f"{dest} holds {entry.name!r}, which is not part of {what}; refusing to overwrite it (remove "
+                "it yourself or choose another destination)"
+            )
+
+
+def replace_folder(staged: Path, dest: Path, ours: Collection[str], *, what: str) -> None:
+    """Rename the folder `staged` (one we just wrote, beside `dest`) to `dest`. An existing `dest` must pass
+    `check_replaceable`: it is swapped out in one rename, then exactly its files named in `ours` are removed (a
+    file that appeared there meanwhile is kept, with the folder, and named in a warning)."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(staged, dest)  # a folder that appears meanwhile is replaced only when empty (rename's rule)
+        return
+    check_replaceable(dest, ours, what=what)
+    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    os.rename(dest, old)
+    os.rename(staged, dest)
+    for name in ours:
+        (old / name).unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning(f"kept {old}: files appeared in {dest} while it was replaced")

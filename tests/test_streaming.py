@@ -18,6 +18,7 @@ from diffusion.data import HFDataModule, ImageFolderDataModule, ShardDataModule
 from diffusion.data.shards import INDEX, ShardLoader, ShardStream, main, write_shards
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError, user_error_message
 from tests.conftest import TINY, run_cli, run_train, write_image
+from tests.test_safety import snapshot
 
 NO_GRIDS = ["callbacks.sample_grid.every_n_steps=0"]
 
@@ -199,6 +200,32 @@ def test_the_writer_is_deterministic_atomic_and_refuses_to_overwrite(tmp_path, m
     dm = ShardDataModule(path=str(tmp_path / "b"), image_size=16, batch_size=2, num_workers=0, shuffle=False)
     with pytest.raises(BadFileError, match="train-000001.tar (holds 1 samples where index.json says 2|is not)"):
         list(dm.train_dataloader())
+
+
+def test_overwrite_removes_only_a_shard_set_this_project_wrote(tmp_path, capsys):
+    """--overwrite replaces a shard set (its index and the shards it lists) and nothing else: DST = the parent of
+    SRC, DST = SRC, a shard set holding a user's file, a plain file, a link: one line naming DST, nothing deleted."""
+    src = make_folder(tmp_path / "images", 6)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    write_shards(src, tmp_path / "mixed", shard_samples=2)
+    (tmp_path / "mixed" / "README.md").write_text("the user's notes on this set")
+    write_shards(src, tmp_path / "elsewhere", shard_samples=2)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    for dst in (tmp_path, src, tmp_path / "mixed", tmp_path / "notes.txt", tmp_path / "link"):
+        assert main(["write", str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and str(dst) in err and "\n" not in err, err
+        assert snapshot(tmp_path) == before, dst
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "images", "link", "mixed", "notes.txt"]
+
+    # A set this project wrote is replaced whole: the new index and its shards, no shard of the old one left.
+    write_shards(src, tmp_path / "set", shard_samples=1, val_fraction=0.0)
+    assert main(["write", str(src), str(tmp_path / "set"), "--overwrite", "--shard-samples", "4"]) == 0
+    index = json.loads((tmp_path / "set" / INDEX).read_text())
+    names = {s["name"] for shards in index["splits"].values() for s in shards}
+    assert {p.name for p in (tmp_path / "set").iterdir()} == {INDEX, *names} and len(names) == 3  # not 6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
 
 
 def test_credentials_in_the_config_are_refused(tmp_path, shard_set):

@@ -35,7 +35,6 @@ import bisect
 import io
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -63,11 +62,12 @@ from diffusion.data.base import (
 )
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
-from diffusion.files import write_bytes
+from diffusion.files import check_replaceable, replace_folder, write_bytes
 
 FORMAT = "diffusion-webdataset"
 VERSION = 1
 INDEX = "index.json"
+WRITTEN = "a shard set written by python -m diffusion.data.shards write (its index.json and the shards it lists)"
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 # Config keys (data.storage.*) and URL query fields that carry credentials: those belong in the environment.
 SECRET_WORDS = ("secret", "password", "token", "access_key", "key_id", "credential", "signature", "sas", "private")
@@ -249,8 +249,10 @@ def write_shards(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if shard_mb <= 0 or (shard_samples is not None and shard_samples < 1):
         raise ConfigError("--shard-mb must be > 0 and --shard-samples >= 1")
-    if dst.exists() and not overwrite:
-        raise PathExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise PathExistsError(f"{dst} already exists; pass --overwrite to replace it")
+        check_replaceable(dst, written_files(dst), what=WRITTEN)  # before any work; again at the swap
     folder = ImageFolderDataModule(path=str(src), labels=labels, image_size=1, allow_upscale=True, skip_bad=skip_bad)
     files, ys = folder._scan()
     captions = shard_captions(src, files, caption_column, skip_bad=skip_bad)
@@ -309,17 +311,25 @@ def write_shards(
             "skipped": len(skipped),
         }
         write_bytes(tmp / INDEX, json.dumps(index, indent=1, sort_keys=True).encode())  # last: marks it complete
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, dst)
+        replace_folder(tmp, dst, written_files(dst), what=WRITTEN)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return index
+
+
+def written_files(folder: Path) -> set[str]:
+    """The files of the shard set in `folder` that the writer wrote: its index and the shards the index lists;
+    none when `folder` holds no index of ours (a plain file, not a link, in this project's format)."""
+    path = folder / INDEX
+    if path.is_symlink() or not path.is_file():
+        return set()
+    try:
+        index = json.loads(path.read_bytes())
+        names = {s["name"] for split in index["splits"].values() for s in split}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {INDEX, *(n for n in names if isinstance(n, str))} if index.get("format") == FORMAT else set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
