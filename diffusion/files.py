@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO
 
-from diffusion.errors import PathExistsError
+from diffusion.errors import BadFileError, IsAFolderError, MissingPathError, PathError, PathExistsError
 
 log = logging.getLogger(__name__)
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -100,6 +101,25 @@ def move_tree(src: Path, dest: Path) -> None:
     for folder in sorted((p for p in src.rglob("*") if p.is_dir()), reverse=True):
         folder.rmdir()
     src.rmdir()
+
+
+def regular_file(path: str | Path, what: str) -> Path:
+    """`path` when it is a regular file (or a link to one), checked before it is opened; else a one-line error
+    naming `what` and the path: missing, a folder, or a named pipe, device or socket (opening a named pipe blocks
+    until someone writes to it, and a signal cannot always stop that)."""
+    path = Path(path).expanduser()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingPathError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise PathError(f"cannot read {what} {path} ({e.strerror})") from e
+    if stat.S_ISDIR(mode):
+        raise IsAFolderError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise BadFileError(f"{what} {path} is {kind}, not a regular file; refused")
+    return path
 
 
 def check_replaceable(dest: Path, ours: Collection[str], *, what: str) -> None:

@@ -62,7 +62,7 @@ from diffusion.data.base import (
 )
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
-from diffusion.files import check_replaceable, replace_folder, write_bytes
+from diffusion.files import check_replaceable, regular_file, replace_folder, write_bytes
 
 FORMAT = "diffusion-webdataset"
 VERSION = 1
@@ -148,6 +148,18 @@ class Location:
                 raise ConfigError(f"data.path={self.path}: cannot open the store ({e})") from e
         return self._store
 
+    def outside(self, name: str) -> str | None:
+        """Why `name`, a shard the index lists, is not a file inside this set (None when it is): a name is a
+        relative path without `..`; a local one must also resolve inside the folder (not through a link out)."""
+        parts = name.replace("\\", "/").split("/")
+        if not name or "\0" in name or URL.match(name) or re.match(r"^([a-zA-Z]:)?[/\\]", name):
+            return "is not a relative name"
+        if ".." in parts:
+            return "leaves the set through '..'"
+        if self.local is not None and not (self.local / name).resolve().is_relative_to(self.local.resolve()):
+            return "resolves outside the set (a link?)"
+        return None
+
     def where(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}" if self.remote else str(self.local / name)
 
@@ -155,7 +167,7 @@ class Location:
         """The whole object `name` (the index); one-line errors when it is missing or unreadable."""
         if not self.remote:
             try:
-                return (self.local / name).read_bytes()
+                return regular_file(self.local / name, "shard index").read_bytes()
             except FileNotFoundError as e:
                 raise MissingPathError(f"{self.where(name)} does not exist") from e
             except OSError as e:
@@ -175,7 +187,7 @@ class Location:
         """A binary stream of object `name`, read front to back (one GET for a remote object)."""
         if not self.remote:
             try:
-                return open(self.local / name, "rb")  # noqa: SIM115
+                return open(regular_file(self.local / name, "shard"), "rb")  # noqa: SIM115
             except FileNotFoundError as e:
                 raise MissingPathError(f"shard {self.where(name)} does not exist (listed in {INDEX})") from e
         import obstore
@@ -703,9 +715,9 @@ class ShardDataModule(_SplitDataModule):
         raw = self.location.read(INDEX)
         try:
             index = json.loads(raw)
-            ok = index.get("format") == FORMAT and all(
-                isinstance(s["name"], str) and int(s["count"]) >= 0 for s in index["splits"]["train"]
-            )
+            splits = index["splits"]
+            ok = index.get("format") == FORMAT and isinstance(splits["train"], list)
+            ok = ok and all(isinstance(s["name"], str) and int(s["count"]) >= 0 for v in splits.values() for s in v)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BadFileError(f"{self.location.where(INDEX)} is not a shard index ({e})") from e
         if not ok:
@@ -715,6 +727,14 @@ class ShardDataModule(_SplitDataModule):
             )
         if index.get("version", 0) > VERSION:
             raise BadFileError(f"{self.location.where(INDEX)} has version {index['version']}; update this project")
+        for split, shards in index["splits"].items():
+            for shard in shards:
+                problem = self.location.outside(shard["name"])
+                if problem is not None:
+                    raise BadFileError(
+                        f"{self.location.where(INDEX)} lists the {split} shard {shard['name']!r}, which {problem}: "
+                        "a shard set's index names only files inside it"
+                    )
         return index
 
     def setup(self, stage: str | None = None) -> None:
