@@ -27,8 +27,9 @@ NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def create_exclusive(path: Path) -> int:
-    """A new file at `path` opened for writing; FileExistsError if anything (a file, a link) is there."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0), 0o644)
+    """A new file at `path` opened for writing (and reading, which a memmap of it needs); FileExistsError if
+    anything (a file, a link) is there."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0), 0o644)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -69,6 +70,24 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], *, fsync: 
 def write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:
     """`atomic_write` of `data`."""
     atomic_write(path, lambda f: f.write(data), fsync=fsync)
+
+
+def npy_memmap(f: BinaryIO, dtype, shape: tuple[int, ...]):
+    """A writable memmap of a new .npy array of `dtype` and `shape` in `f`, the file `atomic_write` hands to its
+    `write` (the header is written first): fill it, flush it and drop it before `write` returns."""
+    import numpy as np
+
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    f.flush()
+    return np.memmap(f, dtype=dtype, mode="r+", offset=f.tell(), shape=tuple(shape))
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest` (a link moves as a link, never followed); never replaces a file at `dest`."""
+    if dest.exists() or dest.is_symlink():
+        raise PathExistsError(f"{dest} already exists; {src} is not moved over it")
+    os.rename(src, dest)
 
 
 def check_writable(folder: Path) -> None:

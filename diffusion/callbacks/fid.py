@@ -49,6 +49,7 @@ from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
 from diffusion.data.base import _FlipBatch
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
+from diffusion.files import atomic_write
 from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
@@ -354,9 +355,8 @@ def load_or_compute_real_features(
         torch.manual_seed(0)
         features = extract_features(extractor, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"features": features, "key": json.loads(json.dumps(key, default=str))}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    cached = {"features": features, "key": json.loads(json.dumps(key, default=str))}
+    atomic_write(path, lambda f: torch.save(cached, f))  # a crash never leaves a half-written cache
     return features, path, True
 
 

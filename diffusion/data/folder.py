@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
+from diffusion.files import atomic_write, npy_memmap, write_bytes
 
 CACHE_VERSION = 1
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -416,16 +416,14 @@ class ImageFolderDataModule(_SplitDataModule):
         except OSError as e:
             raise PathError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
         info(f"data: building the cache {npy} from {len(files)} files (once)")
-        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *self._shape()))
+        problems: list[str | None] = []
 
-            problems = self._inspect(files, decode=True, on_image=array.__setitem__)
+        def fill(f) -> None:
+            array = npy_memmap(f, np.uint8, (len(files), *self._shape()))
+            problems.extend(self._inspect(files, decode=True, on_image=array.__setitem__))
             array.flush()
-            del array
-            os.replace(tmp, npy)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(npy, fill)
         meta = {
             "version": CACHE_VERSION,
             "root": str(self.path.resolve()),
@@ -433,9 +431,7 @@ class ImageFolderDataModule(_SplitDataModule):
             "files": [str(f.relative_to(self.path)) for f in files],
             "skipped": [[i, p] for i, p in enumerate(problems) if p is not None],
         }
-        tmp_meta = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex}.tmp")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)
+        write_bytes(meta_path, json.dumps(meta).encode())
         for stale in self.cache_dir.glob(f"{glob.escape(tag)}-*"):  # the folder's name may hold [ ] * ?
             if stale.stem != npy.stem:
                 stale.unlink(missing_ok=True)
@@ -473,22 +469,21 @@ class ImageFolderDataModule(_SplitDataModule):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # encode on the GPU when there is one
         home = next(self.codec.parameters()).device
         self.codec.to(device)
-        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
-        try:
+
+        def fill(f) -> None:
             array = None
             for lo in range(0, n, step):
                 x = torch.from_numpy(np.array(images[lo : lo + step])).to(device, torch.float32) * (2 / 255) - 1
                 for mirror, batch in enumerate((x, x.flip(-1)) if self.flip else (x,)):
                     moments = self.codec.moments(batch).cpu().numpy()  # (B, 2c, h, w)
                     if array is None:
-                        shape = ((2 if self.flip else 1) * n, *moments.shape[1:])
-                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                        array = npy_memmap(f, np.float32, ((2 if self.flip else 1) * n, *moments.shape[1:]))
                     array[mirror * n + lo : mirror * n + lo + len(batch)] = moments
             array.flush()
-            del array
-            os.replace(tmp, npy)
+
+        try:
+            atomic_write(npy, fill)
         finally:
-            tmp.unlink(missing_ok=True)
             self.codec.to(home)
         for stale in self.cache_dir.glob(f"{glob.escape(pixels.stem)}-latents-*.npy"):  # another codec's
             if stale != npy:

@@ -62,7 +62,7 @@ from diffusion.data.base import (
 )
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
-from diffusion.files import check_replaceable, regular_file, replace_folder, write_bytes
+from diffusion.files import atomic_write, check_replaceable, regular_file, replace_folder, write_bytes
 
 FORMAT = "diffusion-webdataset"
 VERSION = 1
@@ -236,6 +236,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
+def _write_tar(f, samples: list[tuple[str, int]], files: list[Path], ys, captions: list[str | None] | None) -> None:
+    """One shard into `f`: for each (key, file number) the image's bytes as they are, its class and captions."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, i in samples:
+            _add(tar, f"{key}{files[i].suffix.lower()}", files[i].read_bytes())
+            if ys is not None:
+                _add(tar, f"{key}.cls", str(ys[i]).encode())
+            if captions is not None:
+                _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
+
+
 def write_shards(
     src: str | Path,
     dst: str | Path,
@@ -289,30 +300,22 @@ def write_shards(
         if not good:
             raise BadFileError(f"{src} holds no usable images")
         train_rows, val_rows = split_indices(len(good), val_fraction, seed)
+        sizes = {i: files[i].stat().st_size for i in good}
+        classes = ys if labels else None
         splits = {}
         for split, rows in (("train", train_rows), ("val", val_rows)):
-            shards, tar, size = [], None, 0
+            groups, size = [], 0  # a shard closes once it passes shard_mb or shard_samples
             for n, row in enumerate(rows):
-                i = good[row]
-                if tar is None or size >= shard_mb * 1e6 or (shard_samples and shards[-1]["count"] >= shard_samples):
-                    if tar is not None:
-                        tar.close()
-                        shards[-1]["bytes"] = (tmp / shards[-1]["name"]).stat().st_size
-                    shards.append({"name": f"{split}-{len(shards):06d}.tar", "count": 0})
-                    tar, size = tarfile.open(tmp / shards[-1]["name"], "w", format=tarfile.USTAR_FORMAT), 0
-                key = f"{n:09d}"
-                data = files[i].read_bytes()
-                _add(tar, f"{key}{files[i].suffix.lower()}", data)
-                if labels:
-                    _add(tar, f"{key}.cls", str(ys[i]).encode())
-                if captions is not None:
-                    _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
-                shards[-1]["count"] += 1
-                size += len(data)
-            if tar is not None:
-                tar.close()
-                shards[-1]["bytes"] = (tmp / shards[-1]["name"]).stat().st_size
-            splits[split] = shards
+                if not groups or size >= shard_mb * 1e6 or (shard_samples and len(groups[-1]) >= shard_samples):
+                    groups.append([])
+                    size = 0
+                groups[-1].append((f"{n:09d}", good[row]))
+                size += sizes[good[row]]
+            splits[split] = []
+            for group in groups:
+                name = f"{split}-{len(splits[split]):06d}.tar"
+                atomic_write(tmp / name, lambda f, group=group: _write_tar(f, group, files, classes, captions))
+                splits[split].append({"name": name, "count": len(group), "bytes": (tmp / name).stat().st_size})
         index = {
             "format": FORMAT,
             "version": VERSION,
