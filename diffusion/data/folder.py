@@ -198,6 +198,36 @@ def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list
     return captions, problems, bad_rows
 
 
+def npy_problem(path: Path, dtype, shape: tuple[int | None, ...]) -> str | None:
+    """Why the .npy array at `path` is not a `dtype` array of `shape` (None: any size there) with all its bytes
+    (a file cut short by a full disk or an interrupted copy, another file, another shape), or None."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            found, fortran, kind = read(f)
+            start = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:
+        return f"not a readable .npy array: {' '.join(str(e).split())}"
+    if kind != np.dtype(dtype) or fortran or len(found) != len(shape):
+        return f"it holds {kind} {found}, not {np.dtype(dtype)} of {len(shape)} dimensions"
+    if any(want is not None and have != want for have, want in zip(found, shape, strict=True)):
+        return f"it holds {found} where {tuple('*' if w is None else w for w in shape)} is expected"
+    expected = start + int(np.prod(found)) * kind.itemsize
+    if size != expected:
+        return f"{size} bytes where its header says {expected}: cut short or padded"
+    return None
+
+
+def usable_cache(path: Path, dtype, shape: tuple[int | None, ...]) -> bool:
+    """Whether the cache array at `path` can be used (`npy_problem`); when not, one line names it and why."""
+    problem = npy_problem(path, dtype, shape)
+    if problem is not None:
+        info(f"data: the cache {path} is damaged ({problem}); rebuilding the cache")
+    return problem is None
+
+
 class ImageFolderDataModule(_SplitDataModule):
     """A folder of images, e.g. `data=folder data.path=~/photos`.
 
@@ -403,7 +433,8 @@ class ImageFolderDataModule(_SplitDataModule):
         tag, digest = self._cache_key(files)
         npy = self.cache_dir / f"{tag}-{digest}.npy"
         meta_path = npy.with_suffix(".json")
-        skipped = self._cache_index(meta_path) if npy.exists() else None
+        usable = npy.exists() and usable_cache(npy, np.uint8, (len(files), *self._shape()))
+        skipped = self._cache_index(meta_path) if usable else None
         if skipped is not None:
             problems = [None] * len(files)
             for i, problem in skipped:
@@ -461,10 +492,10 @@ class ImageFolderDataModule(_SplitDataModule):
         preprocessing) and the codec's fingerprint (its config and weights): another VAE never reuses it."""
         key = f"{pixels.stem}-latents-{self.codec.fingerprint()}-{'flip' if self.flip else 'noflip'}"
         npy = pixels.with_name(f"{key}.npy")
-        if npy.exists():
-            return npy
         images = np.load(pixels, mmap_mode="r")
         n, step = len(images), self.codec.encode_batch_size
+        if npy.exists() and usable_cache(npy, np.float32, ((2 if self.flip else 1) * n, None, None, None)):
+            return npy
         info(f"data: encoding {n} images through the codec into the latent cache {npy} (once)")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # encode on the GPU when there is one
         home = next(self.codec.parameters()).device
