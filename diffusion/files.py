@@ -6,8 +6,9 @@ so a planted file or link with that name is never opened), which is flushed, fsy
 destination. The rename replaces a link at the destination instead of writing through it, and it is atomic on
 the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any moment, sees the old file or
 the new one, never half of one. On any error (a full disk) the temporary file is removed and the old file is
-left as it was. An overwrite removes only what we wrote there (`replace_folder`). Plain Python: no torch, no
-Lightning.
+left as it was. An overwrite removes only what we wrote there (`replace_folder`), and a path we are given to read
+is checked to be a regular file before it is opened (`regular_file`: a named pipe would block). Plain Python: no
+torch, no Lightning.
 """
 
 from __future__ import annotations
