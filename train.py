@@ -252,7 +252,7 @@ def run_job(cfg: DictConfig) -> float | None:
         if message is None:
             raise
         log.error(f"job {hydra_cfg.job.num} failed: {message}")
-        (Path(cfg.paths.output_dir) / FAILED_FILE).write_text(message + "\n")
+        write_text(Path(cfg.paths.output_dir) / FAILED_FILE, message)
         return failed_value(hydra_cfg.sweeper.get("direction"))
 
 

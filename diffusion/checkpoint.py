@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from diffusion.errors import BadFileError, IsAFolderError, MissingPathError
+from diffusion.files import regular_file
 from diffusion.networks import check_net
 from diffusion.process import DEFAULT_FAMILY, check_process_description
 from diffusion.state import is_plain
@@ -116,7 +117,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise MissingPathError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise IsAFolderError(f"checkpoint {path} is a folder, not a .ckpt file")
-    ckpt = load_data(path, what="checkpoint")
+    ckpt = load_data(regular_file(path, "checkpoint"), what="checkpoint")  # a named pipe would block
     if not isinstance(ckpt, dict) or "diffusion" not in ckpt or not isinstance(ckpt.get("state_dict"), dict):
         raise BadFileError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
     check_description(ckpt["diffusion"], source=f"checkpoint {path}")

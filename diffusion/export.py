@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -43,7 +42,7 @@ import torch
 
 from diffusion.checkpoint import EMA_KEY, read_checkpoint
 from diffusion.errors import ConfigError, PathExistsError
-from diffusion.files import atomic_write, move_tree, write_bytes
+from diffusion.files import atomic_write, write_bytes, write_folder
 from diffusion.model import EXPORT_CONDITIONING, EXPORT_CONFIG, EXPORT_EXTRA_STATE, EXPORT_WEIGHTS, DiffusionModel
 from diffusion.state import is_plain
 
@@ -81,11 +80,16 @@ def export_diffusers(model: DiffusionModel, out: Path) -> None:
 
     check_diffusers_exportable(model)
     pipeline = import_diffusers().DDPMPipeline(unet=model.net.unet, scheduler=model.process.diffusers_scheduler())
-    pipeline.save_pretrained(str(out))
+    write_folder(out, pipeline.save_pretrained)
 
 
 def export_safetensors(model: DiffusionModel, out: Path) -> None:
-    """Write model.safetensors (the loaded weights) and config.json (how to rebuild network and schedule)."""
+    """Write model.safetensors (the loaded weights), config.json (how to rebuild the model) and, for a trained text
+    encoder, conditioning.safetensors: all three or none."""
+    write_folder(out, lambda folder: _safetensors_files(model, Path(folder)))
+
+
+def _safetensors_files(model: DiffusionModel, out: Path) -> None:
     from safetensors.torch import save
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.net.state_dict().items()}
@@ -166,7 +170,9 @@ def export_lora(model: DiffusionModel, out: Path) -> None:
 
     layers = lora_layers(model)
     pipeline = import_diffusers().StableDiffusionPipeline
-    pipeline.save_lora_weights(str(out), unet_lora_layers=layers, safe_serialization=True)
+    write_folder(
+        out, lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+    )
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> None:
@@ -188,7 +194,7 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=pipe.unet, **parts)
     else:
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=net.unet, **parts)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 
 
 def export(
@@ -204,9 +210,9 @@ def export(
     """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written.
 
     `sigma_rel`: export the post-hoc EMA of that length, rebuilt from the run's snapshots (`snapshots`, default
-    `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA. The export is written into a
-    fresh folder inside `out` and its files renamed into place at the end: an export that fails leaves nothing
-    behind (and `out` itself is removed again when this call created it).
+    `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA. Each format's files are written
+    into a fresh folder inside `out` and renamed into place at the end (`files.write_folder`): an export that fails
+    leaves nothing behind (and `out` itself is removed again when this call created it).
     """
     from diffusion.posthoc import with_posthoc_ema
 
@@ -229,13 +235,10 @@ def export(
         raise PathExistsError(f"out={out} is not empty; choose another folder or set overwrite=true")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        writer(model, staging)
-        move_tree(staging, out)
+        writer(model, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         if created:
-            shutil.rmtree(out, ignore_errors=True)  # only our staging folder was ever in it
+            shutil.rmtree(out, ignore_errors=True)  # this call made it: nothing of the user's is in it
         raise
     return model

@@ -8,7 +8,9 @@ the destination's filesystem whatever TMPDIR is: a reader, or a kill -9 at any m
 the new one, never half of one. On any error the temporary file is removed and the old file is left as it was;
 a write the disk refuses (full, over quota, read-only, not allowed) becomes one `PathError` naming the file, also
 when the writer reports it in its own way (torch.save: RuntimeError "unexpected pos", the OSError as its context).
-Plain Python: no torch, no Lightning.
+An overwrite removes only what we wrote there (`replace_folder`), and a path we are given to read is checked to be
+a regular file before it is opened (`regular_file`: a named pipe would block). Plain Python: no torch, no
+Lightning.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import errno
 import logging
 import os
 import secrets
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import BinaryIO
 
-from diffusion.errors import PathError
+from diffusion.errors import BadFileError, IsAFolderError, MissingPathError, PathError, PathExistsError
 
+log = logging.getLogger(__name__)
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 LOCK_FILE = ".lock"  # in a folder a process holds (hold_folder): the holder's pid
 # Why the disk refuses a write; the user acts on these (frees space, raises a quota, picks another folder).
@@ -34,8 +38,9 @@ FAILED_WRITE_WORDS = ("unexpected pos", "file write failed")
 
 
 def create_exclusive(path: Path) -> int:
-    """A new file at `path` opened for writing; FileExistsError if anything (a file, a link) is there."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0), 0o644)
+    """A new file at `path` opened for writing (and reading, which a memmap of it needs); FileExistsError if
+    anything (a file, a link) is there."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW | getattr(os, "O_BINARY", 0), 0o644)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -119,6 +124,24 @@ class LogFile(logging.FileHandler):
             sys.stderr.write(f"warning: cannot write {self.baseFilename} ({reason}); messages go to the console only\n")
 
 
+def npy_memmap(f: BinaryIO, dtype, shape: tuple[int, ...]):
+    """A writable memmap of a new .npy array of `dtype` and `shape` in `f`, the file `atomic_write` hands to its
+    `write` (the header is written first): fill it, flush it and drop it before `write` returns."""
+    import numpy as np
+
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    np.lib.format.write_array_header_1_0(f, header)
+    f.flush()
+    return np.memmap(f, dtype=dtype, mode="r+", offset=f.tell(), shape=tuple(shape))
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename `src` to `dest` (a link moves as a link, never followed); never replaces a file at `dest`."""
+    if dest.exists() or dest.is_symlink():
+        raise PathExistsError(f"{dest} already exists; {src} is not moved over it")
+    os.rename(src, dest)
+
+
 def check_writable(folder: Path) -> None:
     """An OSError unless a new file can be created in `folder`: probes with a uniquely named exclusive file."""
     probe = folder / f".write_test-{secrets.token_hex(6)}"
@@ -132,6 +155,21 @@ def real_folder(folder: Path) -> Path:
         folder.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def write_folder(dest: Path, write: Callable[[str], None]) -> None:
+    """`write(folder)` into a fresh folder inside `dest` (a library's save_pretrained, several files of ours), whose
+    files are then renamed into `dest` (`move_tree`): all of them or, when `write` fails, none (the fresh folder is
+    removed, and whatever `dest` held is as it was)."""
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=".write-", dir=dest))
+    try:
+        write(str(staging))
+        move_tree(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def move_tree(src: Path, dest: Path) -> None:
@@ -193,3 +231,56 @@ def _release_folder(fd: int, path: Path) -> None:
     if _same_file(fd, path):  # removed while still locked, so no one else holds that file meanwhile
         path.unlink()
     os.close(fd)
+
+
+def regular_file(path: str | Path, what: str) -> Path:
+    """`path` when it is a regular file (or a link to one), checked before it is opened; else a one-line error
+    naming `what` and the path: missing, a folder, or a named pipe, device or socket (opening a named pipe blocks
+    until someone writes to it, and a signal cannot always stop that)."""
+    path = Path(path).expanduser()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingPathError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise PathError(f"cannot read {what} {path} ({e.strerror})") from e
+    if stat.S_ISDIR(mode):
+        raise IsAFolderError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise BadFileError(f"{what} {path} is {kind}, not a regular file; refused")
+    return path
+
+
+def check_replaceable(dest: Path, ours: Collection[str], *, what: str) -> None:
+    """A one-line PathExistsError naming `dest` unless an overwrite may remove it: a real folder (not a link)
+    holding nothing but regular files named in `ours` (what we wrote there; an empty folder passes). A link, a
+    file, or a folder holding anything else (the user's files, another folder) is never removed."""
+    if dest.is_symlink() or not dest.is_dir():
+        kind = "a link" if dest.is_symlink() else "a file"
+        raise PathExistsError(f"{dest} is {kind}, not {what}; refusing to overwrite it")
+    for entry in sorted(os.scandir(dest), key=lambda e: e.name):
+        if entry.name not in ours or not entry.is_file(follow_symlinks=False):
+            raise PathExistsError(
+                f"{dest} holds {entry.name!r}, which is not part of {what}; refusing to overwrite it (remove "
+                "it yourself or choose another destination)"
+            )
+
+
+def replace_folder(staged: Path, dest: Path, ours: Collection[str], *, what: str) -> None:
+    """Rename the folder `staged` (one we just wrote, beside `dest`) to `dest`. An existing `dest` must pass
+    `check_replaceable`: it is swapped out in one rename, then exactly its files named in `ours` are removed (a
+    file that appeared there meanwhile is kept, with the folder, and named in a warning)."""
+    if not (dest.exists() or dest.is_symlink()):
+        os.rename(staged, dest)  # a folder that appears meanwhile is replaced only when empty (rename's rule)
+        return
+    check_replaceable(dest, ours, what=what)
+    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    os.rename(dest, old)
+    os.rename(staged, dest)
+    for name in ours:
+        (old / name).unlink(missing_ok=True)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning(f"kept {old}: files appeared in {dest} while it was replaced")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import shutil
 import time
 import zipfile
 from collections.abc import Sequence
@@ -159,6 +158,8 @@ def write_snapshot(folder: Path, payload: dict) -> Path:
 
 def supersede(folder: Path, paths: Sequence[Path]) -> Path | None:
     """Move `paths` (snapshots of an abandoned continuation) into a new `folder/superseded/<time>/`; kept, unused."""
+    from diffusion.files import move
+
     if not paths:
         return None
     dest = folder / SUPERSEDED_DIR / time.strftime("%Y%m%d-%H%M%S")
@@ -168,7 +169,7 @@ def supersede(folder: Path, paths: Sequence[Path]) -> Path | None:
         dest = dest.with_name(f"{dest.name.split('.')[0]}.{k}")
     dest.mkdir(parents=True)
     for path in paths:
-        shutil.move(str(path), str(dest / path.name))  # a link is moved as a link, never followed
+        move(path, dest / path.name)  # a link is moved as a link, never followed
     return dest
 
 

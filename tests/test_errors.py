@@ -209,6 +209,30 @@ def test_a_corrupt_cache_index_is_named_and_rebuilt(image_folder, caplog):
     assert len(again.train_set) == 13
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not an array", "other shape"])
+def test_a_damaged_cache_array_is_named_and_rebuilt(image_folder, caplog, damage):
+    """As a corrupt index: a cache .npy cut short (a full disk, an interrupted copy), overwritten or of another
+    shape is named in one line and rebuilt at setup, not met by the loader workers mid-training."""
+    kw = dict(path=str(image_folder), image_size=16, num_workers=0, val_fraction=0.0, cache=True, flip=False)
+    first = ImageFolderDataModule(**kw)
+    first.setup()
+    npy, good = first.cache_file, first.cache_file.read_bytes()
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "not an array": b"not an array",
+        "other shape": good.replace(b"(13, 3, 16, 16)", b"(12, 3, 16, 16)").removesuffix(good[-3 * 16 * 16 :]),
+    }[damage]
+    assert damaged != good
+    npy.write_bytes(damaged)
+    caplog.set_level(logging.INFO)
+    again = ImageFolderDataModule(**kw)
+    again.setup()
+    assert f"the cache {npy} is damaged" in caplog.text and "rebuilding" in caplog.text, caplog.text
+    assert again.cache_file == npy and npy.read_bytes() == good
+    x, _ = next(iter(again.train_dataloader()))
+    assert x.shape[1:] == (3, 16, 16)
+
+
 def test_a_stale_cache_is_found_when_the_folder_name_holds_glob_characters(image_folder, tmp_path):
     folder = image_folder.rename(tmp_path / "photos [2024] *")
     kw = dict(path=str(folder), image_size=16, num_workers=0, val_fraction=0.0, cache=True)

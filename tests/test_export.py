@@ -123,11 +123,15 @@ def test_an_export_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run_train(run, QUIET)
 
-    def half_then_fail(model, out):
-        (out / "model.safetensors").write_bytes(b"half")
-        raise OSError("disk full")
+    real, calls = exporting.write_bytes, []
 
-    monkeypatch.setitem(exporting.__dict__, "export_safetensors", half_then_fail)
+    def fail_on_the_second_file(path, data, **kwargs):  # model.safetensors is written, config.json fails
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError("disk full")
+        real(path, data, **kwargs)
+
+    monkeypatch.setattr(exporting, "write_bytes", fail_on_the_second_file)
     with pytest.raises(OSError, match="disk full"):
         export(run / "checkpoints" / "last.ckpt", tmp_path / "new", format="safetensors")
     assert not (tmp_path / "new").exists()

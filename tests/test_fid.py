@@ -7,6 +7,7 @@ import shutil
 import sys
 from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -102,6 +103,57 @@ def test_real_features_cached_and_invalidated(tmp_path):
         Counting(num_features=8, seed=1), dm.train_set, key=describe_dataset(dm, "train"), **kw
     )
     assert c24 and cval and cfx and len({path, p24, pval, pfx}) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a dict", "other rows", "non-finite"])
+def test_a_damaged_real_feature_cache_is_named_and_rebuilt(tmp_path, caplog, damage):
+    dm = DigitsDataModule(image_size=16, batch_size=32)
+    dm.setup()
+    kw = dict(key=describe_dataset(dm, "train"), cache_dir=tmp_path, num_real=64, batch_size=32, device=CPU)
+    first, path, _ = load_or_compute_real_features(RandomFeatures(num_features=8), dm.train_set, **kw)
+    good = torch.load(path, weights_only=True)
+    if damage == "truncated":  # a full disk, an interrupted copy
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        features = {"other rows": first[:10], "non-finite": first.clone().fill_(float("nan"))}.get(damage)
+        torch.save([1, 2] if features is None else {**good, "features": features}, path)
+    caplog.set_level("INFO")
+    again, path2, computed = load_or_compute_real_features(RandomFeatures(num_features=8), dm.train_set, **kw)
+    assert f"the real-feature cache {path} is damaged" in caplog.text and "computing it again" in caplog.text
+    assert computed and path2 == path and torch.equal(again, first)
+    assert torch.equal(torch.load(path, weights_only=True)["features"], first)
+
+
+class StopAtFirstStep(L.Callback):
+    """Ends a run at its first training step: what happened before training is what the test looks at."""
+
+    def on_train_batch_start(self, *args) -> None:
+        raise RuntimeError("stopped at the first step")
+
+
+def test_the_real_feature_cache_is_checked_before_training(tmp_path, caplog):
+    """A run with callbacks.fid reads (or computes) its real features at start-up: a damaged cache is rebuilt
+    before the first step, not found after hours of training when the first FID is due."""
+    cache = tmp_path / "cache"
+    overrides = [
+        "callbacks=[default,fid]",
+        "callbacks.fid.feature_extractor={_target_:diffusion.callbacks.fid.RandomFeatures,_partial_:true,num_features:8}",
+        "callbacks.fid.num_real=40",
+        "callbacks.fid.every_n_steps=0",
+        f"callbacks.fid.cache_dir={cache}",
+        "callbacks.sample_grid=null",
+        "+callbacks.stop._target_=tests.test_fid.StopAtFirstStep",
+    ]
+    caplog.set_level("INFO")
+    with pytest.raises(RuntimeError, match="stopped at the first step"):
+        run_train(tmp_path / "run", overrides)
+    (path,) = cache.glob("real_*.pt")
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    with pytest.raises(RuntimeError, match="stopped at the first step"):
+        run_train(tmp_path / "run2", overrides)
+    assert f"the real-feature cache {path} is damaged" in caplog.text
+    assert path.read_bytes() == good
 
 
 def test_file_datasets_are_keyed_by_their_files(tmp_path, image_folder):

@@ -108,6 +108,25 @@ def latent_overrides(images: Path, vae: Path) -> list[str]:
     ]
 
 
+def test_a_truncated_latent_cache_is_named_and_rebuilt(tmp_path, caplog):
+    from diffusion.data import ImageFolderDataModule
+
+    save_vae(tmp_path / "vae")
+    for i in range(4):
+        write_image(tmp_path / "images" / f"{i}.png", (16, 16), seed=i)
+    kw = dict(path=str(tmp_path / "images"), image_size=16, cache=True, num_workers=0, flip=True, val_fraction=0.0)
+    first = ImageFolderDataModule(**kw, codec=VAECodec(path=str(tmp_path / "vae")))
+    first.setup()
+    latents = first.latent_file
+    good = latents.read_bytes()
+    latents.write_bytes(good[:-100])  # an interrupted copy
+    caplog.set_level("INFO")
+    again = ImageFolderDataModule(**kw, codec=VAECodec(path=str(tmp_path / "vae")))
+    again.setup()
+    assert f"the cache {latents} is damaged" in caplog.text and "rebuilding" in caplog.text
+    assert again.latent_file == latents and latents.read_bytes() == good
+
+
 def test_latent_cache_round_trip_key_and_training(tmp_path):
     from diffusion.data import ImageFolderDataModule
 

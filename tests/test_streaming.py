@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from diffusion.data import HFDataModule, ImageFolderDataModule, ShardDataModule
 from diffusion.data.shards import INDEX, ShardLoader, ShardStream, main, write_shards
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathExistsError, user_error_message
 from tests.conftest import TINY, run_cli, run_train, write_image
+from tests.test_files import deadline
+from tests.test_safety import one_line_error, snapshot
 
 NO_GRIDS = ["callbacks.sample_grid.every_n_steps=0"]
 
@@ -199,6 +203,68 @@ def test_the_writer_is_deterministic_atomic_and_refuses_to_overwrite(tmp_path, m
     dm = ShardDataModule(path=str(tmp_path / "b"), image_size=16, batch_size=2, num_workers=0, shuffle=False)
     with pytest.raises(BadFileError, match="train-000001.tar (holds 1 samples where index.json says 2|is not)"):
         list(dm.train_dataloader())
+
+
+def test_overwrite_removes_only_a_shard_set_this_project_wrote(tmp_path, capsys):
+    """--overwrite replaces a shard set (its index and the shards it lists) and nothing else: DST = the parent of
+    SRC, DST = SRC, a shard set holding a user's file, a plain file, a link: one line naming DST, nothing deleted."""
+    src = make_folder(tmp_path / "images", 6)
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    write_shards(src, tmp_path / "mixed", shard_samples=2)
+    (tmp_path / "mixed" / "README.md").write_text("the user's notes on this set")
+    write_shards(src, tmp_path / "elsewhere", shard_samples=2)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    for dst in (tmp_path, src, tmp_path / "mixed", tmp_path / "notes.txt", tmp_path / "link"):
+        assert main(["write", str(src), str(dst), "--overwrite"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and str(dst) in err and "\n" not in err, err
+        assert snapshot(tmp_path) == before, dst
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "images", "link", "mixed", "notes.txt"]
+
+    # A set this project wrote is replaced whole: the new index and its shards, no shard of the old one left.
+    write_shards(src, tmp_path / "set", shard_samples=1, val_fraction=0.0)
+    assert main(["write", str(src), str(tmp_path / "set"), "--overwrite", "--shard-samples", "4"]) == 0
+    index = json.loads((tmp_path / "set" / INDEX).read_text())
+    names = {s["name"] for shards in index["splits"].values() for s in shards}
+    assert {p.name for p in (tmp_path / "set").iterdir()} == {INDEX, *names} and len(names) == 3  # not 6
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+
+def test_index_names_resolve_inside_the_shard_set(tmp_path):
+    """A shard the index names is a file inside the set: `../x.tar`, an absolute path or a link out of the set is
+    refused in one line naming the index and the entry, before a byte is read; a named pipe is never waited on."""
+    src = make_folder(tmp_path / "images", 6)
+    write_shards(src, tmp_path / "set", shard_samples=2, val_fraction=0.0)
+    index_path = tmp_path / "set" / INDEX
+    index = json.loads(index_path.read_text())
+    shutil.copy(tmp_path / "set" / "train-000000.tar", tmp_path / "x.tar")
+    os.mkfifo(tmp_path / "pipe.tar")
+    (tmp_path / "set" / "link.tar").symlink_to(tmp_path / "x.tar")
+    outside = ["../x.tar", str(tmp_path / "x.tar"), "../pipe.tar", str(tmp_path / "pipe.tar"), "link.tar"]
+    outside.append("a/../../x.tar")
+    for split, name in [*(("train", n) for n in outside), ("val", "../x.tar")]:
+        changed = json.loads(json.dumps(index))
+        changed["splits"][split] = [{**index["splits"]["train"][0], "name": name}]
+        index_path.write_text(json.dumps(changed))
+
+        def read():
+            dm = ShardDataModule(path=str(tmp_path / "set"), image_size=16, batch_size=2, num_workers=0)
+            dm.setup()
+            list(dm.train_dataloader())
+
+        with deadline():
+            message = one_line_error(read)
+        assert str(index_path) in message and repr(name) in message and "\n" not in message, message
+
+    # A named pipe inside the set, under a name the index lists: refused when the shard is opened.
+    index_path.write_text(json.dumps(index))
+    (tmp_path / "set" / "train-000001.tar").unlink()
+    os.mkfifo(tmp_path / "set" / "train-000001.tar")
+    dm = ShardDataModule(path=str(tmp_path / "set"), image_size=16, batch_size=2, num_workers=0, shuffle=False)
+    with deadline():
+        message = one_line_error(lambda: list(dm.train_dataloader()))
+    assert "train-000001.tar" in message and "named pipe" in message, message
 
 
 def test_credentials_in_the_config_are_refused(tmp_path, shard_set):

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
@@ -49,9 +50,12 @@ from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
 from diffusion.data.base import _FlipBatch
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
+from diffusion.files import atomic_write
 from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
+log = logging.getLogger(__name__)
+info = rank_zero_only(log.info)
 INCEPTION_URL = (  # torch-fidelity's weights (its URL_INCEPTION_V3), converted from the TF graph of 2015-12-05
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
@@ -325,6 +329,26 @@ def extract_features(
     return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
 
 
+def read_real_features(path: Path, *, key: dict, rows: int) -> tuple[Tensor | None, str | None]:
+    """(features, None) from the cache file `path` written for `key`; (None, None) when it was written for
+    another key (a hash collision: recompute); (None, why) when it is damaged: not a readable file of tensors, or
+    no finite (rows, D) float features."""
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        return None, first_line(e)
+    if not isinstance(cached, dict) or not isinstance(cached.get("features"), Tensor):
+        return None, "no features tensor in it"
+    if cached.get("key") != key:
+        return None, None
+    features = cached["features"]
+    if features.dim() != 2 or len(features) != rows or not features.is_floating_point():
+        return None, f"features of shape {tuple(features.shape)} and {features.dtype}, not ({rows}, D) float"
+    if not torch.isfinite(features).all():
+        return None, "non-finite features"
+    return features, None
+
+
 def load_or_compute_real_features(
     extractor: nn.Module,
     dataset: Dataset,
@@ -345,18 +369,19 @@ def load_or_compute_real_features(
     key["format"] = CACHE_FORMAT
     path = cache_path(cache_dir, key)
     if path.is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-        if cached.get("key") == json.loads(json.dumps(key, default=str)):
-            return cached["features"], path, False
+        cached, problem = read_real_features(path, key=json.loads(json.dumps(key, default=str)), rows=n)
+        if cached is not None:
+            return cached, path, False
+        if problem is not None:
+            info(f"callbacks.fid: the real-feature cache {path} is damaged ({problem}); computing it again")
     if n < len(dataset):
         dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         features = extract_features(extractor, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"features": features, "key": json.loads(json.dumps(key, default=str))}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
+    cached = {"features": features, "key": json.loads(json.dumps(key, default=str))}
+    atomic_write(path, lambda f: torch.save(cached, f))  # a crash never leaves a half-written cache
     return features, path, True
 
 
@@ -431,6 +456,12 @@ class FID(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage in ("fit", "validate"):
             self.extractor = self.extractor.eval().to(pl_module.device)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """The real features now (read, checked, rebuilt when damaged, or computed): a cache or reference set that
+        cannot serve stops or is repaired at start-up, not when the first FID is due hours into training."""
+        if not trainer.fast_dev_run and (self.every_n_steps or self.at_end) and self.real is None:
+            self._real_features(trainer, pl_module)
 
     def _real_features(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Rank 0 computes (or reads) the cached real features; the other ranks then read the file."""

@@ -103,6 +103,8 @@ class SampleGrid(L.Callback):
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         from torchvision.utils import make_grid, save_image
 
+        from diffusion.files import atomic_write
+
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
         conditions = pl_module.model.conditioning.preview_conditions()
@@ -110,7 +112,7 @@ class SampleGrid(L.Callback):
         grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:06d}.png"
-        save_image(grid, path)
+        atomic_write(path, lambda f: save_image(grid, f, format="PNG"), fsync=False)  # never through a link
         self.last_saved_step = step
         log_grid(trainer, grid, step=step, caption=f"step {step}" + (" (EMA)" if self.last_used_ema else ""))
         return path

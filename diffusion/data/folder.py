@@ -32,7 +32,6 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -45,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
+from diffusion.files import atomic_write, npy_memmap, write_bytes
 
 CACHE_VERSION = 1
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -196,6 +196,36 @@ def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list
         if not captions[i] and problems[i] is None:
             problems[i] = f"image {f} has no row in {', '.join(str(m) for m in metas)}"
     return captions, problems, bad_rows
+
+
+def npy_problem(path: Path, dtype, shape: tuple[int | None, ...]) -> str | None:
+    """Why the .npy array at `path` is not a `dtype` array of `shape` (None: any size there) with all its bytes
+    (a file cut short by a full disk or an interrupted copy, another file, another shape), or None."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            found, fortran, kind = read(f)
+            start = f.tell()
+        size = path.stat().st_size
+    except (OSError, ValueError) as e:
+        return f"not a readable .npy array: {' '.join(str(e).split())}"
+    if kind != np.dtype(dtype) or fortran or len(found) != len(shape):
+        return f"it holds {kind} {found}, not {np.dtype(dtype)} of {len(shape)} dimensions"
+    if any(want is not None and have != want for have, want in zip(found, shape, strict=True)):
+        return f"it holds {found} where {tuple('*' if w is None else w for w in shape)} is expected"
+    expected = start + int(np.prod(found)) * kind.itemsize
+    if size != expected:
+        return f"{size} bytes where its header says {expected}: cut short or padded"
+    return None
+
+
+def usable_cache(path: Path, dtype, shape: tuple[int | None, ...]) -> bool:
+    """Whether the cache array at `path` can be used (`npy_problem`); when not, one line names it and why."""
+    problem = npy_problem(path, dtype, shape)
+    if problem is not None:
+        info(f"data: the cache {path} is damaged ({problem}); rebuilding the cache")
+    return problem is None
 
 
 class ImageFolderDataModule(_SplitDataModule):
@@ -403,7 +433,8 @@ class ImageFolderDataModule(_SplitDataModule):
         tag, digest = self._cache_key(files)
         npy = self.cache_dir / f"{tag}-{digest}.npy"
         meta_path = npy.with_suffix(".json")
-        skipped = self._cache_index(meta_path) if npy.exists() else None
+        usable = npy.exists() and usable_cache(npy, np.uint8, (len(files), *self._shape()))
+        skipped = self._cache_index(meta_path) if usable else None
         if skipped is not None:
             problems = [None] * len(files)
             for i, problem in skipped:
@@ -416,16 +447,14 @@ class ImageFolderDataModule(_SplitDataModule):
         except OSError as e:
             raise PathError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
         info(f"data: building the cache {npy} from {len(files)} files (once)")
-        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *self._shape()))
+        problems: list[str | None] = []
 
-            problems = self._inspect(files, decode=True, on_image=array.__setitem__)
+        def fill(f) -> None:
+            array = npy_memmap(f, np.uint8, (len(files), *self._shape()))
+            problems.extend(self._inspect(files, decode=True, on_image=array.__setitem__))
             array.flush()
-            del array
-            os.replace(tmp, npy)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(npy, fill)
         meta = {
             "version": CACHE_VERSION,
             "root": str(self.path.resolve()),
@@ -433,9 +462,7 @@ class ImageFolderDataModule(_SplitDataModule):
             "files": [str(f.relative_to(self.path)) for f in files],
             "skipped": [[i, p] for i, p in enumerate(problems) if p is not None],
         }
-        tmp_meta = meta_path.with_name(f".{meta_path.name}.{uuid.uuid4().hex}.tmp")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)
+        write_bytes(meta_path, json.dumps(meta).encode())
         for stale in self.cache_dir.glob(f"{glob.escape(tag)}-*"):  # the folder's name may hold [ ] * ?
             if stale.stem != npy.stem:
                 stale.unlink(missing_ok=True)
@@ -465,30 +492,29 @@ class ImageFolderDataModule(_SplitDataModule):
         preprocessing) and the codec's fingerprint (its config and weights): another VAE never reuses it."""
         key = f"{pixels.stem}-latents-{self.codec.fingerprint()}-{'flip' if self.flip else 'noflip'}"
         npy = pixels.with_name(f"{key}.npy")
-        if npy.exists():
-            return npy
         images = np.load(pixels, mmap_mode="r")
         n, step = len(images), self.codec.encode_batch_size
+        if npy.exists() and usable_cache(npy, np.float32, ((2 if self.flip else 1) * n, None, None, None)):
+            return npy
         info(f"data: encoding {n} images through the codec into the latent cache {npy} (once)")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # encode on the GPU when there is one
         home = next(self.codec.parameters()).device
         self.codec.to(device)
-        tmp = npy.with_name(f".{npy.name}.{uuid.uuid4().hex}.tmp")
-        try:
+
+        def fill(f) -> None:
             array = None
             for lo in range(0, n, step):
                 x = torch.from_numpy(np.array(images[lo : lo + step])).to(device, torch.float32) * (2 / 255) - 1
                 for mirror, batch in enumerate((x, x.flip(-1)) if self.flip else (x,)):
                     moments = self.codec.moments(batch).cpu().numpy()  # (B, 2c, h, w)
                     if array is None:
-                        shape = ((2 if self.flip else 1) * n, *moments.shape[1:])
-                        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                        array = npy_memmap(f, np.float32, ((2 if self.flip else 1) * n, *moments.shape[1:]))
                     array[mirror * n + lo : mirror * n + lo + len(batch)] = moments
             array.flush()
-            del array
-            os.replace(tmp, npy)
+
+        try:
+            atomic_write(npy, fill)
         finally:
-            tmp.unlink(missing_ok=True)
             self.codec.to(home)
         for stale in self.cache_dir.glob(f"{glob.escape(pixels.stem)}-latents-*.npy"):  # another codec's
             if stale != npy:

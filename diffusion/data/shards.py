@@ -35,7 +35,6 @@ import bisect
 import io
 import json
 import logging
-import os
 import re
 import secrets
 import shutil
@@ -63,11 +62,12 @@ from diffusion.data.base import (
 )
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
-from diffusion.files import write_bytes
+from diffusion.files import atomic_write, check_replaceable, regular_file, replace_folder, write_bytes
 
 FORMAT = "diffusion-webdataset"
 VERSION = 1
 INDEX = "index.json"
+WRITTEN = "a shard set written by python -m diffusion.data.shards write (its index.json and the shards it lists)"
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.I)
 # Config keys (data.storage.*) and URL query fields that carry credentials: those belong in the environment.
 SECRET_WORDS = ("secret", "password", "token", "access_key", "key_id", "credential", "signature", "sas", "private")
@@ -174,6 +174,18 @@ class Location:
                 raise ConfigError(f"data.path={self.path}: cannot open the store ({e})") from e
         return self._store
 
+    def outside(self, name: str) -> str | None:
+        """Why `name`, a shard the index lists, is not a file inside this set (None when it is): a name is a
+        relative path without `..`; a local one must also resolve inside the folder (not through a link out)."""
+        parts = name.replace("\\", "/").split("/")
+        if not name or "\0" in name or URL.match(name) or re.match(r"^([a-zA-Z]:)?[/\\]", name):
+            return "is not a relative name"
+        if ".." in parts:
+            return "leaves the set through '..'"
+        if self.local is not None and not (self.local / name).resolve().is_relative_to(self.local.resolve()):
+            return "resolves outside the set (a link?)"
+        return None
+
     def where(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}" if self.remote else str(self.local / name)
 
@@ -181,7 +193,7 @@ class Location:
         """The whole object `name` (the index); one-line errors when it is missing or unreadable."""
         if not self.remote:
             try:
-                return (self.local / name).read_bytes()
+                return regular_file(self.local / name, "shard index").read_bytes()
             except FileNotFoundError as e:
                 raise MissingPathError(f"{self.where(name)} does not exist") from e
             except OSError as e:
@@ -201,7 +213,7 @@ class Location:
         """A binary stream of object `name`, read front to back (one GET for a remote object)."""
         if not self.remote:
             try:
-                return open(self.local / name, "rb")  # noqa: SIM115
+                return open(regular_file(self.local / name, "shard"), "rb")  # noqa: SIM115
             except FileNotFoundError as e:
                 raise MissingPathError(f"shard {self.where(name)} does not exist (listed in {INDEX})") from e
         import obstore
@@ -250,6 +262,17 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(member, io.BytesIO(data))
 
 
+def _write_tar(f, samples: list[tuple[str, int]], files: list[Path], ys, captions: list[str | None] | None) -> None:
+    """One shard into `f`: for each (key, file number) the image's bytes as they are, its class and captions."""
+    with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, i in samples:
+            _add(tar, f"{key}{files[i].suffix.lower()}", files[i].read_bytes())
+            if ys is not None:
+                _add(tar, f"{key}.cls", str(ys[i]).encode())
+            if captions is not None:
+                _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
+
+
 def write_shards(
     src: str | Path,
     dst: str | Path,
@@ -275,8 +298,10 @@ def write_shards(
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if shard_mb <= 0 or (shard_samples is not None and shard_samples < 1):
         raise ConfigError("--shard-mb must be > 0 and --shard-samples >= 1")
-    if dst.exists() and not overwrite:
-        raise PathExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    if dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise PathExistsError(f"{dst} already exists; pass --overwrite to replace it")
+        check_replaceable(dst, written_files(dst), what=WRITTEN)  # before any work; again at the swap
     folder = ImageFolderDataModule(path=str(src), labels=labels, image_size=1, allow_upscale=True, skip_bad=skip_bad)
     files, ys = folder._scan()
     captions = shard_captions(src, files, caption_column, skip_bad=skip_bad)
@@ -301,30 +326,22 @@ def write_shards(
         if not good:
             raise BadFileError(f"{src} holds no usable images")
         train_rows, val_rows = split_indices(len(good), val_fraction, seed)
+        sizes = {i: files[i].stat().st_size for i in good}
+        classes = ys if labels else None
         splits = {}
         for split, rows in (("train", train_rows), ("val", val_rows)):
-            shards, tar, size = [], None, 0
+            groups, size = [], 0  # a shard closes once it passes shard_mb or shard_samples
             for n, row in enumerate(rows):
-                i = good[row]
-                if tar is None or size >= shard_mb * 1e6 or (shard_samples and shards[-1]["count"] >= shard_samples):
-                    if tar is not None:
-                        tar.close()
-                        shards[-1]["bytes"] = (tmp / shards[-1]["name"]).stat().st_size
-                    shards.append({"name": f"{split}-{len(shards):06d}.tar", "count": 0})
-                    tar, size = tarfile.open(tmp / shards[-1]["name"], "w", format=tarfile.USTAR_FORMAT), 0
-                key = f"{n:09d}"
-                data = files[i].read_bytes()
-                _add(tar, f"{key}{files[i].suffix.lower()}", data)
-                if labels:
-                    _add(tar, f"{key}.cls", str(ys[i]).encode())
-                if captions is not None:
-                    _add(tar, f"{key}.txt", captions[i].encode("utf-8"))
-                shards[-1]["count"] += 1
-                size += len(data)
-            if tar is not None:
-                tar.close()
-                shards[-1]["bytes"] = (tmp / shards[-1]["name"]).stat().st_size
-            splits[split] = shards
+                if not groups or size >= shard_mb * 1e6 or (shard_samples and len(groups[-1]) >= shard_samples):
+                    groups.append([])
+                    size = 0
+                groups[-1].append((f"{n:09d}", good[row]))
+                size += sizes[good[row]]
+            splits[split] = []
+            for group in groups:
+                name = f"{split}-{len(splits[split]):06d}.tar"
+                atomic_write(tmp / name, lambda f, group=group: _write_tar(f, group, files, classes, captions))
+                splits[split].append({"name": name, "count": len(group), "bytes": (tmp / name).stat().st_size})
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -335,17 +352,25 @@ def write_shards(
             "skipped": len(skipped),
         }
         write_bytes(tmp / INDEX, json.dumps(index, indent=1, sort_keys=True).encode())  # last: marks it complete
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{secrets.token_hex(4)}"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        else:
-            os.rename(tmp, dst)
+        replace_folder(tmp, dst, written_files(dst), what=WRITTEN)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return index
+
+
+def written_files(folder: Path) -> set[str]:
+    """The files of the shard set in `folder` that the writer wrote: its index and the shards the index lists;
+    none when `folder` holds no index of ours (a plain file, not a link, in this project's format)."""
+    path = folder / INDEX
+    if path.is_symlink() or not path.is_file():
+        return set()
+    try:
+        index = json.loads(path.read_bytes())
+        names = {s["name"] for split in index["splits"].values() for s in split}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return {INDEX, *(n for n in names if isinstance(n, str))} if index.get("format") == FORMAT else set()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -719,9 +744,9 @@ class ShardDataModule(_SplitDataModule):
         raw = self.location.read(INDEX)
         try:
             index = json.loads(raw)
-            ok = index.get("format") == FORMAT and all(
-                isinstance(s["name"], str) and int(s["count"]) >= 0 for s in index["splits"]["train"]
-            )
+            splits = index["splits"]
+            ok = index.get("format") == FORMAT and isinstance(splits["train"], list)
+            ok = ok and all(isinstance(s["name"], str) and int(s["count"]) >= 0 for v in splits.values() for s in v)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise BadFileError(f"{self.location.where(INDEX)} is not a shard index ({e})") from e
         if not ok:
@@ -731,6 +756,14 @@ class ShardDataModule(_SplitDataModule):
             )
         if index.get("version", 0) > VERSION:
             raise BadFileError(f"{self.location.where(INDEX)} has version {index['version']}; update this project")
+        for split, shards in index["splits"].items():
+            for shard in shards:
+                problem = self.location.outside(shard["name"])
+                if problem is not None:
+                    raise BadFileError(
+                        f"{self.location.where(INDEX)} lists the {split} shard {shard['name']!r}, which {problem}: "
+                        "a shard set's index names only files inside it"
+                    )
         return index
 
     def setup(self, stage: str | None = None) -> None:

@@ -12,7 +12,6 @@ planes, row-major), and the download path does use torchvision, which verifies w
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from diffusion.data.base import ArrayImages, _SplitDataModule
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
+from diffusion.files import atomic_write
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -230,10 +230,8 @@ class MNISTDataModule(_ArrayDataModule):
 
         path = self.folder / name
         if not path.is_file():  # only the .gz is there: unpack it next to it (atomically), as torchvision does
-            tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-            with gzip.open(path.with_name(f"{name}.gz"), "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, path)
+            with gzip.open(path.with_name(f"{name}.gz"), "rb") as src:
+                atomic_write(path, lambda f: shutil.copyfileobj(src, f))
         return read_sn3_pascalvincent_tensor(str(path), strict=False)
 
     def read(self, train: bool) -> tuple[Tensor, Tensor]:
