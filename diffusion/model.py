@@ -216,7 +216,11 @@ class DiffusionModel(nn.Module):
                 generators = image_generators(seeds[lo : lo + batch_size])
                 noise = draw_noise((len(chunk), *shape), generator=generators, device=device)
                 cond = None if all(c is None for c in chunk) else self.conditioning(chunk, device=device)
-                null = self.conditioning([negative] * len(chunk), device=device) if negative is not None else None
+                null = (  # computed once per batch, not at every step (a text encoder's forward)
+                    self.conditioning([negative] * len(chunk), device=device)
+                    if negative is not None
+                    else self.conditioning.null(len(chunk), device=device)
+                )
                 model = self.denoiser(cond, null=null, guidance=guidance, precision=precision)
                 options = {"progress": True} if progress else {}  # (custom samplers need not take it)
                 z = sampler(model, self.process, noise, generator=generators, **options)
