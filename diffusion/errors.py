@@ -101,6 +101,11 @@ def worker_error_line(message: str) -> str | None:
     return f"in DataLoader worker {found.group(2)}: {last}{where}"
 
 
+def not_utf8(e: UnicodeDecodeError) -> str:
+    """Where a UTF-8 decode failed, in a few words ("byte 0xe9 at offset 6"), for a message naming the file."""
+    return f"byte {e.object[e.start]:#04x} at offset {e.start}"
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return worker_error_line(str(msg)) or " ".join(str(msg).split())
