@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
-from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError, not_utf8
 from diffusion.files import atomic_write, npy_memmap, write_bytes
 
 CACHE_VERSION = 1
@@ -113,8 +113,15 @@ def _as_list(batch):
 
 def _metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
     """(row number, row or None when the line is not a JSON object) of a metadata.jsonl / metadata.csv file."""
+    try:
+        return _read_metadata_rows(meta, column)
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{meta} is not UTF-8 text ({not_utf8(e)}); save it as UTF-8") from None
+
+
+def _read_metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
     rows: list[tuple[int, dict | None]] = []
-    with open(meta, newline="", encoding="utf-8") as f:
+    with open(meta, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel, Notepad) is not part of row 1
         if meta.suffix == ".csv":
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "file_name" not in reader.fieldnames or column not in reader.fieldnames:
@@ -160,7 +167,12 @@ def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list
             if not sidecar.is_file():
                 problems[i] = f"image {f} has no caption file {sidecar.name} (and data.path has no metadata.jsonl)"
                 continue
-            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines()]
+            try:
+                lines = [line.strip() for line in sidecar.read_text(encoding="utf-8-sig").splitlines()]
+            except UnicodeDecodeError as e:
+                raise BadFileError(
+                    f"caption file {sidecar} is not UTF-8 text ({not_utf8(e)}); save it as UTF-8"
+                ) from None
             captions[i] = [line for line in lines if line]
             if not captions[i]:
                 problems[i] = f"caption file {sidecar} is empty"
