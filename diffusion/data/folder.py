@@ -59,26 +59,43 @@ class ImageFiles(Dataset):
 
     uint8_batches = True
 
-    def __init__(self, files: list[Path], labels: list[int], prep: Preprocess, *, skip_bad: bool = False) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int],
+        prep: Preprocess,
+        *,
+        skip_bad: bool = False,
+        root: Path | None = None,
+    ) -> None:
         self.files, self.prep, self.skip_bad = files, prep, skip_bad
+        self.root = root  # data.path, named when no file can be read
         self.labels = torch.tensor(labels, dtype=torch.long)
-        self._warned: set[int] = set()
+        self._warned: set[int] = set()  # the files found unreadable (reported once)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, i: int) -> np.ndarray:
-        try:
-            return load_image(self.files[i], self.prep)
-        except OSError as e:
-            if not self.skip_bad:
-                raise PathError(
-                    f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
-                ) from e
-            if i not in self._warned:
-                self._warned.add(i)
-                info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
-            return self._load(int(torch.randint(len(self.files), ())))
+        while True:  # under skip_bad, another image until one reads: never one not yet found unreadable twice
+            try:
+                return load_image(self.files[i], self.prep)
+            except OSError as e:
+                if not self.skip_bad:
+                    raise PathError(
+                        f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
+                    ) from e
+                if i not in self._warned:
+                    self._warned.add(i)
+                    info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
+                left = [j for j in range(len(self.files)) if j not in self._warned]
+                if not left:
+                    folder = self.root or os.path.commonpath([str(f.parent) for f in self.files])
+                    raise BadFileError(
+                        f"data.skip_bad=true but no readable image was found in {folder}: all {len(self.files)} "
+                        f"images failed to decode (the last: {self.files[i]}: {e.__cause__ or e})"
+                    ) from None
+                i = left[int(torch.randint(len(left), ()))]
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
         x = torch.from_numpy(np.stack([self._load(int(i)) for i in index]))  # (B, C, S, S) uint8
@@ -580,7 +597,9 @@ class ImageFolderDataModule(_SplitDataModule):
                 images = ArrayImages(str(self.cache_file), labels_t, rows=idx)
             else:
                 prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
-                images = ImageFiles([files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad)
+                images = ImageFiles(
+                    [files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad, root=self.path
+                )
             if captions is None:
                 return images
             if train:
