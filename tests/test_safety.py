@@ -439,3 +439,38 @@ def test_crafted_checkpoint_is_one_line_from_the_command_line(tmp_path):
         result = run_cli(script, f"ckpt={ckpt}", *args)
         assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
         assert result.stderr.startswith(f"error: checkpoint {ckpt}: text encoder ") and "bogus" in result.stderr
+
+
+def test_advice_names_only_checkpoints_that_exist(tmp_path):
+    """A run killed (kill -9) after step_000002.ckpt but before its first last.ckpt: the refusal of a new run in
+    its folder names that checkpoint, not the folder (whose last.ckpt does not exist); a run that diverges before
+    any save says so instead of advising a resume."""
+    from diffusion.guard import NonFiniteLossError
+
+    run = tmp_path / "run"
+    run_train(run, ["trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"])
+    (run / "checkpoints" / "last.ckpt").unlink()  # killed between the step checkpoint and last.ckpt
+    step = run / "checkpoints" / "step_000002.ckpt"
+    message = one_line_error(run_train, run, [])
+    assert f"resume with ckpt_path={step} or" in message, message
+    run_train(
+        tmp_path / "resumed", [f"ckpt_path={step}", "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=0"]
+    )
+
+    from tests.test_scale import _poison
+
+    diverged = tmp_path / "diverged"  # the first step is not finite (what optim.lr=1e8 does to a real run)
+    with pytest.raises(NonFiniteLossError) as info:
+        run_train(diverged, [*_poison(diverged, at_step=0), "callbacks.sample_grid.every_n_steps=0"])
+    message = user_error_message(info.value)
+    assert not list(diverged.rglob("*.ckpt"))
+    assert message.startswith(
+        "non-finite loss at step 1; stopped before updating the weights. No checkpoint was saved before it: start "
+        "again with a lower optim.lr"
+    ), message
+    assert "Resume" not in message and "ckpt_path" not in message, message
+    with pytest.raises(NonFiniteLossError) as info:  # after a save: that checkpoint, by its path
+        run_train(
+            tmp_path / "later", [*_poison(tmp_path / "later", at_step=2), "callbacks.sample_grid.every_n_steps=0"]
+        )
+    assert f"Resume with ckpt_path={tmp_path / 'later' / 'checkpoints'}" in user_error_message(info.value)
