@@ -22,7 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffusion.errors import ConfigError, PathError, PathExistsError, exit_on_user_error
+from diffusion.errors import BadFileError, ConfigError, PathError, PathExistsError, exit_on_user_error, not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ def parse_prompts(prompt, prompts_file) -> list[str] | None:
         path = Path(str(prompts_file)).expanduser()
         if not path.is_file():
             raise PathError(f"prompts={path} is not a file (one prompt per line)")
-        values = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not part of the first prompt
+        except UnicodeDecodeError as e:
+            raise BadFileError(f"prompts={path} is not UTF-8 text ({not_utf8(e)}); save it as UTF-8") from None
+        values = [line.strip() for line in text.splitlines() if line.strip()]
         if not values:
             raise ConfigError(f"prompts={path} holds no prompts (one per line)")
         return values

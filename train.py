@@ -42,13 +42,18 @@ VALIDATE_FILE = "validate.json"  # in the run folder of a validate_only=true run
 
 
 def occupied(output_dir: Path) -> str | None:
-    """Why a NEW run may not start in `output_dir` (it already holds checkpoints), or None."""
-    if any((output_dir / "checkpoints").glob("*.ckpt")):
-        return (
-            f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={output_dir} "
-            "or choose another hydra.run.dir"
-        )
-    return None
+    """Why a NEW run may not start in `output_dir` (it already holds checkpoints), or None.
+
+    The advice names a checkpoint that exists: the run folder (its last.ckpt), or, when a run was killed before
+    its first last.ckpt, the newest checkpoint there."""
+    found = sorted((output_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        return None
+    resume = output_dir if (output_dir / "checkpoints" / "last.ckpt").is_file() else found[-1]
+    return (
+        f"run folder {output_dir} already holds checkpoints; resume with ckpt_path={resume} or choose another "
+        "hydra.run.dir"
+    )
 
 
 def refuse(message: str) -> None:

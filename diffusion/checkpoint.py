@@ -39,6 +39,7 @@ FORMAT = 2
 NET_PREFIX = "model.net."
 CONDITIONING_PREFIX = "model.conditioning."
 EMA_KEY = "ema_state_dict"
+POSTHOC_KEY = "posthoc_ema"  # the post-hoc EMA profiles a run tracked: {"format", "sigma_rels", "step", "profiles"}
 _OLD_PREFIXES = {"net.": NET_PREFIX, "conditioning.": CONDITIONING_PREFIX}  # format 1 -> 2
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -121,7 +122,49 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(ckpt, dict) or "diffusion" not in ckpt or not isinstance(ckpt.get("state_dict"), dict):
         raise BadFileError(f"{path} is not a checkpoint written by this project's train.py (no 'diffusion' key)")
     check_description(ckpt["diffusion"], source=f"checkpoint {path}")
+    check_contents(ckpt, source=f"checkpoint {path}")
     return upgrade(ckpt)
+
+
+def _is_state_dict(value, *, extra_state: bool = False) -> bool:
+    """Whether `value` is a dict of str -> tensor (or, with `extra_state`, a module's plain extra state)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or (extra_state and is_plain(v))) for k, v in value.items()
+    )
+
+
+def check_contents(ckpt: dict, *, source: str) -> None:
+    """A one-line BadFileError naming `source` unless the weights and counters of `ckpt` have the types this
+    project writes: `global_step` an int >= 0, `state_dict` / `ema_state_dict` dicts of tensors (a module's extra
+    state, e.g. a trained tokenizer, may be plain data), and post-hoc EMA profiles that match their sigma_rels."""
+    step = ckpt.get("global_step", 0)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise BadFileError(f"{source}: its global_step {step!r} is not an int >= 0; refused")
+    if not _is_state_dict(ckpt["state_dict"], extra_state=True):
+        raise BadFileError(f"{source}: its state_dict is not a dict of tensors with str keys; refused")
+    if ckpt.get(EMA_KEY) is not None and not _is_state_dict(ckpt[EMA_KEY], extra_state=True):
+        raise BadFileError(f"{source}: its {EMA_KEY} is not a dict of tensors with str keys; refused")
+    saved = ckpt.get(POSTHOC_KEY)
+    if saved is None:
+        return
+    if not isinstance(saved, dict):
+        raise BadFileError(f"{source}: its post-hoc EMA profiles ({POSTHOC_KEY}) are not a dict; refused")
+    sigma_rels, profiles, step = saved.get("sigma_rels"), saved.get("profiles"), saved.get("step")
+    problem = None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        problem = f"step {step!r} is not an int >= 0"
+    elif not isinstance(sigma_rels, list) or not all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in sigma_rels
+    ):
+        problem = f"sigma_rels {sigma_rels!r} are not a list of positive numbers"
+    elif not isinstance(profiles, list) or not all(_is_state_dict(p) for p in profiles):
+        problem = "profiles are not a list of dicts of tensors"
+    elif len(profiles) != len(sigma_rels):
+        problem = f"{len(profiles)} profiles for {len(sigma_rels)} sigma_rels"
+    elif any(p.keys() != profiles[0].keys() for p in profiles):
+        problem = "profiles hold different weights"
+    if problem:
+        raise BadFileError(f"{source}: its post-hoc EMA profiles ({POSTHOC_KEY}) do not match: {problem}; refused")
 
 
 def sub_state_dict(state: dict, prefix: str) -> dict:

@@ -360,7 +360,10 @@ def build_conditioning(
         module_name, _, cls_name = enc_target.rpartition(".")
         cls = getattr(importlib.import_module(module_name), cls_name)
         enc_config = {**enc["config"], **{k: v for k, v in encoder_overrides.items() if v is not None}}
-        config["encoder"] = cls(**enc_config)
+        try:
+            config["encoder"] = cls(**enc_config)
+        except (TypeError, ValueError, RuntimeError) as e:  # unknown keys, a refused value, a negative size
+            raise BadFileError(f"{source}: text encoder {enc_target} cannot be built from its config ({e})") from e
     try:
         return CONDITIONINGS[target](**config)
     except TypeError as e:

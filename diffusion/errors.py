@@ -101,6 +101,11 @@ def worker_error_line(message: str) -> str | None:
     return f"in DataLoader worker {found.group(2)}: {last}{where}"
 
 
+def not_utf8(e: UnicodeDecodeError) -> str:
+    """Where a UTF-8 decode failed, in a few words ("byte 0xe9 at offset 6"), for a message naming the file."""
+    return f"byte {e.object[e.start]:#04x} at offset {e.start}"
+
+
 def _one_line(exc: BaseException) -> str:
     msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return worker_error_line(str(msg)) or " ".join(str(msg).split())
@@ -125,6 +130,8 @@ def user_error_message(exc: BaseException) -> str | None:
 GROUP_HINTS = {
     "trainer": "choose a trainer that fits this machine: trainer=cpu, or trainer=default (a GPU when there is one)",
 }
+# The keys whose refusal is about the machine (the hint above); any other key Lightning names is a bad value.
+MACHINE_KEYS = {"accelerator", "devices", "strategy", "num_nodes", "precision"}
 # Words in the optimizer's own messages (torch's "Invalid learning rate: -1") -> the key they are about.
 OPTIMIZER_WORDS = {
     "learning rate": "optim.lr",
@@ -163,13 +170,18 @@ def config_error(group: str, cause: BaseException, *, target: Callable | None = 
     if not (is_user_error(cause) or foreign):
         return None
     message = _one_line(cause)
+    lightning = type(cause).__name__ == "MisconfigurationException"
     if group not in message:
-        message = f"{group}: {message}"
+        # the keys of `values` Lightning's message names ("`max_steps` must be a non-negative integer")
+        keys = (values or {}) if lightning else {}
+        named = [k for k in keys if re.search(rf"(?<![\w.]){re.escape(str(k))}(?!\w)", message)]
+        message = f"{group}.{named[0]}={values[named[0]]}: {message}" if named else f"{group}: {message}"
         if group == "optim.optimizer":
             keys = [k for word, k in OPTIMIZER_WORDS.items() if word in message.lower()]
             message += f" ({keys[0]}={(values or {}).get(keys[0].split('.')[-1])})" if keys else ""
         hint = GROUP_HINTS.get(group.split(".")[0])
-        if hint and type(cause).__name__ == "MisconfigurationException":  # Lightning's: this machine cannot
+        machine = not named or any(k in MACHINE_KEYS for k in named)
+        if hint and machine and lightning:  # Lightning refuses this machine (no GPU, devices=4 on one)
             message += f"; {hint}"
     return ConfigError(message)
 

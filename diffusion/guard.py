@@ -13,6 +13,7 @@ With 16-mixed the gradient scaler already skips overflowing gradients, so only t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -69,7 +70,7 @@ class NonFiniteGuard:
             # 1. the device skips the update when bad > 0 (fused kernels take found_inf as a float flag)
             optimizer.found_inf = (bad > 0).float()
             # 2. the host learns of it one step late, from a copy that does not stall the queue
-            changed = self.resolve_pending()
+            changed = self.resolve_pending(trainer)
             host = torch.empty(bad.shape, dtype=bad.dtype, pin_memory=True)
             host.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
@@ -80,27 +81,30 @@ class NonFiniteGuard:
         if flag:
             for p in params:  # optimizers leave parameters whose .grad is None untouched
                 p.grad = None
-        return self._checked(flag, step)
+        return self._checked(flag, step, trainer)
 
-    def resolve_pending(self) -> bool:
+    def resolve_pending(self, trainer=None) -> bool:
         """Read a flag left by an earlier step; raises or counts if it was bad."""
         if self._pending is None:
             return False
         host, event, step = self._pending
         self._pending = None
         event.synchronize()
-        return self._checked(int(host.item()), step)
+        return self._checked(int(host.item()), step, trainer)
 
-    def _checked(self, flag: int, step: int) -> bool:
+    def _checked(self, flag: int, step: int, trainer=None) -> bool:
         if not flag:
             self.consecutive_skips = 0
             return False
         what = "loss" if flag & 1 else "gradient"
+        saved = saved_checkpoint(trainer)
+        redo = f"Resume with ckpt_path={saved} and" if saved else "No checkpoint was saved before it: start again with"
         if self.mode == "error":
+            held = f", so the checkpoints hold steps <= {step - 1} only" if saved else ""
             raise NonFiniteLossError(
-                f"non-finite {what} at step {step}; stopped before updating the weights, so the checkpoints "
-                f"hold steps <= {step - 1} only. Resume from the last checkpoint with a lower optim.lr, "
-                "trainer.gradient_clip_val, another trainer.precision, or skip such steps with module.nonfinite=skip"
+                f"non-finite {what} at step {step}; stopped before updating the weights{held}. {redo} a lower "
+                "optim.lr, trainer.gradient_clip_val, another trainer.precision, or skip such steps with "
+                "module.nonfinite=skip"
             )
         self.skipped_steps += 1
         self.consecutive_skips += 1
@@ -108,8 +112,8 @@ class NonFiniteGuard:
             raise NonFiniteLossError(
                 f"non-finite {what} at step {step}: {self.consecutive_skips} steps in a row skipped, more than "
                 f"module.max_consecutive_skips={self.max_consecutive_skips}; the weights hold steps <= {step - 1}. "
-                "Resume from the last checkpoint with a lower optim.lr, trainer.gradient_clip_val or another "
-                "trainer.precision (or raise module.max_consecutive_skips)"
+                f"{redo} a lower optim.lr, trainer.gradient_clip_val or another trainer.precision (or raise "
+                "module.max_consecutive_skips)"
             )
         rank_zero_warn(f"non-finite {what} at step {step}: skipped ({self.skipped_steps} so far)")
         return True
@@ -120,6 +124,18 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+
+
+def saved_checkpoint(trainer) -> str | None:
+    """The newest checkpoint file that exists of those this run saved (its checkpoint callbacks' last and best) or
+    resumed from; None when there is none (a run that diverged before its first save): advice names only it."""
+    if trainer is None:
+        return None
+    paths = [
+        getattr(cb, name, "") for cb in trainer.checkpoint_callbacks for name in ("last_model_path", "best_model_path")
+    ]
+    found = [Path(p) for p in [*paths, trainer.ckpt_path] if p and Path(p).is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
 def check_fused_clipping(trainer, optimizer: torch.optim.Optimizer) -> None:

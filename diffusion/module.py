@@ -215,7 +215,7 @@ class DiffusionModule(L.LightningModule):
             self.log("train/skipped_steps", float(self.guard.skipped_steps))
 
     def on_train_end(self) -> None:
-        self.guard.resolve_pending()
+        self.guard.resolve_pending(self.trainer)
 
     # --- validation at fixed noise and noise levels ---------------------------------------------------
     def validation_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> None:
@@ -291,7 +291,9 @@ class DiffusionModule(L.LightningModule):
 
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.guard.resolve_pending()  # a bad step found late stops the run here, before this checkpoint is written
+        self.guard.resolve_pending(
+            self.trainer
+        )  # a bad step found late stops the run here, before this checkpoint is written
         checkpoint["diffusion"] = self.model.describe()
         checkpoint.update(self.guard.state_dict())
         if self.rng_state is not None:

@@ -152,5 +152,5 @@ def build_net(description: dict, *, source: str = "checkpoint") -> nn.Module:
     cls = getattr(importlib.import_module(module_name), cls_name)
     try:
         return cls(**config)
-    except TypeError as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown keys, a refused value, a negative size
         raise BadFileError(f"{source}: {target} cannot be built from the checkpoint's config ({e})") from e

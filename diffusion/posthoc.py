@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffusion.checkpoint import POSTHOC_KEY
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 KIND = "posthoc_ema"
-CKPT_KEY = "posthoc_ema"  # a checkpoint's tracked profiles: {"format", "sigma_rels", "step", "profiles"}
+CKPT_KEY = POSTHOC_KEY  # a checkpoint's tracked profiles: {"format", "sigma_rels", "step", "profiles"}
 SNAPSHOT_DIR = "ema_snapshots"  # in the run folder
 SUPERSEDED_DIR = "superseded"  # snapshots of an abandoned continuation (a resume from an earlier step) go here
 SIGMA_REL_MAX = 12**-0.5  # gamma = 0, the uniform average of the whole run

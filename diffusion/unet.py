@@ -189,6 +189,13 @@ class UNet(nn.Module):
         channel_mult = tuple(int(m) for m in channel_mult)
         attention_resolutions = tuple(int(r) for r in attention_resolutions)
         out_channels = out_channels or in_channels
+        sizes = dict(in_channels=in_channels, out_channels=out_channels, image_size=image_size)
+        sizes.update(base_channels=base_channels, norm_groups=norm_groups, channel_mult=min(channel_mult, default=0))
+        for key, value in sizes.items():
+            if value < 1:
+                raise ConfigError(f"model.{key}={value} must be >= 1")
+        if num_res_blocks < 0:
+            raise ConfigError(f"model.num_res_blocks={num_res_blocks} must be >= 0")
         if image_size % 2 ** (len(channel_mult) - 1):
             raise ConfigError(
                 f"model.image_size={image_size} must be divisible by 2^{len(channel_mult) - 1} "

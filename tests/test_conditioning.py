@@ -60,6 +60,26 @@ def test_metadata_jsonl_with_several_captions_and_csv(tmp_path):
     assert _captions(root, captions=True, caption_column="caption") == {"a.png": ["x"], "b.png": ["x"], "c.png": ["y"]}
 
 
+def test_metadata_with_a_bom_and_not_utf8(tmp_path):
+    """A BOM at the start of metadata.jsonl / metadata.csv / a .txt caption (Excel, Notepad) is not part of the first
+    row: no 'row 1 ... is not a JSON object'; a file in another encoding is one line naming it."""
+    from diffusion.errors import BadFileError
+
+    root = _folder(tmp_path)
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "blue"}]
+    (root / "metadata.jsonl").write_bytes(("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows)).encode())
+    (root / "sub" / "metadata.csv").write_bytes('\ufefffile_name,text\nc.png,"green, small"\n'.encode())
+    assert _captions(root, captions=True) == {"a.png": ["a red square"], "b.png": ["blue"], "c.png": ["green, small"]}
+    (root / "sub" / "metadata.csv").write_bytes('file_name,text\nc.png,"caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(BadFileError, match=r"metadata.csv is not UTF-8 text \(byte 0xe9 at offset 25\)"):
+        _captions(root, captions=True)
+    for meta in (root / "metadata.jsonl", root / "sub" / "metadata.csv"):
+        meta.unlink()
+    for name, text in (("a.txt", "a red square"), ("b.txt", "blue"), ("sub/c.txt", "green")):
+        (root / name).write_bytes(("\ufeff" + text).encode())
+    assert _captions(root, captions=True) == {"a.png": ["a red square"], "b.png": ["blue"], "c.png": ["green"]}
+
+
 def test_sidecar_txt_and_fixed_caption(tmp_path):
     root = _folder(tmp_path)
     (root / "a.txt").write_text("first line\n\nsecond line\n")

@@ -1,5 +1,7 @@
 """DataModules: the built-in digits and image folders; shapes, ranges, labels, splits and bad input."""
 
+import threading
+
 import pytest
 import torch
 
@@ -282,6 +284,35 @@ def test_cache_default_location_flips_and_bad_files(image_folder):
     same = (x == ref).flatten(1).all(1)
     mirrored = (x == ref.flip(-1)).flatten(1).all(1)
     assert (same | mirrored).all() and (~same).any() and (~mirrored).any()
+
+
+def test_skip_bad_with_every_image_broken_is_one_line(tmp_path):
+    """Truncated PNGs pass the header check at setup and fail when read: under skip_bad, once every file has failed
+    the loader says so in one line naming the folder (it recursed until 'maximum recursion depth exceeded')."""
+    from diffusion.errors import BadFileError, user_error_message
+
+    root = tmp_path / "broken"
+    for i in range(3):
+        path = write_image(root / f"{i}.png", (64, 64), seed=i)
+        path.write_bytes(path.read_bytes()[:200])  # the header and the start of the pixels
+    kw = dict(path=str(root), image_size=16, batch_size=2, num_workers=0, val_fraction=0.0)
+    dm = ImageFolderDataModule(**kw, skip_bad=True)
+    dm.setup()
+    raised: list[BaseException] = []
+
+    def first_batch() -> None:
+        try:
+            next(iter(dm.train_dataloader()))
+        except BaseException as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=first_batch, daemon=True)  # the old loader retried for minutes
+    worker.start()
+    worker.join(timeout=60)
+    assert raised, "the loader still retries broken images after 60 s"
+    assert isinstance(raised[0], BadFileError), raised[0]
+    message = user_error_message(raised[0])
+    assert message.startswith(f"data.skip_bad=true but no readable image was found in {root}: all 3 images failed")
 
 
 def test_loader_defaults(image_folder):

@@ -149,6 +149,14 @@ def test_a_config_group_that_cannot_be_built_is_one_line_naming_its_option(tmp_p
     assert not (run / "checkpoints").exists()
 
 
+def test_a_bad_trainer_value_is_named_without_advice_to_change_trainer(tmp_path):
+    """Lightning's refusal of a value (max_steps=-5) names the key; the advice to choose another trainer is only for
+    what this machine cannot do (no GPU, too many devices)."""
+    message = one_line(run_train, tmp_path / "run", [*TINY_CLI, "trainer=cpu", "trainer.max_steps=-5"], tiny=False)
+    assert message.startswith("trainer.max_steps=-5: `max_steps` must be a non-negative integer"), message
+    assert "choose a trainer" not in message
+
+
 def test_a_bug_keeps_its_traceback_and_the_log_file_gets_it(tmp_path):
     assert user_error_message(KeyError("data")) is None  # a missing key in our own code: a bug
     try:

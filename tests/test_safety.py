@@ -357,3 +357,120 @@ def test_a_run_folders_config_names_no_callable(tmp_path, where):
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "config.yaml" in result.stderr and "refused" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# issue 24, smaller ones: crafted weights-only checkpoints ------------------------------------------------------
+
+
+def _text_ckpt(path: Path, encoder_config: dict) -> Path:
+    """A text-conditional checkpoint whose text encoder config is replaced by `encoder_config`."""
+    from diffusion.conditioning import TextConditioning
+    from diffusion.text_encoders import TransformerTextEncoder
+
+    encoder = TransformerTextEncoder(dim=16, depth=1, heads=2, max_length=8, vocab_size=64)
+    encoder.fit(["a seven", "a one"])
+    model = DiffusionModel(
+        net=UNet(**TINY_NET, context_dim=16),
+        process=NoiseSchedule(num_steps=20),
+        conditioning=TextConditioning(encoder=encoder),
+    )
+    description = model.describe()
+    description["conditioning"]["config"]["encoder"]["config"] = encoder_config
+    state = {"model." + k: v for k, v in model.state_dict().items() if not k.startswith("codec.")}
+    torch.save({"diffusion": description, "state_dict": state, "global_step": 3}, path)
+    return path
+
+
+def _profiles(**changes) -> dict:
+    profile = UNet(**TINY_NET).state_dict()
+    return {
+        "posthoc_ema": {"format": 1, "sigma_rels": [0.05, 0.1], "step": 3, "profiles": [profile, profile], **changes}
+    }
+
+
+CRAFTED = {
+    "negative size": {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, "base_channels": -8}}},
+    "negative image size": {"net": {"target": "diffusion.unet.UNet", "config": {**TINY_NET, "image_size": -16}}},
+    "global_step not an int": {"global_step": "abc"},
+    "state_dict with int keys": {"state_dict": {3: torch.zeros(1)}},
+    "ema_state_dict not a dict": {"ema_state_dict": [1, 2]},
+    "unknown text encoder key": {"text": {"dim": 16, "heads": 2, "bogus": 1}},
+    "profiles and sigma_rels differ": _profiles(sigma_rels=[0.05]),
+    "profile sigma_rel not a number": _profiles(sigma_rels=["x", 0.1]),
+    "profiles not dicts": _profiles(profiles=[1, 2]),
+}
+
+
+def crafted_ckpt(path: Path, case: str) -> Path:
+    change = dict(CRAFTED[case])
+    if "text" in change:
+        return _text_ckpt(path, change["text"])
+    description = {k: change.pop(k) for k in ("net",) if k in change}
+    save_ckpt(path, **description)
+    data = torch.load(path, weights_only=True)
+    data.update(change)
+    torch.save(data, path)
+    return path
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_weights_only_checkpoints_are_one_line(tmp_path, case):
+    """Each crafted checkpoint is one BadFileError line naming the file, for sample.py and export.py (post-hoc EMA
+    asked for, so that the profiles are read too), never a traceback."""
+    from diffusion.errors import BadFileError
+    from diffusion.export import export
+
+    ckpt = crafted_ckpt(tmp_path / "crafted.ckpt", case)
+    (tmp_path / "snaps").mkdir()
+    ema = ["ema.sigma_rel=0.08", f"ema.snapshots={tmp_path / 'snaps'}"]
+    for attempt in (
+        lambda: sample_in_process(tmp_path / "s", f"ckpt={ckpt}", "n=1", "sampler.steps=2", *ema),
+        lambda: export(ckpt, tmp_path / "e", format="safetensors", sigma_rel=0.08, snapshots=tmp_path / "snaps"),
+    ):
+        with pytest.raises(BadFileError) as info:
+            attempt()
+        message = user_error_message(info.value)
+        assert str(ckpt) in message and "\n" not in message, message
+
+
+def test_crafted_checkpoint_is_one_line_from_the_command_line(tmp_path):
+    ckpt = crafted_ckpt(tmp_path / "crafted.ckpt", "unknown text encoder key")
+    for script, args in (("sample.py", [f"out={tmp_path}/s", "n=1"]), ("export.py", [f"out={tmp_path}/e"])):
+        result = run_cli(script, f"ckpt={ckpt}", *args)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        assert result.stderr.startswith(f"error: checkpoint {ckpt}: text encoder ") and "bogus" in result.stderr
+
+
+def test_advice_names_only_checkpoints_that_exist(tmp_path):
+    """A run killed (kill -9) after step_000002.ckpt but before its first last.ckpt: the refusal of a new run in
+    its folder names that checkpoint, not the folder (whose last.ckpt does not exist); a run that diverges before
+    any save says so instead of advising a resume."""
+    from diffusion.guard import NonFiniteLossError
+
+    run = tmp_path / "run"
+    run_train(run, ["trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"])
+    (run / "checkpoints" / "last.ckpt").unlink()  # killed between the step checkpoint and last.ckpt
+    step = run / "checkpoints" / "step_000002.ckpt"
+    message = one_line_error(run_train, run, [])
+    assert f"resume with ckpt_path={step} or" in message, message
+    run_train(
+        tmp_path / "resumed", [f"ckpt_path={step}", "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=0"]
+    )
+
+    from tests.test_scale import _poison
+
+    diverged = tmp_path / "diverged"  # the first step is not finite (what optim.lr=1e8 does to a real run)
+    with pytest.raises(NonFiniteLossError) as info:
+        run_train(diverged, [*_poison(diverged, at_step=0), "callbacks.sample_grid.every_n_steps=0"])
+    message = user_error_message(info.value)
+    assert not list(diverged.rglob("*.ckpt"))
+    assert message.startswith(
+        "non-finite loss at step 1; stopped before updating the weights. No checkpoint was saved before it: start "
+        "again with a lower optim.lr"
+    ), message
+    assert "Resume" not in message and "ckpt_path" not in message, message
+    with pytest.raises(NonFiniteLossError) as info:  # after a save: that checkpoint, by its path
+        run_train(
+            tmp_path / "later", [*_poison(tmp_path / "later", at_step=2), "callbacks.sample_grid.every_n_steps=0"]
+        )
+    assert f"Resume with ckpt_path={tmp_path / 'later' / 'checkpoints'}" in user_error_message(info.value)

@@ -124,3 +124,20 @@ def test_cli_bad_input_exits_with_one_line(tmp_path):
     result = run_cli("sample.py", f"ckpt={tmp_path}/nope.ckpt", f"out={tmp_path}/out")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path}/nope.ckpt does not exist"]
+
+
+def test_prompts_file_that_is_not_utf8_is_one_line(tmp_path):
+    """A prompts= file in another encoding (Latin-1 here) is one line naming the file and the problem, not a
+    UnicodeDecodeError traceback; a UTF-8 BOM is not part of the first prompt."""
+    from sample import parse_prompts
+
+    latin1 = tmp_path / "prompts.txt"
+    latin1.write_bytes("un caf\xe9\nune cr\xeape\n".encode("latin-1"))
+    with pytest.raises(Exception) as info:
+        parse_prompts(None, str(latin1))
+    assert user_error_message(info.value) == (
+        f"prompts={latin1} is not UTF-8 text (byte 0xe9 at offset 6); save it as UTF-8"
+    )
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa seven\na one\n".encode())
+    assert parse_prompts(None, str(bom)) == ["a seven", "a one"]

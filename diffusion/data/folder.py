@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
-from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError
+from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError, not_utf8
 from diffusion.files import atomic_write, npy_memmap, write_bytes
 
 CACHE_VERSION = 1
@@ -59,26 +59,43 @@ class ImageFiles(Dataset):
 
     uint8_batches = True
 
-    def __init__(self, files: list[Path], labels: list[int], prep: Preprocess, *, skip_bad: bool = False) -> None:
+    def __init__(
+        self,
+        files: list[Path],
+        labels: list[int],
+        prep: Preprocess,
+        *,
+        skip_bad: bool = False,
+        root: Path | None = None,
+    ) -> None:
         self.files, self.prep, self.skip_bad = files, prep, skip_bad
+        self.root = root  # data.path, named when no file can be read
         self.labels = torch.tensor(labels, dtype=torch.long)
-        self._warned: set[int] = set()
+        self._warned: set[int] = set()  # the files found unreadable (reported once)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _load(self, i: int) -> np.ndarray:
-        try:
-            return load_image(self.files[i], self.prep)
-        except OSError as e:
-            if not self.skip_bad:
-                raise PathError(
-                    f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
-                ) from e
-            if i not in self._warned:
-                self._warned.add(i)
-                info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
-            return self._load(int(torch.randint(len(self.files), ())))
+        while True:  # under skip_bad, another image until one reads: never one not yet found unreadable twice
+            try:
+                return load_image(self.files[i], self.prep)
+            except OSError as e:
+                if not self.skip_bad:
+                    raise PathError(
+                        f"{e}; set data.skip_bad=true to skip such files, or data.verify=full to find them all at setup"
+                    ) from e
+                if i not in self._warned:
+                    self._warned.add(i)
+                    info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
+                left = [j for j in range(len(self.files)) if j not in self._warned]
+                if not left:
+                    folder = self.root or os.path.commonpath([str(f.parent) for f in self.files])
+                    raise BadFileError(
+                        f"data.skip_bad=true but no readable image was found in {folder}: all {len(self.files)} "
+                        f"images failed to decode (the last: {self.files[i]}: {e.__cause__ or e})"
+                    ) from None
+                i = left[int(torch.randint(len(left), ()))]
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
         x = torch.from_numpy(np.stack([self._load(int(i)) for i in index]))  # (B, C, S, S) uint8
@@ -113,8 +130,15 @@ def _as_list(batch):
 
 def _metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
     """(row number, row or None when the line is not a JSON object) of a metadata.jsonl / metadata.csv file."""
+    try:
+        return _read_metadata_rows(meta, column)
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{meta} is not UTF-8 text ({not_utf8(e)}); save it as UTF-8") from None
+
+
+def _read_metadata_rows(meta: Path, column: str) -> list[tuple[int, dict | None]]:
     rows: list[tuple[int, dict | None]] = []
-    with open(meta, newline="", encoding="utf-8") as f:
+    with open(meta, newline="", encoding="utf-8-sig") as f:  # -sig: a BOM (Excel, Notepad) is not part of row 1
         if meta.suffix == ".csv":
             reader = csv.DictReader(f)
             if reader.fieldnames is None or "file_name" not in reader.fieldnames or column not in reader.fieldnames:
@@ -160,7 +184,12 @@ def read_captions(root: Path, files: list[Path], column: str) -> tuple[list[list
             if not sidecar.is_file():
                 problems[i] = f"image {f} has no caption file {sidecar.name} (and data.path has no metadata.jsonl)"
                 continue
-            lines = [line.strip() for line in sidecar.read_text(encoding="utf-8").splitlines()]
+            try:
+                lines = [line.strip() for line in sidecar.read_text(encoding="utf-8-sig").splitlines()]
+            except UnicodeDecodeError as e:
+                raise BadFileError(
+                    f"caption file {sidecar} is not UTF-8 text ({not_utf8(e)}); save it as UTF-8"
+                ) from None
             captions[i] = [line for line in lines if line]
             if not captions[i]:
                 problems[i] = f"caption file {sidecar} is empty"
@@ -568,7 +597,9 @@ class ImageFolderDataModule(_SplitDataModule):
                 images = ArrayImages(str(self.cache_file), labels_t, rows=idx)
             else:
                 prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
-                images = ImageFiles([files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad)
+                images = ImageFiles(
+                    [files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad, root=self.path
+                )
             if captions is None:
                 return images
             if train:
