@@ -159,6 +159,11 @@ def sample(cfg: DictConfig) -> Path:
         batch_size=cfg.batch_size,
         progress=bool(cfg.progress),
     )
+    bad = int((~torch.isfinite(pixels.flatten(1))).any(1).sum())
+    if bad:  # NaN / inf weights (a diverged run's checkpoint) draw black images: say so, they are still written
+        nonfinite = not all(torch.isfinite(p).all() for p in model.net.parameters())
+        why = f"the checkpoint's {model.weights} weights hold NaN or inf values" if nonfinite else "they overflowed"
+        log.warning(f"{bad} of {len(pixels)} images are not finite and are written black: {why} ({ckpt})")
     pixels = to_unit_range(pixels.cpu()).clamp(0, 1)  # (N, C, H, W) in [0, 1]
 
     # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)

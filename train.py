@@ -454,6 +454,7 @@ def train(cfg: DictConfig) -> float | None:
 
     lightning_logging()
     from diffusion.checkpoint import read_checkpoint
+    from diffusion.files import remove_stale_temps
     from diffusion.finetune import LoRA
     from diffusion.loggers import log_tags
 
@@ -463,6 +464,10 @@ def train(cfg: DictConfig) -> float | None:
     if ckpt_path is None:
         ckpt_path = slurm_requeue_path(output_dir)  # a preempted SLURM job continues in its own folder
     resumed = read_checkpoint(ckpt_path) if ckpt_path is not None else None  # a clear error now, not in Lightning
+    if L.pytorch.utilities.rank_zero_only.rank == 0:  # this run holds its folder: no other save is under way
+        stale = remove_stale_temps(output_dir / "checkpoints")
+        if stale:
+            log.info(f"removed {len(stale)} temporary file(s) an interrupted save left: {', '.join(stale)}")
     if resumed is None and occupied(output_dir):
         raise PathExistsError(occupied(output_dir))
     init_path = resolve_ckpt_path(cfg.get("init_from"), cfg.paths.runs_dir, key="init_from")

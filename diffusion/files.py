@@ -19,6 +19,7 @@ import atexit
 import errno
 import logging
 import os
+import re
 import secrets
 import stat
 import sys
@@ -30,6 +31,7 @@ from diffusion.errors import BadFileError, IsAFolderError, MissingPathError, Pat
 
 log = logging.getLogger(__name__)
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+TEMP_NAME = re.compile(r"\..+\.tmp-[0-9a-f]{12}")  # atomic_write's temporary files
 LOCK_FILE = ".lock"  # in a folder a process holds (hold_folder): the holder's pid
 # Why the disk refuses a write; the user acts on these (frees space, raises a quota, picks another folder).
 REFUSED_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -79,7 +81,7 @@ def atomic_write(
     is intact" (`what`, e.g. "checkpoint", names the kind of file; by default "file").
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")  # TEMP_NAME
     try:
         fd = create_exclusive(tmp)
         try:
@@ -155,6 +157,20 @@ def real_folder(folder: Path) -> Path:
         folder.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def remove_stale_temps(folder: Path) -> list[str]:
+    """Remove the temporary files `atomic_write` left in `folder` when the process writing them was killed (a kill -9
+    during a checkpoint save leaves `.last.ckpt.tmp-<hex>`); the names removed. Only for a folder this process holds:
+    another writer's temporary file would be in use."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if TEMP_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def write_folder(dest: Path, write: Callable[[str], None]) -> None:

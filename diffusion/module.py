@@ -113,6 +113,7 @@ class DiffusionModule(L.LightningModule):
         # Set by train.py for init_from runs (init.ema_from_init): the net's weights right after loading,
         # for an EMA callback to start its average from (when it is not resuming its own state).
         self.ema_init_state: dict[str, Tensor] | None = None
+        self._saved_lr_plan: dict | None = None  # the cosine plan a resumed checkpoint was trained with
 
     # --- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> Tensor:
@@ -248,7 +249,7 @@ class DiffusionModule(L.LightningModule):
             return (step + 1) / self.warmup_steps
         if self.lr_decay == "constant":
             return 1.0
-        total = max(int(self.trainer.estimated_stepping_batches), self.warmup_steps + 1)
+        total = self._lr_total()
         progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -268,8 +269,21 @@ class DiffusionModule(L.LightningModule):
         for metric in (self.val_loss, *self.val_bucket_loss):
             metric.set_dtype(torch.float32)
 
+    def _lr_total(self) -> int:
+        """The step where the cosine decay reaches 0: the trainer's last (trainer.max_steps or the epochs')."""
+        return max(int(self.trainer.estimated_stepping_batches), self.warmup_steps + 1)
+
     def on_train_start(self) -> None:
         self._apply_configured_lr()
+        saved = self._saved_lr_plan
+        if saved and self.lr_decay == "cosine" and saved.get("total") != self._lr_total():
+            step, base = self.lr_schedulers().last_epoch, self._configured_lrs[0]
+            rank_zero_info(
+                f"resuming at step {step} with the cosine decay to 0 at step {self._lr_total()} (trainer.max_steps), "
+                f"where the checkpoint's ended at step {saved.get('total')}: from here the learning rate follows the "
+                f"new plan ({base * self.lr_factor(step):g} now, {base * self.lr_factor(saved.get('total')):g} at "
+                f"step {saved.get('total')})"
+            )
 
     def _apply_configured_lr(self) -> None:
         """After a resume, train at the configured learning rate (Lightning restores the checkpoint's), continuing
@@ -291,10 +305,10 @@ class DiffusionModule(L.LightningModule):
 
     # --- self-describing checkpoints ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.guard.resolve_pending(
-            self.trainer
-        )  # a bad step found late stops the run here, before this checkpoint is written
+        self.guard.resolve_pending(self.trainer)  # a bad step found late stops the run here, before this save
         checkpoint["diffusion"] = self.model.describe()
+        if self.lr_decay == "cosine" and self._attached_trainer() is not None:
+            checkpoint["lr_plan"] = {"decay": self.lr_decay, "total": self._lr_total()}
         checkpoint.update(self.guard.state_dict())
         if self.rng_state is not None:
             checkpoint["training_rng"] = {"device_type": self.rng_state[0], "state": self.rng_state[1]}
@@ -302,6 +316,7 @@ class DiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         upgrade(checkpoint)  # a checkpoint written before the model object: its keys as today's (before loading)
         self.guard.load_state_dict(checkpoint)
+        self._saved_lr_plan = checkpoint.get("lr_plan")
         rng = checkpoint.get("training_rng")
         if rng is not None:
             self.rng_state = (rng["device_type"], rng["state"].cpu())

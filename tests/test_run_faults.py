@@ -5,6 +5,7 @@ and nothing written that should not be."""
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import signal
@@ -224,3 +225,41 @@ def test_a_stop_signal_saves_last_ckpt_exits_non_zero_and_resumes_exactly(tmp_pa
     assert a["global_step"] == b["global_step"] == step + 2
     for key in ("state_dict", "ema_state_dict", "optimizer_states", "lr_schedulers"):
         assert_same_tensors(a[key], b[key], key)
+
+
+# --- leftovers and plans on resume ---------------------------------------------------------------------------
+def test_a_killed_saves_temporary_files_are_removed_on_resume(tmp_path, caplog):
+    """kill -9 during a checkpoint save leaves `.last.ckpt.tmp-<hex>`: the next run in the folder removes it (and
+    nothing else)."""
+    run = tmp_path / "run"
+    run_train(run, ["trainer.max_steps=2", "logger=none", "callbacks.sample_grid.every_n_steps=0"])
+    stale = run / "checkpoints" / ".last.ckpt.tmp-0123456789ab"
+    stale.write_bytes(b"half a checkpoint")
+    mine = run / "checkpoints" / "notes.tmp"
+    mine.write_text("the user's")
+    caplog.set_level("INFO")
+    run_train(run, ["trainer.max_steps=3", "logger=none", "callbacks.sample_grid.every_n_steps=0", f"ckpt_path={run}"])
+    assert not stale.exists() and mine.read_text() == "the user's"
+    assert "removed 1 temporary file(s) an interrupted save left: .last.ckpt.tmp-0123456789ab" in caplog.text
+
+
+def test_a_mid_epoch_resume_is_exact_and_says_nothing_about_unreliable_results(tmp_path, recwarn):
+    """Our loaders resume through their sampler: Lightning's 'dataloader is not resumable' warning is wrong here."""
+    run = tmp_path / "run"
+    quiet = ["logger=none", "callbacks.sample_grid.every_n_steps=0"]
+    run_train(run, ["trainer.max_steps=2", *quiet])  # 2 of the digits' 12 batches an epoch
+    run_train(run, ["trainer.max_steps=3", *quiet, f"ckpt_path={run}"])
+    assert not [w for w in recwarn if "ended before the epoch ended" in str(w.message)]
+
+
+def test_resuming_with_a_longer_run_says_what_happens_to_the_cosine_plan(tmp_path, caplog):
+    run = tmp_path / "run"
+    quiet = ["logger=none", "callbacks.sample_grid.every_n_steps=0", "optim.lr_decay=cosine", "optim.warmup_steps=0"]
+    run_train(run, ["trainer.max_steps=4", *quiet])
+    caplog.set_level("INFO")
+    cfg, _ = run_train(run, ["trainer.max_steps=8", *quiet, f"ckpt_path={run}"])
+    assert "resuming at step 4 with the cosine decay to 0 at step 8 (trainer.max_steps), where the checkpoint's " \
+        "ended at step 4: from here the learning rate follows the new plan" in caplog.text  # fmt: skip
+    ckpt = read_checkpoint(str(run / "checkpoints" / "step_000006.ckpt"))  # the old plan would be at 0 by now
+    lr = ckpt["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert ckpt["lr_plan"]["total"] == 8 and lr == pytest.approx(cfg.optim.lr * 0.5 * (1 + math.cos(math.pi * 6 / 8)))

@@ -141,3 +141,18 @@ def test_prompts_file_that_is_not_utf8_is_one_line(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("\ufeffa seven\na one\n".encode())
     assert parse_prompts(None, str(bom)) == ["a seven", "a one"]
+
+
+def test_nan_weights_draw_black_images_and_say_so(tmp_path, ckpt, caplog):
+    """A diverged run's checkpoint (NaN weights) draws black images: they are written, with one warning line."""
+    import torch
+
+    broken = torch.load(ckpt, weights_only=True)
+    broken["ema_state_dict"] = {k: torch.full_like(v, float("nan")) for k, v in broken["ema_state_dict"].items()}
+    torch.save(broken, tmp_path / "nan.ckpt")
+    caplog.set_level("WARNING")
+    sample_in_process(tmp_path / "out", f"ckpt={tmp_path / 'nan.ckpt'}", "n=2", "sampler.steps=2")
+    assert "2 of 2 images are not finite and are written black: the checkpoint's ema weights hold NaN or inf" in (
+        caplog.text
+    )
+    assert read_images(tmp_path / "out").max() == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -137,6 +138,10 @@ class Captioned(_EpochAware):
         if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), labels
             return batch[0], captions
         return [(x, c) for (x, _), c in zip(batch, captions, strict=True)]
+
+
+# Lightning's warning on every mid-epoch resume of a DataLoader without state_dict (ours resume through the sampler)
+RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 
 class ResumableSampler(DistributedSampler):
@@ -388,6 +393,12 @@ class _SplitDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_state = dict(state_dict) if state_dict else None
+        if self._resume_state:
+            # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader object is stateful; ours
+            # resumes through its sampler (the position restored here), so that warning is wrong for these runs.
+            from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+            warnings.filterwarnings("ignore", message=RESUME_WARNING, category=PossibleUserWarning)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
