@@ -9,7 +9,7 @@ Why not Lightning's `EMAWeightAveraging`: its decay is a constant (no warm-up), 
 LightningModule, it copies the average into the trained weights when training ends, and it stores the average
 as `checkpoint["state_dict"]`. Here the trained weights are never overwritten (evaluation swaps the average in
 and restores the raw tensors bit for bit), checkpoints keep the raw weights in `state_dict` and the average,
-unprefixed, in `checkpoint["ema_state_dict"]` (what `diffusion.checkpoint.load_model` reads), and resuming
+unprefixed, in `checkpoint["ema_state_dict"]` (what `DiffusionModel.from_checkpoint` reads), and resuming
 restores the average exactly.
 
 Every DDP rank holds its own copy and applies the same update to the same (all-reduced) weights, so the copies
