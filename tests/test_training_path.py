@@ -96,13 +96,15 @@ def test_fused_optimizer_with_clipping_under_16_mixed_is_refused_at_start():
 
 
 class _Trainer:
-    """What configure_gradient_clipping reads from a trainer: no scaler, one process."""
+    """What configure_gradient_clipping reads from a trainer: no scaler, one process, nothing saved yet."""
 
     class precision_plugin:  # noqa: N801
         scaler = None
 
     world_size = 1
     global_step = 0
+    checkpoint_callbacks: list = []  # the guard's advice names only checkpoints that exist
+    ckpt_path = None
 
 
 def _module_with_grads(scale: float) -> tuple[DiffusionModule, torch.optim.Optimizer]:
