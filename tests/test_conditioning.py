@@ -136,6 +136,21 @@ def test_images_without_captions_and_conflicting_options(tmp_path):
         ImageFolderDataModule(path=str(root), caption=" ")
 
 
+def test_the_documented_one_caption_override_runs(tmp_path):
+    """README / docs/finetune.md: `experiment=sd_lora data.caption="a photo of sks dog"`; the experiment sets
+    captions=true, and the one caption given on the command line wins over the folder's caption files."""
+    root = _folder(tmp_path, names=("a.png", "b.png"))
+    (root / "a.txt").write_text("its own caption")
+    cfg = compose_train(
+        tmp_path / "run",
+        ["experiment=sd_lora", f"data.path={root}", 'data.caption="a photo of sks dog"'],
+        tiny=False,
+    )
+    assert cfg.data.captions is True
+    seen = _captions(root, captions=cfg.data.captions, caption=cfg.data.caption)
+    assert seen == {"a.png": ["a photo of sks dog"], "b.png": ["a photo of sks dog"]}
+
+
 def test_digit_captions_are_per_epoch_and_seeded():
     dm = DigitsDataModule(captions=True, batch_size=8)
     dm.setup("fit")

@@ -316,9 +316,9 @@ class ImageFolderDataModule(_SplitDataModule):
         if caption is not None and not str(caption).strip():
             raise ConfigError("data.caption is empty: give the caption every image gets, or null")
         if caption is not None and captions:
-            raise ConfigError(
-                "data.caption (one caption for all) and data.captions=true (read captions) exclude each other"
-            )
+            # experiment=sd_lora sets captions=true and its documented override is data.caption="...": the one
+            # caption asked for on the command line wins over reading caption files.
+            log.info("data.caption is set: every image gets %r (the folder's caption files are not read)", caption)
         if labels and (captions or caption is not None):
             raise ConfigError("data.labels=true and captions (data.captions / data.caption) exclude each other")
         self.captions = captions
