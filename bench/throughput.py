@@ -11,6 +11,11 @@ median round is reported.
     python bench/throughput.py                                  # CPU: unet_small on the digits, fp32
     python bench/throughput.py model=unet_base data.image_size=32 data.channels=3 --device cuda \
         --precision bf16-mixed [--compile] [--channels-last] --batch 128
+    python bench/throughput.py --model dit_b2 --latents 4x32 --device cuda --precision bf16-mixed --compile
+
+`--latents CxS` trains on cached latents of C channels at SxS (4x32: Stable Diffusion's VAE at 256 px, the shape
+DiT's ImageNet-256 runs train on): random tensors held in memory, as a `codec=vae data.cache=true` run reads its
+latent cache, so the figure is the network's and the loop's, not the VAE's or the disk's.
 
 Prints images/s for each path, their ratio (ours / bare), peak memory (CUDA) and, on a GPU, the model FLOPs
 utilization (FLOPs of one forward+backward counted by torch.utils.flop_counter over the device's peak).
@@ -65,6 +70,22 @@ def batches(datamodule, n: int):
                 return
             i += 1
             yield batch
+
+
+class CachedLatents:
+    """Stands in for a latent cache: `n` random (C, S, S) latents in memory, with the datamodule interface the
+    two loops read (`train_dataloader`, `setup`)."""
+
+    def __init__(self, channels: int, size: int, batch_size: int, n: int = 4096) -> None:
+        import lightning as L
+
+        class Module(L.LightningDataModule):
+            def train_dataloader(self):
+                return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
+
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(n, channels, size, size, generator=g), torch.zeros(n))
+        self.module = Module()
 
 
 def rate(stamps: list[float], batch: int, device: str) -> float:
@@ -192,6 +213,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (module.compile=true)")
     parser.add_argument("--channels-last", action="store_true", help="module.channels_last=true")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU")
+    parser.add_argument("--latents", default=None, help="CxS: train on cached C-channel SxS latents (4x32)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     args = parser.parse_args()
     if args.threads:
@@ -212,12 +234,18 @@ def main() -> None:
         f"module.channels_last={str(args.channels_last).lower()}",
         *args.overrides,
     ]
+    latents = tuple(int(v) for v in args.latents.split("x")) if args.latents else None
+    if latents:  # the network in the latents' shape, as train.assemble builds it for codec=vae
+        overrides += [f"model.in_channels={latents[0]}", f"model.image_size={latents[1]}"]
     cfg = compose(overrides)
     from hydra.utils import instantiate
 
     L.seed_everything(0, workers=True)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup("fit")
+    if latents:
+        datamodule = CachedLatents(*latents, batch_size=args.batch).module
+    else:
+        datamodule = instantiate(cfg.data)
+        datamodule.setup("fit")
     net_state = copy.deepcopy(instantiate(cfg.model).state_dict())
     n_params = sum(v.numel() for v in net_state.values())
 
@@ -235,7 +263,8 @@ def main() -> None:
     o, b = statistics.median(ours), statistics.median(bare)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{cfg.hydra.runtime.choices.model} ({n_params / 1e6:.1f}M params) {cfg.model.image_size}px "
+        f"{cfg.hydra.runtime.choices.model} ({n_params / 1e6:.1f}M params) "
+        f"{f'{args.latents} latents' if latents else f'{cfg.model.image_size}px'} "
         f"batch {args.batch} {args.precision} "
         f"compile={args.compile} channels_last={args.channels_last} on {name}, "
         f"{args.steps} steps x {args.rounds} rounds"
