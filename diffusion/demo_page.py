@@ -167,7 +167,7 @@ def build_page(model, samplers: Mapping[str, Callable], *, sampler: str, steps: 
                     batch = gr.Number(defaults.get("batch", 4), label="Batch", precision=0, elem_id="batch")
                 with gr.Accordion("Edit an image: image-to-image and inpainting", open=True):
                     editor = gr.ImageEditor(
-                        type="pil", image_mode="RGBA", label="Image (paint over what to repaint)",
+                        type="pil", image_mode="RGBA", format="png", label="Image (paint over what to repaint)",
                         brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"), elem_id="editor",
                     )  # fmt: skip
                     strength = gr.Number(
