@@ -106,12 +106,12 @@ def _browser():
 @pytest.mark.slow
 def test_page_in_a_headless_browser(tmp_path, ckpt):
     driver = _browser()
-    import demo
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
+    import demo
     from diffusion.demo_page import generate
 
     port = _free_port()
