@@ -1,4 +1,4 @@
-"""A local web page to try a checkpoint: python demo.py ckpt=PATH [port=7860 sampler=ddim steps=20 ...].
+"""A local web page to try a checkpoint: python demo.py ckpt=PATH [port=7860 sampler=ddim sampler.steps=30 ...].
 
 Loads the model once (`diffusion.generation.load_model`, as sample.py does), offers every sampler of
 conf/sampler/ with its configured options, and serves the page of `diffusion.demo_page` (Gradio, the extra
@@ -14,15 +14,21 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion.errors import ConfigError, exit_on_user_error
+from diffusion.errors import exit_on_user_error
 
 log = logging.getLogger(__name__)
 SAMPLER_CONFS = Path(__file__).resolve().parent / "conf" / "sampler"
 
 
-def samplers() -> dict:
-    """Every sampler of conf/sampler/*.yaml, its options bound (the page sets `steps`)."""
-    return {p.stem: instantiate(OmegaConf.load(p)) for p in sorted(SAMPLER_CONFS.glob("*.yaml"))}
+def samplers(chosen: DictConfig | None = None) -> tuple[dict, str]:
+    """(name -> sampler with its options bound, the chosen one's name): every conf/sampler/*.yaml, the one whose
+    target `chosen` names replaced by `chosen` (the config's sampler, with its command-line options)."""
+    options = {p.stem: OmegaConf.load(p) for p in sorted(SAMPLER_CONFS.glob("*.yaml"))}
+    name = None
+    if chosen is not None:
+        name = next((k for k, c in options.items() if c.get("_target_") == chosen.get("_target_")), "configured")
+        options[name] = chosen
+    return {k: instantiate(c) for k, c in options.items()}, name
 
 
 def build(cfg: DictConfig):
@@ -32,9 +38,7 @@ def build(cfg: DictConfig):
     from diffusion.samplers import check_precision
 
     import_gradio()  # the missing extra is the first thing said
-    options = samplers()
-    if cfg.sampler not in options:
-        raise ConfigError(f"sampler={cfg.sampler} is not one of {', '.join(options)}")
+    options, chosen = samplers(cfg.sampler)
     device = resolve_device(str(cfg.device))
     precision = check_precision(str(cfg.precision))
     model, ckpt = load_model(
@@ -47,7 +51,7 @@ def build(cfg: DictConfig):
     )
     title = f"{ckpt} (step {model.global_step}, {model.weights} weights)"
     page = build_page(
-        model, options, sampler=cfg.sampler, steps=cfg.steps, title=title,
+        model, options, sampler=chosen, steps=cfg.sampler.get("steps") or 20, title=title,
         guidance=cfg.guidance, seed=cfg.seed, batch=cfg.batch, precision=precision,
     )  # fmt: skip
     return page, model

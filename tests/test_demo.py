@@ -51,8 +51,9 @@ def test_generate_checks_values_and_reads_the_brush_mask(ckpt):
     from diffusion.model import DiffusionModel
 
     model = DiffusionModel.from_checkpoint(ckpt)
-    samplers = demo.samplers()
-    assert {"ddim", "dpmpp", "ddpm", "euler", "heun"} <= set(samplers)
+    samplers, chosen = demo.samplers(compose_demo("sampler=ddim", "sampler.eta=1").sampler)
+    assert {"ddim", "dpmpp", "ddpm", "euler", "heun"} <= set(samplers) and chosen == "ddim"
+    assert samplers["ddim"].keywords["eta"] == 1.0  # the command line's options
     run = dict(sampler="ddim", steps=2, seed=0, batch=2, progress=False)
     images = generate(model, samplers, label="3", guidance=2.0, **run)
     assert len(images) == 2 and images[0].shape == (16, 16) and images[0].dtype == np.uint8
@@ -115,7 +116,7 @@ def test_page_in_a_headless_browser(tmp_path, ckpt):
     from diffusion.demo_page import generate
 
     port = _free_port()
-    page, model = demo.build(compose_demo(f"ckpt={ckpt}", "sampler=ddim", "steps=3", "batch=2", "seed=5"))
+    page, model = demo.build(compose_demo(f"ckpt={ckpt}", "sampler=ddim", "sampler.steps=3", "batch=2", "seed=5"))
     page.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     wait = WebDriverWait(driver, 60)
 
@@ -142,7 +143,9 @@ def test_page_in_a_headless_browser(tmp_path, ckpt):
         # 1. generate: the page's images are exactly what generate() gives for the same values
         driver.find_element(By.ID, "generate").click()
         shown = gallery_images(set())
-        expect = generate(model, demo.samplers(), label="0", sampler="ddim", steps=3, seed=5, batch=2, progress=False)
+        expect = generate(
+            model, demo.samplers()[0], label="0", sampler="ddim", steps=3, seed=5, batch=2, progress=False
+        )
         assert len(shown) == 2
         for got, want in zip(shown, expect):
             got = got if got.ndim == 2 else got[..., 0]
