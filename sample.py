@@ -6,7 +6,8 @@ PNG per image under `images/` and optionally `samples.npz` into `out`. Image i d
 starting noise and any fresh noise a stochastic sampler draws come from its own generator), so `n=8` reproduces
 the first 8 images of `n=64` with any `batch_size`. Class-conditional checkpoints take `label=`, text-conditional
 ones `prompt="..."` or `prompts=FILE` (one prompt per line, one grid row each) and `negative_prompt=`; both take
-`guidance=`.
+`guidance=`. Every model edits images too (docs/editing.md): `init=` an image or a folder with `strength=`
+(image-to-image, SDEdit) and `mask=` (inpainting: white is repainted, black kept).
 """
 
 from __future__ import annotations
@@ -28,20 +29,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 CAPTIONS_FILE = "metadata.jsonl"  # images/ of a text model: each image's prompt, so images/ is a captioned folder
-
-
-def resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} but no CUDA GPU is available (use device=auto or device=cpu)")
-    return resolved
 
 
 def parse_prompts(prompt, prompts_file) -> list[str] | None:
@@ -98,15 +85,22 @@ def prepare_out(out: Path, *, overwrite: bool) -> None:
 
 def sample(cfg: DictConfig) -> Path:
     import numpy as np
-    import torch
     from PIL import Image
     from torchvision.utils import make_grid, save_image
 
-    from diffusion.checkpoint import resolve_ckpt_path
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
-    from diffusion.model import DiffusionModel
-    from diffusion.posthoc import with_posthoc_ema
+    from diffusion.generation import (
+        check_edit_options,
+        edit_inputs,
+        image_shape,
+        load_model,
+        nonfinite_warning,
+        read_images,
+        read_masks,
+        resolve_device,
+        to_uint8,
+    )
     from diffusion.samplers import check_precision, check_sampler
 
     # 1. check the plain options before touching the checkpoint
@@ -120,15 +114,19 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"nrow={cfg.nrow} must be >= 1")
     device = resolve_device(str(cfg.device))
     precision = check_precision(str(cfg.precision))
-    ckpt = Path(str(cfg.ckpt)).expanduser()
-    if str(cfg.ckpt) == "last" or ckpt.is_dir():
-        ckpt = Path(resolve_ckpt_path(str(cfg.ckpt), cfg.paths.runs_dir, key="ckpt"))
+    strength = float(cfg.strength)
+    check_edit_options(init=cfg.init is not None, mask=cfg.mask is not None, strength=strength)
 
-    # 2. the model, the condition of each grid row (labels, prompts, or the null condition), the sampler
-    model = DiffusionModel.from_checkpoint(
-        ckpt, use_ema=cfg.use_ema, map_location=device, text_encoder=cfg.get("text_encoder")
+    # 2. the model, the condition of each grid row (labels, prompts, or the null condition), the sampler, the
+    #    images to edit (read at the model's size)
+    model, ckpt = load_model(
+        cfg.ckpt,
+        runs_dir=cfg.paths.runs_dir,
+        device=device,
+        use_ema=cfg.use_ema,
+        text_encoder=cfg.get("text_encoder"),
+        **cfg.ema,  # ema.sigma_rel: post-hoc EMA
     )
-    model = with_posthoc_ema(model, ckpt, **cfg.ema, use_ema=cfg.use_ema)  # ema.sigma_rel: post-hoc EMA
     negative = cfg.get("negative_prompt")
     rows = model.conditioning.conditions_from(
         label=plain(cfg.label),
@@ -138,6 +136,9 @@ def sample(cfg: DictConfig) -> Path:
     )
     sampler = instantiate(cfg.sampler)
     check_sampler(sampler, model.process)  # a bad option or sampler / process pair fails now, not after a batch
+    channels, size = image_shape(model)
+    init = None if cfg.init is None else read_images(cfg.init, channels=channels, size=size)
+    mask = None if cfg.mask is None else read_masks(cfg.mask, size=size)
 
     # 3. the output folder, checked before any sampling
     out = Path(str(cfg.out)).expanduser()
@@ -145,6 +146,7 @@ def sample(cfg: DictConfig) -> Path:
 
     # 4. sample: item k is (row condition, column j) and starts from seed + j
     items = [(row, j) for row in rows for j in range(cfg.n)]
+    init, mask = edit_inputs(init, mask, [j for _, j in items], strength=strength)  # column j edits image j % k
     log.info(
         f"sampling {len(items)} images with {cfg.sampler._target_.rsplit('.', 1)[-1]} from {ckpt} "
         f"(step {model.global_step}, {model.weights} weights) on {device} in {cfg.precision}",
@@ -158,16 +160,17 @@ def sample(cfg: DictConfig) -> Path:
         precision=precision,
         batch_size=cfg.batch_size,
         progress=bool(cfg.progress),
+        init=init,
+        strength=strength,
+        mask=mask,
     )
-    bad = int((~torch.isfinite(pixels.flatten(1))).any(1).sum())
-    if bad:  # NaN / inf weights (a diverged run's checkpoint) draw black images: say so, they are still written
-        nonfinite = not all(torch.isfinite(p).all() for p in model.net.parameters())
-        why = f"the checkpoint's {model.weights} weights hold NaN or inf values" if nonfinite else "they overflowed"
-        log.warning(f"{bad} of {len(pixels)} images are not finite and are written black: {why} ({ckpt})")
+    warning = nonfinite_warning(pixels, model, ckpt)
+    if warning:  # NaN / inf weights (a diverged run's checkpoint) draw black images: say so, they are still written
+        log.warning(warning)
+    uint8 = to_uint8(pixels)  # (N, H, W, C)
     pixels = to_unit_range(pixels.cpu()).clamp(0, 1)  # (N, C, H, W) in [0, 1]
 
     # 5. write: per-image PNGs, the grid, the npz (each atomically, replacing rather than following any link)
-    uint8 = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
     for k, img in enumerate(uint8):
         image = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         atomic_write(out / "images" / f"{k:06d}.png", partial(image.save, format="PNG"), fsync=False)

@@ -51,6 +51,10 @@ class Codec(nn.Module):
         """(channels, side) of what the network sees for `channels`-channel images of side `image_size`."""
         return channels, image_size
 
+    def image_shape(self, channels: int, side: int) -> tuple[int, int]:
+        """(channels, side) of the images whose latents are `channels` x `side` x `side` (`latent_shape`'s inverse)."""
+        return channels, side
+
     def encode(self, x: Tensor, *, sample: bool | None = None) -> Tensor:
         """Pixels (or, for latent codecs, cached moments) -> the network's space; `sample`: draw or take the mean."""
         return x
@@ -125,6 +129,9 @@ class VAECodec(Codec):
                 f"but data.channels={channels}"
             )
         return self.latent_channels, image_size // self.factor
+
+    def image_shape(self, channels: int, side: int) -> tuple[int, int]:
+        return int(self.vae.config.in_channels), side * self.factor
 
     def is_moments(self, x: Tensor) -> bool:
         """Whether `x` holds cached moments (B, 2 * latent_channels, h, w) rather than pixels."""

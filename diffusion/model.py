@@ -7,7 +7,8 @@ with them. Plain torch: no Lightning, no Hydra (the lucidrains principle: the mo
   `validation_loss` is the same at fixed, stratified noise levels.
 - `generate` is the one place where conditions become images: per-image seeded noise, the guided denoiser
   (`denoiser`: classifier-free guidance, Ho & Salimans 2022), a sampler, and the codec's decoder. Unconditional,
-  class and text models differ only in the conditions passed (None, labels, prompts).
+  class and text models differ only in the conditions passed (None, labels, prompts). With `init` (and `mask`)
+  it edits images instead: image-to-image and inpainting (`diffusion.samplers.Edit`).
 - `describe` is the self-description a checkpoint carries; `from_description`, `from_checkpoint` and
   `from_export` rebuild the model from one (only registered networks, `diffusion.networks`).
 Training (`diffusion.module.DiffusionModule`), validation, the sample grid, FID, `sample.py`, `export.py` and the
@@ -16,11 +17,13 @@ benchmarks all go through this object.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion.checkpoint import (
@@ -34,10 +37,10 @@ from diffusion.checkpoint import (
 )
 from diffusion.codec import Codec, IdentityCodec, build_codec, sampler_for
 from diffusion.conditioning import Conditioning, Kwargs, build_conditioning, class_or_none, concat_kwargs
-from diffusion.errors import BadFileError, MissingPathError
+from diffusion.errors import BadFileError, ConfigError, MissingPathError
 from diffusion.networks import NetworkSpec, build_net, describe_net, spec
 from diffusion.process import Process, build_process
-from diffusion.samplers import ModelFn, SamplePrecision, draw_noise, image_generators, with_precision
+from diffusion.samplers import Edit, ModelFn, SamplePrecision, draw_noise, image_generators, with_precision
 from diffusion.state import is_plain
 
 EXPORT_CONFIG = "config.json"  # export.py format=safetensors: the description, which weights, the step
@@ -191,6 +194,9 @@ class DiffusionModel(nn.Module):
         precision: SamplePrecision = "fp32",
         batch_size: int = 64,
         progress: bool = False,
+        init: Tensor | None = None,
+        strength: float = 1.0,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """(len(seeds), C, H, W) pixels in [-1, 1], on the model's device, in eval mode.
 
@@ -200,11 +206,20 @@ class DiffusionModel(nn.Module):
         `negative`: a condition whose arguments replace the null one in guidance (a negative prompt);
         `sampler`: a sampler with its options bound (`diffusion.samplers`), called as sampler(model, process,
         noise, generator=...); x0 is clipped to [-1, 1] only in pixel space.
+
+        Editing (`diffusion.samplers.Edit`): `init` (len(seeds), C, H, W) pixels in [-1, 1] to start from, encoded
+        through the codec (its mean latent); `strength` in [0, 1] the share of the sampling grid run from `init`
+        noised with each image's own seeded noise (SDEdit: 0 returns `init` up to the codec's round trip, 1 is plain
+        generation); `mask` (len(seeds), 1, H, W) in {0, 1}, 1 = generate and 0 = keep, for inpainting: after every
+        step the kept region is the init noised to the level reached (RePaint), in latent space for a latent model
+        (the mask max-pooled to the latent size, so a latent that sees any masked pixel is generated). A pixel
+        model's kept region comes back exactly as `init`.
         """
         seeds = list(seeds)
         conditions = [None] * len(seeds) if conditions is None else list(conditions)
         if len(conditions) != len(seeds):
             raise ValueError(f"{len(conditions)} conditions for {len(seeds)} seeds")
+        check_edit(init, mask, strength, n=len(seeds), sampler=sampler)
         sampler = sampler_for(sampler, self.codec)
         shape, device = self.spec.sample_shape, self.device
         was_training = self.training
@@ -223,11 +238,27 @@ class DiffusionModel(nn.Module):
                 )
                 model = self.denoiser(cond, null=null, guidance=guidance, precision=precision)
                 options = {"progress": True} if progress else {}  # (custom samplers need not take it)
+                if init is not None:
+                    options["edit"] = self._edit(init[lo : lo + batch_size], mask, lo, batch_size, strength, shape)
                 z = sampler(model, self.process, noise, generator=generators, **options)
                 out.append(self.codec.decode(z).float())  # pixels in [-1, 1]
         finally:
             self.train(was_training)
         return torch.cat(out) if out else torch.empty(0, *shape, device=device)
+
+    def _edit(self, init: Tensor, mask: Tensor | None, lo: int, batch_size: int, strength: float, shape) -> Edit:
+        """The sampler's `Edit` for one batch: its init images encoded (the codec's mean), the mask at their size."""
+        known = self.codec.encode(init.to(self.device, torch.float32), sample=False).float()
+        if tuple(known.shape[1:]) != tuple(shape):
+            raise ConfigError(
+                f"init images of shape {tuple(init.shape[1:])} give {tuple(known.shape[1:])} for a model of "
+                f"{tuple(shape)} samples"
+            )
+        if mask is not None:
+            mask = mask[lo : lo + batch_size].to(self.device, torch.float32)
+            if mask.shape[-2:] != known.shape[-2:]:  # a latent sees any masked pixel of its patch: generate it
+                mask = F.adaptive_max_pool2d(mask, tuple(known.shape[-2:]))
+        return Edit(known=known, strength=strength, mask=mask)
 
     # --- self-description and loading ------------------------------------------------------------------
     def describe(self) -> dict:
@@ -311,6 +342,26 @@ class DiffusionModel(nn.Module):
             raise MissingPathError(f"{folder} holds no {EXPORT_CONDITIONING}, the text encoder weights {source} names")
         model.weights, model.global_step = config.get("weights"), int(config.get("global_step", 0))
         return model.eval().to(map_location)
+
+
+def check_edit(
+    init: Tensor | None, mask: Tensor | None, strength: float, *, n: int, sampler: Callable[..., Tensor]
+) -> None:
+    """A ConfigError naming what is wrong with `generate`'s editing arguments for `n` images."""
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ConfigError(f"strength={strength} must be in [0, 1]")
+    if init is None:
+        if mask is not None:
+            raise ConfigError("mask= needs init=: the image whose unmasked region is kept")
+        if float(strength) != 1.0:
+            raise ConfigError(f"strength={strength} needs init=: the image to start from")
+        return
+    if init.ndim != 4 or init.shape[0] != n:
+        raise ConfigError(f"init of shape {tuple(init.shape)} must be (N, C, H, W) with N = {n} images")
+    if mask is not None and (mask.ndim != 4 or tuple(mask.shape) != (n, 1, *init.shape[-2:])):
+        raise ConfigError(f"mask of shape {tuple(mask.shape)} must be {(n, 1, *init.shape[-2:])} for init's images")
+    if "edit" not in inspect.signature(sampler).parameters:
+        raise ConfigError(f"sampler {getattr(sampler, 'func', sampler)} takes no edit= (init= and mask= need one)")
 
 
 def _read_with_extra_state(path: Path) -> dict:

@@ -19,12 +19,17 @@ image's fresh noise comes from its own stream, so an image does not depend on wh
 (`image_generators` and `draw_noise` make such streams from per-image seeds). Classifier-free guidance is not
 a sampler option: `DiffusionModel.denoiser` turns (condition, null condition, guidance) into the `model` every
 sampler takes.
+
+Editing is not a sampler either: an `Edit` (image-to-image and inpainting) passed as `edit=` enters every sampler at
+the same three places, `_grid` (where on the grid to start), `_start` (x at that level) and `_keep` (after each step:
+the known region put back), so a new sampler supports it by calling these three.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -131,9 +136,64 @@ def _denoiser(model: ModelFn, process: Process, clip_x0: bool) -> Callable[[Tens
     return denoise
 
 
-def _grid(process: Process, steps: int | None, spacing: str | None, sampler: str) -> list:
-    """The grid of levels `sampler` walks (noisiest first), then None for clean data (alpha = 1, sigma = 0)."""
-    return [*process.sampling_levels(steps, spacing, sampler=sampler), None]
+# --- editing: image-to-image and inpainting -------------------------------------------------------------
+@dataclass(frozen=True)
+class Edit:
+    """Image-to-image (SDEdit, Meng et al. 2022) and inpainting (RePaint, Lugmayr et al. 2022) for any sampler.
+
+    `known`: (B, C, h, w) the images to edit, in the sampler's space (latents for a latent model). `strength`: the
+    share of the sampling grid that is run: the last round(strength * steps) steps, starting from `known` noised to
+    the first level they visit with the sampler's own starting noise (SDEdit); 0 returns `known`, 1 runs the whole
+    grid from pure noise, as plain generation does. `mask`: (B, 1, h, w) in {0, 1}, 1 = generate, 0 = keep (the
+    diffusers convention), or None. After every step the kept region of x is replaced by `known` noised to the
+    level just reached (RePaint's replacement, with the starting noise as in diffusers' inpainting pipelines, so
+    no fresh draws shift a stochastic sampler's stream); at the clean end it is `known` itself.
+    """
+
+    known: Tensor
+    strength: float = 1.0
+    mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.strength) <= 1.0:
+            raise ConfigError(f"strength={self.strength} must be in [0, 1]")
+        if self.mask is not None:
+            b, _, h, w = self.known.shape
+            if self.mask.shape != (b, 1, h, w):
+                raise ConfigError(f"mask of shape {tuple(self.mask.shape)} for images of shape {(b, 1, h, w)}")
+            if not ((self.mask == 0) | (self.mask == 1)).all():
+                raise ConfigError("mask must hold only 0 (keep) and 1 (generate)")
+
+
+def _grid(process: Process, steps: int | None, spacing: str | None, sampler: str, edit: Edit | None = None) -> list:
+    """The grid of levels `sampler` walks (noisiest first), then None for clean data (alpha = 1, sigma = 0).
+
+    With an `edit`, only its last round(strength * steps) levels: the start index into the full grid.
+    """
+    grid = [*process.sampling_levels(steps, spacing, sampler=sampler), None]
+    if edit is None:
+        return grid
+    run = round(float(edit.strength) * (len(grid) - 1))
+    return grid[len(grid) - 1 - run :]
+
+
+def _start(process: Process, grid: list, noise: Tensor, edit: Edit | None) -> Tensor:
+    """x at grid[0] in the process's scale: pure noise (as plain generation, also at strength 1), or the edit's
+    known images noised there with the same `noise`: x = alpha known + sigma noise (SDEdit's start)."""
+    if edit is None or float(edit.strength) >= 1.0:
+        return noise * process.initial_scale(grid[0])
+    alpha, sigma = process.alpha_sigma64(grid[0])
+    return alpha * edit.known.to(noise) + sigma * noise
+
+
+def _keep(process: Process, x: Tensor, level, noise: Tensor, edit: Edit | None, scale: float = 1.0) -> Tensor:
+    """After a step to `level`: x with the edit's kept region (mask 0) replaced by the known images noised to
+    `level` with the starting `noise` (RePaint); `scale` is the sampler's frame (x~ = x / scale, Karras et al.)."""
+    if edit is None or edit.mask is None:
+        return x
+    alpha, sigma = process.alpha_sigma64(level)
+    known = (alpha * edit.known.to(x) + sigma * noise.to(x)) / scale
+    return torch.where(edit.mask.to(x.device) > 0.5, x, known)
 
 
 # --- DDPM ---------------------------------------------------------------------------------------------------
@@ -149,6 +209,7 @@ def ddpm_sample(
     generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, through all T steps or a respaced subset of `steps`.
 
@@ -162,9 +223,9 @@ def ddpm_sample(
     """
     if variance not in get_args(PosteriorVariance):
         raise ConfigError(f"sampler.variance={variance!r} is not one of 'beta_tilde', 'beta'")
-    grid = _grid(process, steps, spacing, "ddpm")
+    grid = _grid(process, steps, spacing, "ddpm", edit)
     denoise = _denoiser(model, process, clip_x0)
-    x = noise * process.initial_scale(grid[0])
+    x = _start(process, grid, noise, edit)
     for j in _progress(range(len(grid) - 1), progress, "DDPM"):
         # 1. predict x0 from the network output
         x0 = denoise(x, grid[j])
@@ -174,11 +235,10 @@ def ddpm_sample(
         a_ts = a_t / a_s
         var_ts = max(s_t**2 - a_ts**2 * s_s**2, 0.0)
         x = (a_ts * s_s**2 / s_t**2) * x + (a_s * var_ts / s_t**2) * x0
-        if grid[j + 1] is None:  # 4. return x_0 = mu~ (= x0) without noise
-            break
-        # 3. x_s = mu~ + sigma~ z
-        var = var_ts * s_s**2 / s_t**2 if variance == "beta_tilde" else var_ts
-        x = x + math.sqrt(var) * draw_noise(x.shape, generator=generator, device=x.device).to(x.dtype)
+        if grid[j + 1] is not None:  # 3. x_s = mu~ + sigma~ z (4. the last step returns x_0 = mu~ without noise)
+            var = var_ts * s_s**2 / s_t**2 if variance == "beta_tilde" else var_ts
+            x = x + math.sqrt(var) * draw_noise(x.shape, generator=generator, device=x.device).to(x.dtype)
+        x = _keep(process, x, grid[j + 1], noise, edit)
     return x.clamp(-1, 1) if clip_x0 else x
 
 
@@ -195,6 +255,7 @@ def ddim_sample(
     generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """DDIM, Song et al. 2021 eq. 12, on a strided grid of levels; eta=0 is deterministic, eta=1 is DDPM-like.
 
@@ -205,9 +266,9 @@ def ddim_sample(
     """
     if eta < 0:
         raise ConfigError(f"sampler.eta={eta} must be >= 0")
-    grid = _grid(process, steps, spacing, "ddim")
+    grid = _grid(process, steps, spacing, "ddim", edit)
     denoise = _denoiser(model, process, clip_x0)
-    x = noise * process.initial_scale(grid[0])
+    x = _start(process, grid, noise, edit)
     for j in _progress(range(len(grid) - 1), progress, "DDIM"):
         # 1. predicted x0, and the eps consistent with it (after any clipping)
         x0 = denoise(x, grid[j])
@@ -220,6 +281,7 @@ def ddim_sample(
         x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps
         if c > 0:
             x = x + c * draw_noise(x.shape, generator=generator, device=x.device).to(x.dtype)
+        x = _keep(process, x, grid[j + 1], noise, edit)
     return x.clamp(-1, 1) if clip_x0 else x
 
 
@@ -241,6 +303,7 @@ def dpmpp_sample(
     generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 (arXiv:2211.01095) Algorithm 2: multistep, data prediction, midpoint form.
 
@@ -256,9 +319,9 @@ def dpmpp_sample(
     """
     if order not in (1, 2):
         raise ConfigError(f"sampler.order={order} must be 1 or 2")
-    grid = _grid(process, steps, spacing, "dpmpp")
+    grid = _grid(process, steps, spacing, "dpmpp", edit)
     denoise = _denoiser(model, process, clip_x0)
-    x = noise * process.initial_scale(grid[0])
+    x = _start(process, grid, noise, edit)
     x0_prev, lambda_prev = None, None
     for j in _progress(range(len(grid) - 1), progress, "DPM-Solver++"):
         # 1. data prediction at s = grid[j]
@@ -275,6 +338,7 @@ def dpmpp_sample(
             D = x0
         # 3. the exact linear part plus the exponentially weighted data prediction (Lu et al. 2022, eq. 8)
         x = (sigma_t / sigma_s) * x - (alpha_t * torch.expm1(-h)).float() * D
+        x = _keep(process, x, grid[j + 1], noise, edit)
         x0_prev, lambda_prev = x0, lambda_s
     return x.clamp(-1, 1) if clip_x0 else x
 
@@ -295,6 +359,7 @@ def _karras_ode(
     generator: Generators,
     clip_x0: bool,
     progress: bool,
+    edit: Edit | None,
 ) -> Tensor:
     """Karras et al. 2022, Algorithm 2 (Heun, `second_order`) or its first-order Euler form.
 
@@ -311,12 +376,12 @@ def _karras_ode(
             f"(this is process family {process.family!r}); use sampler.S_churn=0"
         )
     name = "Heun" if second_order else "Euler"
-    grid = _grid(process, steps, spacing, name.lower())
+    grid = _grid(process, steps, spacing, name.lower(), edit)
     n = len(grid) - 1
     denoise = _denoiser(model, process, clip_x0)
     frames = [process.ode_frame(level) for level in grid[:-1]] + [(1.0, 0.0)]  # (s, sigma_ode); clean: (1, 0)
     # 1. x_0 ~ N(0, sigma_0^2 I) in the process's scale, then x~ = x / s
-    x = noise * (process.initial_scale(grid[0]) / frames[0][0])
+    x = _start(process, grid, noise, edit) / frames[0][0]
     for i in _progress(range(n), progress, name):
         (s_i, sigma_i), (s_next, sigma_next) = frames[i], frames[i + 1]
         level = grid[i]
@@ -334,7 +399,7 @@ def _karras_ode(
         if second_order and grid[i + 1] is not None:
             d_next = (x_next - denoise(s_next * x_next, grid[i + 1])) / sigma_next
             x_next = x + (sigma_next - sigma_i) * (0.5 * d + 0.5 * d_next)
-        x = x_next
+        x = _keep(process, x_next, grid[i + 1], noise, edit, scale=s_next)
     return x.clamp(-1, 1) if clip_x0 else x
 
 
@@ -353,6 +418,7 @@ def heun_sample(
     generator: Generators = None,
     clip_x0: bool = False,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """Heun's second-order method, Karras et al. 2022 Algorithm 2: 2 steps - 1 network evaluations.
 
@@ -362,7 +428,7 @@ def heun_sample(
     """
     return _karras_ode(model, process, noise, second_order=True, steps=steps, spacing=spacing, S_churn=S_churn,
                        S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator, clip_x0=clip_x0,
-                       progress=progress)  # fmt: skip
+                       progress=progress, edit=edit)  # fmt: skip
 
 
 @torch.no_grad()
@@ -380,12 +446,13 @@ def euler_sample(
     generator: Generators = None,
     clip_x0: bool = False,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without lines 9-11): `steps`
     network evaluations; with S_churn = 0 the same update as DDIM with eta = 0. Churn as for `heun_sample`."""
     return _karras_ode(model, process, noise, second_order=False, steps=steps, spacing=spacing, S_churn=S_churn,
                        S_tmin=S_tmin, S_tmax=S_tmax, S_noise=S_noise, generator=generator, clip_x0=clip_x0,
-                       progress=progress)  # fmt: skip
+                       progress=progress, edit=edit)  # fmt: skip
 
 
 def check_sampler(sampler: Callable[..., Tensor], process: Process) -> None:

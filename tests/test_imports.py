@@ -16,9 +16,11 @@ import tomllib
 
 from tests.conftest import ROOT
 
-ENTRY_POINTS = ("train", "sample", "export")
+ENTRY_POINTS = ("train", "sample", "export", "demo")
+# the Lightning glue, and the helpers the entry points share (extras: train.py's start; generation and demo_page:
+# sample.py's and demo.py's model loading, image reading and page), which may read images through diffusion.data
 GLUE = ("diffusion.module", "diffusion.guard", "diffusion.loggers", "diffusion.extras", "diffusion.callbacks",
-        "diffusion.data")  # fmt: skip
+        "diffusion.data", "diffusion.generation", "diffusion.demo_page")  # fmt: skip
 FRAMEWORKS = ("lightning", "hydra", "omegaconf", "pytorch_lightning")
 
 

@@ -119,6 +119,19 @@ def load_image(path: Path, prep: Preprocess, generator: torch.Generator | None =
             img.load()
     except Exception as e:  # PIL raises many kinds for bad files; name the file in one line
         raise PathError(f"cannot decode image {path}: {e}") from e
+    return crop_resize(img, prep, generator)
+
+
+def image_array(img, prep: Preprocess) -> np.ndarray:
+    """An opened PIL image (one a web page sent, say) preprocessed as `load_image` does a file: uint8 (C, S, S)."""
+    return crop_resize(_to_mode(img, prep.channels), prep)
+
+
+def crop_resize(img, prep: Preprocess, generator: torch.Generator | None = None) -> np.ndarray:
+    """`load_image`'s step 4 on an image already in the right mode: uint8 (C, S, S)."""
+    from PIL import Image
+
+    S = prep.image_size
     w, h = img.size
     side = min(w, h) if prep.crop_size is None else min(prep.crop_size, w, h)
     if prep.crop == "random":
