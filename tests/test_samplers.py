@@ -177,7 +177,7 @@ def test_dpmpp_converges_to_the_exact_ode_solution(kind, prediction):
     assert e20 < e10 / 2.5 and e40 < e20 / 3.5, (e10, e20, e40)
     assert e40 < 0.01
     assert err(40, order=1) > 3 * e40  # the second-order correction matters
-    if kind == "cosine":  # the sample.py default: logsnr is at least as good as trailing with few steps
+    if kind == "cosine":  # on exact two-mode data logsnr is at least as good as trailing with few steps
         assert e10 <= err(10, spacing="trailing")
 
 
@@ -185,7 +185,7 @@ def test_dpmpp_first_order_is_ddim():
     schedule = NoiseSchedule(kind="linear", num_steps=1000, prediction="eps")
     model, noise = TWO_MODES.model(schedule), torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     exact = TWO_MODES.ode_solution(schedule, noise)
-    order1 = [dpmpp_sample(model, schedule, noise, steps=n, order=1, clip_x0=False) for n in (10, 40)]
+    order1 = [dpmpp_sample(model, schedule, noise, steps=n, order=1, spacing="logsnr", clip_x0=False) for n in (10, 40)]
     ratio = (order1[0] - exact).abs().max() / (order1[1] - exact).abs().max()
     assert 3 < ratio < 5, ratio  # first order: 4x the steps, ~4x smaller error
     ddim = ddim_sample(model, schedule, noise, steps=10, spacing="logsnr", clip_x0=False)
@@ -208,8 +208,10 @@ def recording(model):
     [
         (ddim_sample, dict(steps=7)),
         (ddim_sample, dict(steps=10, spacing="logsnr")),
+        (dpmpp_sample, dict(steps=7, spacing="logsnr")),
         (dpmpp_sample, dict(steps=7)),
-        (dpmpp_sample, dict(steps=7, spacing="trailing")),
+        (unipc_sample, dict(steps=7)),
+        (unipc_sample, dict(steps=7, order=3, spacing="logsnr")),
         (ddpm_sample, dict()),
         (ddpm_sample, dict(steps=7)),
         (ddim_sample, dict(steps=7, eta=0.5)),
@@ -232,7 +234,7 @@ def test_point_data_every_step_is_on_the_forward_marginal(sampler, kwargs):
     assert ts == sampling_timesteps(
         100,
         kwargs.get("steps") or 100,
-        kwargs.get("spacing", "logsnr" if sampler is dpmpp_sample else "trailing"),
+        kwargs.get("spacing", "trailing"),
         alpha_bar=schedule.alpha_bar,
     )
     ab = schedule.alpha_bar.double()
@@ -509,7 +511,8 @@ def test_unipc_converges_to_the_exact_ode_solution(kind):
     exact = TWO_MODES.ode_solution(schedule, noise)
 
     def err(sampler, steps, **kw):
-        return (sampler(model, schedule, noise, steps=steps, clip_x0=False, **kw) - exact).abs().max().item()
+        x = sampler(model, schedule, noise, steps=steps, spacing="logsnr", clip_x0=False, **kw)
+        return (x - exact).abs().max().item()
 
     e10, e20, e40 = (err(unipc_sample, n) for n in (10, 20, 40))
     assert e20 < e10 / 3.5 and e40 < 0.005, (e10, e20, e40)
