@@ -1,4 +1,4 @@
-"""Generate images from a trained checkpoint: python sample.py ckpt=PATH [sampler=dpmpp sampler.steps=20 n=64 ...].
+"""Generate images from a trained checkpoint: python sample.py ckpt=PATH [sampler=unipc sampler.steps=10 n=64 ...].
 
 Loads the model (`DiffusionModel.from_checkpoint`: EMA weights when present) and the sampler chosen in
 conf/sample.yaml, draws `n` images in batches on the GPU when there is one, and writes `grid.png`, one
@@ -155,7 +155,7 @@ def sample(cfg: DictConfig) -> Path:
         [row for row, _ in items],
         seeds=[cfg.seed + j for _, j in items],
         sampler=sampler,
-        guidance=1.0 if cfg.guidance is None else float(cfg.guidance),
+        guidance=model.conditioning.guidance if cfg.guidance is None else float(cfg.guidance),
         negative=negative,
         precision=precision,
         batch_size=cfg.batch_size,

@@ -1,44 +1,50 @@
-"""Sampling benchmark: time per image and sample quality for each sampler at 10, 20, 50 and all steps.
+"""Sampling benchmark: rank samplers x timestep grids x step counts on any checkpoint, any process family.
 
-    python bench/sampling.py [ckpt=PATH] [n=500] [full_n=50] [samplers=ddpm,ddim,dpmpp] [steps=10,20,50,full]
-                             [batch_size=500] [seed=0] [device=auto] [use_ema=true]
+    python bench/sampling.py [ckpt=PATH] [n=500] [samplers=ddim,dpmpp,unipc,unipc+order=3]
+                             [spacings=trailing,logsnr,null] [steps=10,20] [reference=ddim:200]
+                             [judge=auto] [batch_size=500] [seed=0] [device=auto] [use_ema=true]
 
-ckpt defaults to the newest outputs/train/*/checkpoints/last.ckpt (train it with `python train.py`). Quality is
-measured for models of the built-in digits dataset with a small classifier trained on the real digits
-(scikit-learn MLP, one hidden layer of 128 ReLUs, on the real images at the model's resolution):
-- conf: the classifier's mean top-class probability on the samples (how recognisable they are as digits);
-- KID: kernel inception distance (Binkowski et al. 2018) computed in the classifier's hidden-feature space
-  between the samples and all 1797 real digits, x1000: the unbiased MMD^2 with the cubic polynomial kernel, so
-  runs with different sample counts are comparable (FID is biased by n);
-- classes: how many of the 10 digits the classifier sees among the samples, and the largest class's share.
-The "real (held-out)" row is the same figure for real digits the classifier did not see: the floor.
-Prints a markdown table.
+ckpt defaults to the newest outputs/train/*/checkpoints/last.ckpt (train it with `python train.py`). Every row
+samples the same `n` seeds (unconditional, or the null condition of a conditional model), so rows differ only by
+the sampler. `samplers` entries are a name of `diffusion.samplers.SAMPLERS` with options after `+`
+(`unipc+order=3`, `ddim+eta=1`); `spacings` are `sampler.spacing` values, `null` the family's default grid. A
+grid that does not apply to the checkpoint's process family (a discrete spacing on EDM / flow) is skipped, and so
+is one that visits the same levels as an earlier row (null where it names the same grid). The figures:
+
+- `ms / image`: wall-clock of the sampler call over images (batch `batch_size`), `NFE` the network calls counted;
+- `RMSE to ref` (any checkpoint, any family): the root mean square difference, in the data range [-1, 1], between
+  each image and the same seed's image from the `reference` sampler run to convergence (`ddim:200`: DDIM, 200
+  steps, the family's grid): how far the sampler is from the ODE solution it approximates;
+- for 16x16 single-channel checkpoints (the built-in digits; `judge=digits` forces it, `judge=none` drops it) the
+  independent digit classifier of `bench/digits_eval.py`: `FD` (Frechet distance of its features to the
+  training digits), `vs ref` (FD over the reference's FD, minus 1: the goal is 10 steps within 10%), `p>=0.9` and
+  `classes`. Its floors: `fd_real500` (500 real digits against the rest, what a perfect sampler scores) is printed.
+
+Rows are ranked within each step count by FD (digits) or RMSE to ref; the table is markdown on stdout, progress on
+stderr. Keep a CPU run short: `n=500` with a few samplers and 10 / 20 steps takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffusion.checkpoint import resolve_ckpt_path  # noqa: E402
-from diffusion.data import DigitsDataModule, to_unit_range  # noqa: E402
+from diffusion.errors import ConfigError  # noqa: E402
 from diffusion.model import DiffusionModel  # noqa: E402
-from diffusion.process.discrete import sampling_timesteps  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
 
 DEFAULTS = dict(
-    ckpt="", n="500", full_n="50", samplers="ddpm,ddim,dpmpp", steps="10,20,50,full", batch_size="500",
-    seed="0", device="auto", use_ema="true",
+    ckpt="", n="500", samplers="ddim,dpmpp,unipc,unipc+order=3", spacings="trailing,logsnr,null", steps="10,20",
+    reference="ddim:200", judge="auto", batch_size="500", seed="0", device="auto", use_ema="true",
 )  # fmt: skip
 
 
@@ -52,106 +58,155 @@ def parse_args(argv: list[str]) -> dict[str, str]:
     return args
 
 
-class DigitJudge:
-    """A small MLP classifier of the real digits; its hidden layer is the feature space for KID."""
-
-    def __init__(self, image_size: int, seed: int = 0) -> None:
-        from sklearn.neural_network import MLPClassifier
-
-        x, y = DigitsDataModule(image_size=image_size, channels=1).load()
-        self.real = to_unit_range(x[:, 0]).flatten(1).numpy()  # (1797, S*S) in [0, 1]
-        labels = y.numpy()
-        idx = np.random.default_rng(seed).permutation(len(labels))
-        self.train_idx, self.test_idx = idx[: int(0.8 * len(idx))], idx[int(0.8 * len(idx)) :]
-        self.clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=500, random_state=seed)
-        self.clf.fit(self.real[self.train_idx], labels[self.train_idx])
-        self.test_accuracy = float(self.clf.score(self.real[self.test_idx], labels[self.test_idx]))
-
-    def features(self, x: np.ndarray) -> np.ndarray:
-        """Hidden ReLUs that fire on real digits, standardized with the real digits' statistics: (N, <=128)."""
-        h = lambda v: np.maximum(v @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0)  # noqa: E731
-        if not hasattr(self, "_stats"):
-            real = h(self.real)
-            live = real.std(0) > 1e-3  # units that never fire on real digits carry no scale to standardize by
-            self._stats = live, real[:, live].mean(0), real[:, live].std(0)
-        live, mean, std = self._stats
-        return (h(x)[:, live] - mean) / std
-
-    def judge(self, x: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
-        """x: (N, S*S) images in [0, 1]; reference: real images to compare with (default: all real digits)."""
-        probs = self.clf.predict_proba(x)
-        counts = np.bincount(probs.argmax(1), minlength=10)
-        ref = self.real if reference is None else reference
-        return {
-            "conf": float(probs.max(1).mean()),
-            "kid": 1000 * kid(self.features(x), self.features(ref)),
-            "classes": int((counts > 0).sum()),
-            "top_share": float(counts.max() / counts.sum()),
-        }
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None}.get(text.lower(), text)
 
 
-def kid(a: np.ndarray, b: np.ndarray) -> float:
-    """Unbiased MMD^2 between feature sets with the kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018)."""
-    d = a.shape[1]
-    kaa, kbb, kab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
-    m, n = len(a), len(b)
-    return float(
-        (kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1)) - 2 * kab.mean()
-    )
+def parse_sampler(spec: str) -> tuple[str, dict]:
+    """A `samplers` entry "unipc+order=3" as ("unipc", {"order": 3}); the name must be one of SAMPLERS."""
+    name, *options = spec.split("+")
+    if name not in SAMPLERS:
+        raise SystemExit(f"error: samplers: {name!r} is not one of {', '.join(SAMPLERS)}")
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            raise SystemExit(f"error: samplers: {spec!r}: options are key=value after '+', e.g. unipc+order=3")
+        parsed[key] = _value(value)
+    return name, parsed
 
 
-def generate(model, sampler, *, n: int, batch_size: int, seed: int, device, **options) -> tuple[np.ndarray, float]:
-    """n unconditional samples as (n, S*S) in [0, 1] (channel 0, quantized to 8 bits like a PNG) and seconds per
-    image (`DiffusionModel.generate`, one call per batch)."""
-    out, elapsed = [], 0.0
+def counted(sampler, calls: list[int]):
+    """`sampler` whose network calls are counted into calls[0] (the NFE of one batch)."""
+
+    def run(model, process, noise, **kw):
+        calls[0] = 0
+
+        def model_counted(x, t):
+            calls[0] += 1
+            return model(x, t)
+
+        return sampler(model_counted, process, noise, **kw)
+
+    return run
+
+
+def generate(model: DiffusionModel, sampler, *, n: int, batch_size: int, seed: int) -> tuple[torch.Tensor, float, int]:
+    """(n images (N, C, H, W) in [-1, 1] on the CPU, seconds per image, network calls per batch)."""
+    calls, out, elapsed = [0], [], 0.0
+    cuda = model.device.type == "cuda"
     for lo in range(0, n, batch_size):
-        seeds = range(seed + lo, seed + min(n, lo + batch_size))
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        x = model.generate(seeds=seeds, sampler=partial(sampler, **options), batch_size=batch_size)
-        if device.type == "cuda":
+        x = model.generate(seeds=range(seed + lo, seed + min(n, lo + batch_size)), sampler=counted(sampler, calls),
+                           batch_size=batch_size)  # fmt: skip
+        if cuda:
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - start
-        out.append((to_unit_range(x[:, 0].float().cpu()).clamp(0, 1) * 255).round() / 255)
-    return torch.cat(out).flatten(1).numpy(), elapsed / n
+        out.append(x.float().cpu())
+    return torch.cat(out), elapsed / n, calls[0]
 
 
-def main(argv: list[str]) -> None:
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Root mean square of a - b over all pixels, averaged over images as a mean square."""
+    return float((a - b).square().mean().sqrt())
+
+
+def digits_judge(model: DiffusionModel, judge: str):
+    """bench/digits_eval.py's `score` when the images are 16x16 single-channel digits (or `judge=digits`)."""
+    if judge == "none":
+        return None
+    shape = (model.spec.sample_shape[0], model.spec.image_size) if model.codec.config.get("kind") == "identity" else ()
+    if judge == "auto" and shape != (1, 16):
+        return None
+    from bench import digits_eval
+
+    return digits_eval
+
+
+def main(argv: list[str]) -> list[dict]:
     args = parse_args(argv)
     ckpt = resolve_ckpt_path(args["ckpt"] or "last", str(ROOT / "outputs"))
     want = args["device"]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if want == "auto" else want)
     loaded = DiffusionModel.from_checkpoint(ckpt, use_ema=args["use_ema"].lower() == "true", map_location=device)
-    T = loaded.process.num_steps
-    n, full_n, batch_size, seed = int(args["n"]), int(args["full_n"]), int(args["batch_size"]), int(args["seed"])
-    judge = DigitJudge(loaded.spec.image_size)
+    process = loaded.process
+    n, batch_size, seed = int(args["n"]), int(args["batch_size"]), int(args["seed"])
+    judge = digits_judge(loaded, args["judge"])
     print(
-        f"checkpoint {ckpt} (step {loaded.global_step}, {loaded.weights} weights, {T} steps, "
-        f"{loaded.process.kind}/{loaded.process.prediction}); {device}, {torch.get_num_threads()} threads; "
-        f"judge: MLP on real digits, held-out accuracy {judge.test_accuracy:.3f}\n",
+        f"checkpoint {ckpt} (step {loaded.global_step}, {loaded.weights} weights, process {process.family}); "
+        f"{device}, {torch.get_num_threads()} threads; {n} images a row",
         flush=True,
     )
-    rows = []
-    real = judge.judge(judge.real[judge.test_idx], reference=judge.real[judge.train_idx])
-    rows.append(("real (held-out)", "-", "-", len(judge.test_idx), math.nan, real))
-    for name in args["samplers"].split(","):
-        sampler = SAMPLERS[name]
-        for steps in sorted({min(T, T if s == "full" else int(s)) for s in args["steps"].split(",")}):
-            count = full_n if steps == T and steps > 50 else n
-            x, sec = generate(loaded, sampler, n=count, batch_size=batch_size, seed=seed, device=device, steps=steps)
-            spacing = inspect.signature(sampler).parameters["spacing"].default
-            nfe = len(sampling_timesteps(T, steps, spacing, alpha_bar=loaded.process.alpha_bar))
-            rows.append((name, steps, nfe, count, sec, judge.judge(x)))
-            print(f"  {name} {steps} steps: {1000 * sec:.1f} ms/image, {rows[-1][-1]}", file=sys.stderr, flush=True)
-    print("| sampler | steps | NFE | images | ms / image | conf | KID x1000 | classes (top share) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for name, steps, nfe, count, sec, q in rows:
-        ms = "-" if math.isnan(sec) else f"{1000 * sec:.1f}"
-        print(
-            f"| {name} | {steps} | {nfe} | {count} | {ms} | {q['conf']:.3f} | {q['kid']:.2f} | "
-            f"{q['classes']} ({q['top_share']:.0%}) |"
-        )
+
+    def run(name: str, options: dict, steps: int, spacing) -> dict:
+        sampler = partial(SAMPLERS[name], steps=steps, spacing=spacing, **options)
+        images, sec, nfe = generate(loaded, sampler, n=n, batch_size=batch_size, seed=seed)
+        row = dict(sampler="+".join([name, *(f"{k}={v}" for k, v in options.items())]), steps=steps,
+                   spacing="null" if spacing is None else spacing, nfe=nfe, sec=sec, images=images)  # fmt: skip
+        if judge is not None:
+            row["digits"] = judge.score(judge.quantize(images[:, :1]))  # as a saved PNG is
+        return row
+
+    ref_name, _, ref_steps = args["reference"].partition(":")
+    ref = run(*parse_sampler(ref_name), int(ref_steps or 200), None)
+    print(f"  reference {ref['sampler']} {ref['steps']} steps: {1000 * ref['sec']:.1f} ms/image", file=sys.stderr)
+    rows, seen = [], set()
+    for steps in (int(s) for s in args["steps"].split(",")):
+        for spec in args["samplers"].split(","):
+            name, options = parse_sampler(spec)
+            for spacing in (_value(s) for s in args["spacings"].split(",")):
+                try:
+                    levels = tuple(process.sampling_levels(steps, spacing, sampler=name))
+                except ConfigError:  # a grid of another process family
+                    continue
+                key = (spec, steps, levels)
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append(run(name, options, steps, spacing))
+                rows[-1]["rmse"] = rmse(rows[-1]["images"], ref["images"])
+                print(f"  {spec} {steps} steps {spacing}: {1000 * rows[-1]['sec']:.1f} ms/image, RMSE to ref "
+                      f"{rows[-1]['rmse']:.4f}", file=sys.stderr, flush=True)  # fmt: skip
+    print_table(rows, ref, judge)
+    return [ref, *rows]
+
+
+def print_table(rows: list[dict], ref: dict, judge) -> None:
+    figure = (lambda r: r["digits"]["fd"]) if judge is not None else (lambda r: r["rmse"])
+    ranked = sorted(rows, key=lambda r: (r["steps"], figure(r)))
+    head = "| rank | sampler | spacing | steps | NFE | ms / image | RMSE to ref |"
+    if judge is not None:
+        head += " FD | vs ref | p>=0.9 | classes |"
+        ref_fd = ref["digits"]["fd"]
+        floors = judge.reference()
+        print(f"\nFD floors: two halves of the training digits {floors['fd_floor']:.3f}, 500 real digits against "
+              f"the rest {floors['fd_real500']:.3f}\n")  # fmt: skip
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+
+    def line(rank, r, distance: str) -> str:
+        text = f"| {rank} | {r['sampler']} | {r['spacing']} | {r['steps']} | {r['nfe']} | {1000 * r['sec']:.1f} |"
+        text += f" {distance} |"
+        if judge is not None:
+            d = r["digits"]
+            text += f" {d['fd']:.3f} | {d['fd'] / ref_fd - 1:+.1%} | {d['share_p90']:.1%} | {d['classes']} |"
+        return text
+
+    print(line("ref", ref, "0"))
+    rank, last_steps = 0, None
+    for r in ranked:
+        rank = 1 if r["steps"] != last_steps else rank + 1
+        last_steps = r["steps"]
+        print(line(rank, r, f"{r['rmse']:.4f}"))
+    if not math.isfinite(sum(figure(r) for r in rows)):
+        print("\n(non-finite figures: a sampler diverged)")
 
 
 if __name__ == "__main__":

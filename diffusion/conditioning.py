@@ -13,13 +13,16 @@ needs the network to learn both); `null(n)` gives the null condition's arguments
 owns its encoder as a submodule: a trainable one is trained with the network and saved in the checkpoint's
 state dict (its tokenizer as a JSON string in the extra state); a frozen one (CLIP) is named by path or Hub id in
 the checkpoint's description, its weights are left out of the state dict, and its outputs may be cached per
-caption string. `describe()` gives the plain-value description that `build_conditioning` rebuilds from.
+caption string. `describe()` gives the plain-value description that `build_conditioning` rebuilds from,
+including `guidance`: the classifier-free guidance scale the run recommends (`conditioning.guidance`), which
+travels with the checkpoint and is what `sample.py`, the sample grids and FID use unless told otherwise.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -63,6 +66,9 @@ class Conditioning(nn.Module):
 
     #: how sample.py's user gives this conditioning's conditions, for messages (None: it takes none)
     usage: str | None = None
+    #: the classifier-free guidance scale the training run recommends (`conditioning.guidance`, saved in the
+    #: checkpoint's description): what sample.py, the sample grids and FID use unless told otherwise
+    guidance: float = 1.0
 
     def conditions_from(self, *, label=None, prompts=None, negative=None, guidance=None) -> list:
         """The condition of each grid row from sample.py's options (`label=`, `prompt=` / `prompts=`,
@@ -113,13 +119,15 @@ class ClassConditioning(Conditioning):
 
     Args:
         num_classes: the number of classes (`model.num_classes`).
+        guidance: the recommended classifier-free guidance scale (`Conditioning.guidance`).
     """
 
-    def __init__(self, *, num_classes: int) -> None:
+    def __init__(self, *, num_classes: int, guidance: float = 1.0) -> None:
         super().__init__()
         if num_classes is None or num_classes < 1:
             raise ConfigError(f"conditioning=class needs model.num_classes >= 1 (got {num_classes})")
         self.num_classes = num_classes
+        self.guidance = check_guidance(guidance)
 
     def forward(self, cond, *, device=None, drop_prob: float = 0.0) -> Kwargs:
         if isinstance(cond, (list, tuple)) and cond and isinstance(cond[0], str):
@@ -168,12 +176,20 @@ class ClassConditioning(Conditioning):
         return values
 
     def describe(self) -> dict:
-        return {**super().describe(), "config": {"num_classes": self.num_classes}}
+        return {**super().describe(), "config": {"num_classes": self.num_classes, "guidance": self.guidance}}
 
 
-def class_or_none(*, num_classes: int | None) -> Conditioning:
-    """`conditioning=auto`: class labels when `model.num_classes` is set, else unconditional."""
-    return NoConditioning() if num_classes is None else ClassConditioning(num_classes=num_classes)
+def check_guidance(guidance: float) -> float:
+    """`guidance` as a float if it is a finite scale >= 0, else a one-line ConfigError."""
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance < math.inf:
+        raise ConfigError(f"conditioning.guidance={guidance} must be a number >= 0 (1 = plain conditional)")
+    return float(guidance)
+
+
+def class_or_none(*, num_classes: int | None, guidance: float = 1.0) -> Conditioning:
+    """`conditioning=auto`: class labels when `model.num_classes` is set (recommending `guidance`), else
+    unconditional."""
+    return NoConditioning() if num_classes is None else ClassConditioning(num_classes=num_classes, guidance=guidance)
 
 
 class TextConditioning(Conditioning):
@@ -186,6 +202,7 @@ class TextConditioning(Conditioning):
             least recently used dropped first); ignored for trainable encoders, whose outputs change.
         cache_size: most captions cached.
         preview_prompts: the prompts of sample grids (one row each); default up to 8 distinct training captions.
+        guidance: the recommended classifier-free guidance scale (`Conditioning.guidance`).
     """
 
     def __init__(
@@ -195,8 +212,10 @@ class TextConditioning(Conditioning):
         cache: bool = True,
         cache_size: int = 4096,
         preview_prompts: Sequence[str] | None = None,
+        guidance: float = 1.0,
     ) -> None:
         super().__init__()
+        self.guidance = check_guidance(guidance)
         if cache_size < 0:
             raise ConfigError(f"conditioning.cache_size={cache_size} must be >= 0")
         self.encoder = encoder
@@ -292,6 +311,7 @@ class TextConditioning(Conditioning):
             "cache": self.cache,
             "cache_size": self.cache_size,
             "preview_prompts": self.preview_prompts,
+            "guidance": self.guidance,
         }
         return {**super().describe(), "config": config}
 

@@ -12,6 +12,7 @@ in the data range [-1, 1] (clipped when `clip_x0`). The samplers:
 - `ddpm_sample`: ancestral sampling (Ho et al. 2020, Algorithm 2), optionally respaced to fewer steps;
 - `ddim_sample`: DDIM (Song et al. 2021, eq. 12) with `eta`;
 - `dpmpp_sample`: DPM-Solver++(2M) (Lu et al. 2022), second-order multistep in data-prediction form;
+- `unipc_sample`: UniPC (Zhao et al. 2023), multistep predictor-corrector of order 2 or 3 in data-prediction form;
 - `euler_sample`, `heun_sample`: Karras et al. 2022 Algorithm 2 (first / second order, optional churn on EDM).
 
 `generator` is one `torch.Generator` for the whole batch, or a list of one generator per image: then every
@@ -343,6 +344,107 @@ def dpmpp_sample(
     return x.clamp(-1, 1) if clip_x0 else x
 
 
+# --- UniPC --------------------------------------------------------------------------------------------------
+def _unipc_step(
+    x: Tensor,
+    x0s: list[Tensor],
+    lambdas: list[float],
+    *,
+    lambda_t: float,
+    alpha_t: float,
+    ratio: float,
+    x0_t: Tensor | None = None,
+) -> Tensor:
+    """One UniP-p (`x0_t` None) or UniC-p step of UniPC's B(h) = e^h - 1 ("bh2") form in data prediction.
+
+    From level s0 to t, with h = lambda_t - lambda_s0: `x` is at s0, `x0s` / `lambdas` the data predictions and
+    log-SNRs at s0, s1, ... (newest first, p of them), `ratio` = sigma_t / sigma_s0. With r_k = (lambda_sk -
+    lambda_s0) / h and D_k = (x0_sk - x0_s0) / r_k (Zhao et al. 2023, Algorithm 2 and eq. 9 with B(h) = e^-h - 1):
+        x_t = ratio x - alpha_t (e^-h - 1) x0_s0 - alpha_t B(h) sum_k rho_k D_k
+    rho solves R rho = b, R_ik = r_k^(i-1) and b_i = i! phi_(i+1)(-h) h / B(h) (the vector `b`, by the phi_k
+    recursion). The predictor uses the p - 1 history terms (rho = 1/2 for p = 2); the corrector adds the new
+    prediction at t as the term with r = 1 (rho = 1/2 for p = 1), raising the order by one. Scalars are float64.
+    """
+    order = len(x0s)
+    h = lambda_t - lambdas[0]
+    hh = -h  # data prediction integrates in -lambda
+    h_phi_1 = math.expm1(hh)
+    B_h = math.expm1(hh)  # "bh2"
+    rks = [(lam - lambdas[0]) / h for lam in lambdas[1:]] + [1.0]
+    b, h_phi_k, factorial = [], h_phi_1 / hh - 1, 1
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / B_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    R = torch.tensor([[r ** (i - 1) for r in rks] for i in range(1, order + 1)], dtype=torch.float64)
+    D1s = [(x0s[k] - x0s[0]) / rks[k - 1] for k in range(1, order)]
+    if x0_t is None:  # predictor UniP-p: the p - 1 history differences
+        if order <= 2:
+            rhos = [0.5] * (order - 1)
+        else:
+            rhos = torch.linalg.solve(R[:-1, :-1], torch.tensor(b[:-1], dtype=torch.float64)).tolist()
+        res = sum((rho * d for rho, d in zip(rhos, D1s)), torch.zeros_like(x))
+    else:  # corrector UniC-p: the new prediction at t enters with r = 1
+        rhos = [0.5] if order == 1 else torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+        res = sum((rho * d for rho, d in zip(rhos[:-1], D1s)), rhos[-1] * (x0_t - x0s[0]))
+    return ratio * x - (alpha_t * h_phi_1) * x0s[0] - (alpha_t * B_h) * res
+
+
+@torch.no_grad()
+def unipc_sample(
+    model: ModelFn,
+    process: Process,
+    noise: Tensor,
+    *,
+    steps: int = 10,
+    order: int = 2,
+    corrector: bool = True,
+    spacing: str | None = None,
+    generator: Generators = None,
+    clip_x0: bool = True,
+    progress: bool = False,
+) -> Tensor:
+    """UniPC, Zhao et al. 2023 ("UniPC: a unified predictor-corrector framework"): multistep UniP-p predictor and
+    UniC corrector in data prediction with B(h) = e^h - 1 (`_unipc_step`), as diffusers' `UniPCMultistepScheduler`
+    runs it by default (`predict_x0`, `solver_type="bh2"`, `lower_order_final`, `final_sigmas_type="zero"`).
+
+    Each model call at a new level first corrects the sample the predictor just moved there (UniC, using the new
+    x0 with the history, no extra model call), then predicts the next level from it with order `order` (2 or 3).
+    The order warms up over the first steps (one x0 more each step), steps down towards the end
+    (order min(order, steps left), so the step to sigma = 0 is first order and returns the last x0), and counts
+    only levels with a finite log-SNR (flow's t = 1 has lambda = -inf: its x0 starts no history). The corrector
+    of the final model call would be discarded by that last step, so it is skipped. `corrector=False` is UniP
+    alone (order 2: DPM-Solver++(2M) up to its r-dependent weight). Deterministic; `generator` is unused.
+    """
+    if order not in (1, 2, 3):
+        raise ConfigError(f"sampler.order={order} must be 1, 2 or 3")
+    grid = _grid(process, steps, spacing, "unipc")
+    denoise = _denoiser(model, process, clip_x0)
+    x = noise * process.initial_scale(grid[0])
+    x0s: list[Tensor] = []  # data predictions at the visited levels with a finite log-SNR, newest first
+    lambdas: list[float] = []
+    x_prev, prev_order = None, 0  # the sample before the last predictor step, and that step's order
+    for j in _progress(range(len(grid) - 1), progress, "UniPC"):
+        x0 = denoise(x, grid[j])
+        alpha_s, sigma_s = process.alpha_sigma64(grid[j])
+        alpha_t, sigma_t = process.alpha_sigma64(grid[j + 1])
+        lambda_s, lambda_t = float(_lambda(alpha_s, sigma_s)), float(_lambda(alpha_t, sigma_t))
+        # 1. UniC: correct x at grid[j] with its own x0 (the model call is not repeated at the corrected x)
+        if corrector and x_prev is not None and grid[j + 1] is not None:
+            alpha_p, sigma_p = process.alpha_sigma64(grid[j - 1])
+            x = _unipc_step(x_prev, x0s[:prev_order], lambdas[:prev_order], lambda_t=lambda_s, alpha_t=alpha_s,
+                            ratio=sigma_s / sigma_p, x0_t=x0)  # fmt: skip
+        # the start of a flow grid (lambda = -inf) serves its own step and the corrector after it, no later step
+        finite = [(a, lam) for a, lam in zip(x0s, lambdas) if math.isfinite(lam)]
+        x0s, lambdas = [x0, *(a for a, _ in finite)][:order], [lambda_s, *(lam for _, lam in finite)][:order]
+        # 2. UniP: predict x at grid[j + 1]; first order at the start, stepping down at the end
+        this_order = min(order, len(grid) - 1 - j, len(x0s))
+        x_prev, prev_order = x, this_order
+        x = _unipc_step(x, x0s[:this_order], lambdas[:this_order], lambda_t=lambda_t, alpha_t=alpha_t,
+                        ratio=sigma_t / sigma_s)  # fmt: skip
+    return x.clamp(-1, 1) if clip_x0 else x
+
+
 # --- Euler and Heun (Karras et al. 2022) ---------------------------------------------------------------------
 def _karras_ode(
     model: ModelFn,
@@ -466,6 +568,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpmpp": dpmpp_sample,
+    "unipc": unipc_sample,
     "euler": euler_sample,
     "heun": heun_sample,
 }

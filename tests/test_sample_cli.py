@@ -1,5 +1,6 @@
 """sample.py end to end on checkpoints written by tiny train.py runs: files, sizes, seeds, labels, bad input."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,15 @@ def ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cond_ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("cond") / "run"
-    run_train(run, ["model.num_classes=10", "trainer.max_steps=2", "callbacks.sample_grid.every_n_steps=0"])
+    run_train(
+        run,
+        [
+            "model.num_classes=10",
+            "conditioning.guidance=2.5",  # the run's recommended guidance: sample.py's default for this checkpoint
+            "trainer.max_steps=2",
+            "callbacks.sample_grid.every_n_steps=0",
+        ],
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -93,6 +102,41 @@ def test_conditional_labels_and_guidance(tmp_path, cond_ckpt):
         sample_in_process(tmp_path / "bad", f"ckpt={cond_ckpt}", "label=10")
     with pytest.raises(ValueError, match="guidance=2.0 needs a label"):
         sample_in_process(tmp_path / "bad", f"ckpt={cond_ckpt}", "guidance=2.0")
+
+
+def test_recommended_guidance_travels_with_the_checkpoint(tmp_path, cond_ckpt, monkeypatch):
+    """conditioning.guidance is saved in the checkpoint's description; sample.py's guidance=null and the sample
+    grids (and FID, through the same generate) sample with it; an explicit guidance= still wins."""
+    from diffusion.callbacks.sample_grid import generate
+    from diffusion.checkpoint import read_checkpoint
+    from diffusion.model import DiffusionModel
+    from diffusion.samplers import ddim_sample
+
+    assert read_checkpoint(cond_ckpt)["diffusion"]["conditioning"]["config"]["guidance"] == 2.5
+    model = DiffusionModel.from_checkpoint(cond_ckpt)
+    assert model.conditioning.guidance == 2.5
+    used = []
+    real_generate = DiffusionModel.generate
+
+    def recording(self, *args, guidance=1.0, **kwargs):
+        used.append(guidance)
+        return real_generate(self, *args, guidance=guidance, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "generate", recording)
+    args = [f"ckpt={cond_ckpt}", "sampler=ddim", "sampler.steps=2", "n=2", "label=3"]
+    sample_in_process(tmp_path / "default", *args)
+    sample_in_process(tmp_path / "plain", *args, "guidance=1.0")
+    generate(model, partial(ddim_sample, steps=2), range(3), seed=0)  # the sample grid's and FID's
+    assert used == [2.5, 1.0, 2.5]
+
+
+def test_checkpoints_without_a_recommended_guidance_default_to_one():
+    from diffusion.conditioning import build_conditioning
+
+    old = {"target": "diffusion.conditioning.ClassConditioning", "config": {"num_classes": 10}}  # before the key
+    assert build_conditioning(old).guidance == 1.0
+    with pytest.raises(ValueError, match="conditioning.guidance=-1 must be a number >= 0"):
+        build_conditioning({**old, "config": {"num_classes": 10, "guidance": -1}})
 
 
 @pytest.mark.parametrize(

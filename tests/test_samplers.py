@@ -16,6 +16,7 @@ from diffusion.samplers import (
     draw_noise,
     fixed_noise,
     image_generators,
+    unipc_sample,
 )
 
 KINDS = ["linear", "cosine", "sigmoid"]
@@ -176,7 +177,7 @@ def test_dpmpp_converges_to_the_exact_ode_solution(kind, prediction):
     assert e20 < e10 / 2.5 and e40 < e20 / 3.5, (e10, e20, e40)
     assert e40 < 0.01
     assert err(40, order=1) > 3 * e40  # the second-order correction matters
-    if kind == "cosine":  # the sample.py default: logsnr is at least as good as trailing with few steps
+    if kind == "cosine":  # on exact two-mode data logsnr is at least as good as trailing with few steps
         assert e10 <= err(10, spacing="trailing")
 
 
@@ -184,7 +185,7 @@ def test_dpmpp_first_order_is_ddim():
     schedule = NoiseSchedule(kind="linear", num_steps=1000, prediction="eps")
     model, noise = TWO_MODES.model(schedule), torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
     exact = TWO_MODES.ode_solution(schedule, noise)
-    order1 = [dpmpp_sample(model, schedule, noise, steps=n, order=1, clip_x0=False) for n in (10, 40)]
+    order1 = [dpmpp_sample(model, schedule, noise, steps=n, order=1, spacing="logsnr", clip_x0=False) for n in (10, 40)]
     ratio = (order1[0] - exact).abs().max() / (order1[1] - exact).abs().max()
     assert 3 < ratio < 5, ratio  # first order: 4x the steps, ~4x smaller error
     ddim = ddim_sample(model, schedule, noise, steps=10, spacing="logsnr", clip_x0=False)
@@ -207,8 +208,10 @@ def recording(model):
     [
         (ddim_sample, dict(steps=7)),
         (ddim_sample, dict(steps=10, spacing="logsnr")),
+        (dpmpp_sample, dict(steps=7, spacing="logsnr")),
         (dpmpp_sample, dict(steps=7)),
-        (dpmpp_sample, dict(steps=7, spacing="trailing")),
+        (unipc_sample, dict(steps=7)),
+        (unipc_sample, dict(steps=7, order=3, spacing="logsnr")),
         (ddpm_sample, dict()),
         (ddpm_sample, dict(steps=7)),
         (ddim_sample, dict(steps=7, eta=0.5)),
@@ -231,7 +234,7 @@ def test_point_data_every_step_is_on_the_forward_marginal(sampler, kwargs):
     assert ts == sampling_timesteps(
         100,
         kwargs.get("steps") or 100,
-        kwargs.get("spacing", "logsnr" if sampler is dpmpp_sample else "trailing"),
+        kwargs.get("spacing", "trailing"),
         alpha_bar=schedule.alpha_bar,
     )
     ab = schedule.alpha_bar.double()
@@ -460,3 +463,58 @@ def test_dpmpp_matches_diffusers(prediction, kind, steps):
     ours = dpmpp_sample(model, schedule, noise, steps=steps, spacing="trailing", clip_x0=False)
     assert not torch.allclose(ours, ddim_sample(model, schedule, noise, steps=steps, clip_x0=False), atol=1e-3)
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "prediction, kind, steps, order",
+    [("eps", "linear", 10, 2), ("v", "cosine", 25, 3), ("x0", "linear", 7, 3), ("v", "linear", 4, 2)],
+)
+def test_unipc_matches_diffusers(prediction, kind, steps, order):
+    """UniPC (bh2, data prediction, corrector on every step but the last) against diffusers' default
+    `UniPCMultistepScheduler` on the same betas and grid, with a nonlinear exact denoiser (two-mode data), so
+    every history term and corrector weight enters."""
+    import diffusers  # a dev dependency: missing, these tests fail rather than skip
+
+    schedule = NoiseSchedule(kind=kind, num_steps=1000, prediction=prediction)
+    model = TWO_MODES.model(schedule)
+    noise = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    scheduler = diffusers.UniPCMultistepScheduler(
+        num_train_timesteps=1000,
+        trained_betas=schedule.betas.numpy(),
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+        solver_order=order,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="trailing",
+    )
+    theirs = run_diffusers(scheduler, model, noise, steps)
+    ours = unipc_sample(model, schedule, noise, steps=steps, order=order, spacing="trailing", clip_x0=False)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    for other in (  # the corrector and the order both change the result
+        unipc_sample(
+            model, schedule, noise, steps=steps, order=order, corrector=False, spacing="trailing", clip_x0=False
+        ),
+        dpmpp_sample(model, schedule, noise, steps=steps, spacing="trailing", clip_x0=False),
+    ):
+        assert not torch.allclose(ours, other, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unipc_converges_to_the_exact_ode_solution(kind):
+    """Two-mode data on the logsnr grid: UniPC (order 2 + corrector) cuts the error > 3.5x from 10 to 20 steps
+    (6.7-12x measured; DPM-Solver++(2M) 2.3-4x) and is > 1.5x closer than DPM-Solver++(2M) at 20 steps; order 3 too
+    reaches the exact map."""
+    schedule = NoiseSchedule(kind=kind, num_steps=1000, prediction="v")
+    model, noise = TWO_MODES.model(schedule), torch.randn(256, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    exact = TWO_MODES.ode_solution(schedule, noise)
+
+    def err(sampler, steps, **kw):
+        x = sampler(model, schedule, noise, steps=steps, spacing="logsnr", clip_x0=False, **kw)
+        return (x - exact).abs().max().item()
+
+    e10, e20, e40 = (err(unipc_sample, n) for n in (10, 20, 40))
+    assert e20 < e10 / 3.5 and e40 < 0.005, (e10, e20, e40)
+    assert e20 < err(dpmpp_sample, 20) / 1.5, (e20, err(dpmpp_sample, 20))
+    assert err(unipc_sample, 40, order=3) < 0.005

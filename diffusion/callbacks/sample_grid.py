@@ -39,12 +39,20 @@ def generate(
     and FID: sample i starts from noise seeded seed + i and, for conditional models, is conditioned on condition
     i mod K of the conditioning's K `preview_conditions()` (the classes, or a text model's preview prompts). So
     which samples exist depends only on the indices, not on how they are split into batches or across ranks.
+    Guided with the scale the conditioning recommends (`conditioning.guidance`, as sample.py by default).
     `precision` is the network's autocast precision ("bf16" under a bf16 trainer); the sampler's stays fp32."""
     indices = list(indices)
     previews = model.conditioning.preview_conditions()
     conditions = [previews[i % len(previews)] for i in indices] if previews else None
     seeds = [seed + i for i in indices]
-    return model.generate(conditions, seeds=seeds, sampler=sampler, batch_size=batch_size, precision=precision)
+    return model.generate(
+        conditions,
+        seeds=seeds,
+        sampler=sampler,
+        guidance=model.conditioning.guidance,
+        batch_size=batch_size,
+        precision=precision,
+    )
 
 
 class SampleGrid(L.Callback):

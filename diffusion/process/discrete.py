@@ -311,8 +311,9 @@ class NoiseSchedule(Process):
         return import_diffusers().DDPMScheduler(**scheduler_config(self))
 
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[int]:
-        """`sampling_timesteps` (all T for steps=None); spacing None is logsnr for dpmpp, else trailing."""
-        spacing = spacing or ("logsnr" if sampler == "dpmpp" else "trailing")
+        """`sampling_timesteps` (all T for steps=None); spacing None is trailing for every sampler (measured best
+        on the default run's checkpoint, docs/sampling.md)."""
+        spacing = spacing or "trailing"
         T = self.num_steps
         return sampling_timesteps(T, T if steps is None else steps, spacing, alpha_bar=self.alpha_bar)
 
