@@ -403,6 +403,7 @@ def unipc_sample(
     generator: Generators = None,
     clip_x0: bool = True,
     progress: bool = False,
+    edit: Edit | None = None,
 ) -> Tensor:
     """UniPC, Zhao et al. 2023 ("UniPC: a unified predictor-corrector framework"): multistep UniP-p predictor and
     UniC corrector in data prediction with B(h) = e^h - 1 (`_unipc_step`), as diffusers' `UniPCMultistepScheduler`
@@ -418,9 +419,9 @@ def unipc_sample(
     """
     if order not in (1, 2, 3):
         raise ConfigError(f"sampler.order={order} must be 1, 2 or 3")
-    grid = _grid(process, steps, spacing, "unipc")
+    grid = _grid(process, steps, spacing, "unipc", edit)
     denoise = _denoiser(model, process, clip_x0)
-    x = noise * process.initial_scale(grid[0])
+    x = _start(process, grid, noise, edit)
     x0s: list[Tensor] = []  # data predictions at the visited levels with a finite log-SNR, newest first
     lambdas: list[float] = []
     x_prev, prev_order = None, 0  # the sample before the last predictor step, and that step's order
@@ -434,6 +435,7 @@ def unipc_sample(
             alpha_p, sigma_p = process.alpha_sigma64(grid[j - 1])
             x = _unipc_step(x_prev, x0s[:prev_order], lambdas[:prev_order], lambda_t=lambda_s, alpha_t=alpha_s,
                             ratio=sigma_s / sigma_p, x0_t=x0)  # fmt: skip
+            x = _keep(process, x, grid[j], noise, edit)  # the corrector moved the kept region too
         # the start of a flow grid (lambda = -inf) serves its own step and the corrector after it, no later step
         finite = [(a, lam) for a, lam in zip(x0s, lambdas) if math.isfinite(lam)]
         x0s, lambdas = [x0, *(a for a, _ in finite)][:order], [lambda_s, *(lam for _, lam in finite)][:order]
@@ -442,6 +444,7 @@ def unipc_sample(
         x_prev, prev_order = x, this_order
         x = _unipc_step(x, x0s[:this_order], lambdas[:this_order], lambda_t=lambda_t, alpha_t=alpha_t,
                         ratio=sigma_t / sigma_s)  # fmt: skip
+        x = _keep(process, x, grid[j + 1], noise, edit)
     return x.clamp(-1, 1) if clip_x0 else x
 
 

@@ -21,6 +21,7 @@ from diffusion.samplers import (
     dpmpp_sample,
     euler_sample,
     heun_sample,
+    unipc_sample,
 )
 from tests.conftest import tiny_unet
 
@@ -30,6 +31,7 @@ SAMPLERS = {
     "dpmpp": partial(dpmpp_sample, steps=5),
     "euler": partial(euler_sample, steps=5),
     "heun": partial(heun_sample, steps=4),
+    "unipc": partial(unipc_sample, steps=5),  # multistep with a corrector: the kept region after both
 }
 PROCESSES = {"discrete": lambda: NoiseSchedule(num_steps=50), "edm": EDM, "flow": Flow}
 SEEDS = [3, 4, 5]
