@@ -28,8 +28,9 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *, freq
     first. Frequency i is max_period^(-i / (half - freq_shift)); freq_shift=1 spans 1 .. 1/max_period exactly
     (diffusers' `downscale_freq_shift`, which its DiT uses)."""
     half = dim // 2
-    exponent = torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:
