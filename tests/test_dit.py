@@ -264,7 +264,7 @@ def test_sample_and_export_a_dit_checkpoint(tmp_path, class_run):
     assert result.returncode == 0, result.stderr[-2000:]
     transformer = diffusers.DiTTransformer2DModel.from_pretrained(str(tmp_path / "hf" / "transformer")).eval()
     scheduler = diffusers.DDPMScheduler.from_pretrained(str(tmp_path / "hf" / "scheduler"))
-    assert scheduler.config.num_train_timesteps == 50 and scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.num_train_timesteps == 50 and scheduler.config.prediction_type == "v_prediction"
     x, t = inputs(c=1, s=16)
     y = torch.tensor([3, 10, 9])
     with torch.no_grad():
@@ -278,7 +278,14 @@ def test_sample_and_export_a_dit_checkpoint(tmp_path, class_run):
 @pytest.mark.slow
 def test_init_from_at_another_size_then_lora(tmp_path, class_run):
     """The position embeddings follow the grid: a 16x16 DiT starts a 24x24 run strictly; then LoRA on it."""
-    bigger = ["data=folder", "data.image_size=24", "data.channels=1", "data.num_workers=0", "data.batch_size=4"]
+    bigger = [
+        "data=folder",
+        "data.labels=true",
+        "data.image_size=24",
+        "data.channels=1",
+        "data.num_workers=0",
+        "data.batch_size=4",
+    ]
     from tests.conftest import write_image
 
     for i in range(8):
