@@ -236,11 +236,32 @@ def test_latent_dit_on_a_vae_codec(tmp_path):
 
 @pytest.fixture(scope="module")
 def class_run(tmp_path_factory):
-    """A class-conditional DiT trained 2 steps with EMA (the default) and post-hoc EMA."""
-    run = tmp_path_factory.mktemp("dit") / "run"
-    posthoc = ["callbacks=[default,posthoc_ema]", "callbacks.posthoc_ema.every_n_steps=1"]
-    run_train(run, [*E2E, *CONDITIONING["class"], "process=cosine", "process.num_steps=50", *posthoc], tiny=False)
+    """A class-conditional DiT trained 2 steps with EMA (the default), post-hoc EMA and FID (random features)."""
+    tmp = tmp_path_factory.mktemp("dit")
+    callbacks = [
+        "callbacks=[default,posthoc_ema,fid]",
+        "callbacks.posthoc_ema.every_n_steps=1",
+        "callbacks.fid.feature_extractor={_target_:diffusion.callbacks.fid.RandomFeatures,_partial_:true,num_features:8}",
+        "callbacks.fid.num_samples=6",
+        "callbacks.fid.num_real=40",
+        "callbacks.fid.every_n_steps=2",
+        "callbacks.fid.batch_size=16",
+        "callbacks.fid.kid_subset_size=5",
+        f"callbacks.fid.cache_dir={tmp / 'cache'}",
+    ]
+    run = tmp / "run"
+    common = [*E2E, *CONDITIONING["class"], "process=cosine", "process.num_steps=50", *callbacks, "logger=csv"]
+    run_train(run, common, tiny=False)
     return run
+
+
+def test_fid_and_posthoc_ema_of_a_dit_run(class_run):
+    import csv
+
+    with open(class_run / "csv" / "version_0" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/fid")]
+    assert [int(r["step"]) for r in rows] == [2] and float(rows[0]["val/fid"]) > 0
+    assert len(list((class_run / "ema_snapshots").glob("step_*.pt"))) == 2 * 2  # 2 steps x 2 profiles
 
 
 @pytest.mark.slow
@@ -299,7 +320,7 @@ def test_init_from_at_another_size_then_lora(tmp_path, class_run):
     run_train(lora, [*common, f"init_from={run}", "finetune=lora", "finetune.rank=2", "optim.lr=1e-2"], tiny=False)
     ckpt = read_checkpoint(lora / "checkpoints" / "last.ckpt")
     assert ckpt["diffusion"]["net"]["target"] == "diffusion.finetune.LoRANet"
-    assert {k.split(".")[3] for k in ckpt["state_dict"]} == {"attn", "mlp"}  # model.net.net.blocks.<i>.<part>...
+    assert {k.split(".")[5] for k in ckpt["state_dict"]} == {"attn", "mlp"}  # model.net.net.blocks.<i>.<part>...
     assert any(v.abs().sum() > 0 for k, v in ckpt["state_dict"].items() if "lora_B" in k)
 
 
