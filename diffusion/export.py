@@ -12,6 +12,9 @@
   - flow: a `FlowMatchEulerDiscreteScheduler` (shift, num_train_timesteps = the network's time scale):
     `set_timesteps(sigmas=1 - i / steps)` and the loop are our `euler_sample`; `DDPMPipeline.__call__` runs the
     same Euler steps on diffusers' own grid, which ends at t = shift(1/1000) instead of stepping evenly to 0.
+  For a DiT (`model=dit_*`, `diffusion.dit`) without cross-attention: `transformer/`, a `DiTTransformer2DModel`
+  holding our weights (its outputs equal ours), and `scheduler/` as above; `DiTPipeline` needs a VAE and eps
+  prediction besides, so the folder is its parts, not a pipeline (docs/dit.md shows the loop).
 - `lora`: for LoRA fine-tunes of a Stable Diffusion-class U-Net (`experiment=sd_lora`), the adapters in diffusers'
   LoRA format (`pytorch_lora_weights.safetensors`, peft's state dict converted with diffusers'
   `convert_state_dict_to_diffusers`, written by `StableDiffusionPipeline.save_lora_weights`); it loads with
@@ -59,9 +62,14 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def check_diffusers_exportable(model: DiffusionModel) -> None:
-    """A ValueError unless DDPMPipeline can run this network: a diffusers U-Net without class labels."""
+    """A ValueError unless diffusers has this network's class: a diffusers U-Net without class labels (for
+    DDPMPipeline), or a DiT without cross-attention (DiTTransformer2DModel)."""
     from diffusion.diffusers_unet import DiffusersUNet
+    from diffusion.dit import DiT, diffusers_config
 
+    if isinstance(model.net, DiT):
+        diffusers_config(model.net)  # a ConfigError where diffusers has no class with its architecture
+        return
     if not isinstance(model.net, DiffusersUNet):
         raise ConfigError(
             f"format=diffusers needs a diffusers-backed model (model=diffusers_unet); this checkpoint holds "
@@ -75,10 +83,20 @@ def check_diffusers_exportable(model: DiffusionModel) -> None:
 
 
 def export_diffusers(model: DiffusionModel, out: Path) -> None:
-    """Write a DDPMPipeline folder for a diffusers-backed network."""
+    """Write a DDPMPipeline folder for a diffusers-backed network; transformer/ + scheduler/ for a DiT."""
+    from diffusion.dit import DiT, to_diffusers
     from diffusion.optional import import_diffusers
 
     check_diffusers_exportable(model)
+    if isinstance(model.net, DiT):
+        transformer, scheduler = to_diffusers(model.net), model.process.diffusers_scheduler()
+
+        def parts(folder: str) -> None:
+            transformer.save_pretrained(str(Path(folder) / "transformer"))
+            scheduler.save_pretrained(str(Path(folder) / "scheduler"))
+
+        write_folder(out, parts)
+        return
     pipeline = import_diffusers().DDPMPipeline(unet=model.net.unet, scheduler=model.process.diffusers_scheduler())
     write_folder(out, pipeline.save_pretrained)
 

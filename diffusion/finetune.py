@@ -155,6 +155,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "diffusion.diffusers_unet.DiffusersCondUNet": ["to_q", "to_k", "to_v", "to_out.0"],
     "diffusion.diffusers_unet.DiffusersUNet": ["to_q", "to_k", "to_v", "to_out.0"],
     "diffusion.unet.UNet": ["qkv", "q", "kv", "proj"],  # self- and cross-attention's projections
+    "diffusion.dit.DiT": ["qkv", "q", "kv", "proj", "fc1", "fc2"],  # attention's projections and the MLP
 }
 
 
@@ -188,7 +189,8 @@ class LoRA:
         rank: r, the adapters' rank.
         alpha: the update's scale is alpha / rank; null: alpha = rank.
         target_modules: names (or name suffixes) of the Linear / Conv layers to adapt; null: the network's attention
-            projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets; qkv, q, kv, proj in ours).
+            projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets; qkv, q, kv, proj in our
+            U-Net; those and the MLP's fc1, fc2 in the DiT).
         dropout: dropout on the adapters' input.
     """
 

@@ -23,10 +23,14 @@ from diffusion.errors import ConfigError
 from diffusion.networks import register_network
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer: (B,) -> (B, dim)."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *, freq_shift: float = 0.0) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, as in the Transformer: (B,) -> (B, dim), cosines
+    first. Frequency i is max_period^(-i / (half - freq_shift)); freq_shift=1 spans 1 .. 1/max_period exactly
+    (diffusers' `downscale_freq_shift`, which its DiT uses)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift)
+    )
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     if dim % 2:

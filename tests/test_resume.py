@@ -48,16 +48,20 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 # read is the step-3 save in on_train_batch_end (a preemption's or a periodic refresh's); a last.ckpt written in
 # on_train_end right after an epoch's last batch holds Lightning's loop counters in a state from which Lightning
 # itself resumes one batch short (ResumeCheckpoint should write its final save in on_train_batch_end).
+# The DiT (diffusion/dit.py) goes through the same path: its mid-epoch case.
 @pytest.mark.parametrize(
-    ("stop", "every", "position"), [(4, 2, (1, 512)), (3, 1, (0, 3 * 512))], ids=["mid-epoch", "epoch-end"]
+    ("stop", "every", "position", "model"),
+    [(4, 2, (1, 512), "unet_tiny"), (3, 1, (0, 3 * 512), "unet_tiny"), (4, 2, (1, 512), "dit_tiny")],
+    ids=["mid-epoch", "epoch-end", "dit-mid-epoch"],
 )
-def test_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path, stop, every, position):
+def test_stopped_and_resumed_ends_as_the_uninterrupted_run(tmp_path, stop, every, position, model):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_train(straight, [*EXACT, "trainer.max_steps=8"])
+    exact = [f"model={model}", *EXACT]
+    run_train(straight, [*exact, "trainer.max_steps=8"])
     saves = f"callbacks.model_checkpoint.every_n_train_steps={every}"
-    run_train(split, [*EXACT, saves, f"trainer.max_steps={stop}"])
+    run_train(split, [*exact, saves, f"trainer.max_steps={stop}"])
     half = read_checkpoint(str(split / "checkpoints" / "last.ckpt"))
-    run_train(split, [*EXACT, saves, "trainer.max_steps=8", f"ckpt_path={split}"])
+    run_train(split, [*exact, saves, "trainer.max_steps=8", f"ckpt_path={split}"])
 
     a = read_checkpoint(str(straight / "checkpoints" / "last.ckpt"))
     b = read_checkpoint(str(split / "checkpoints" / "last.ckpt"))
