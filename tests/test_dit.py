@@ -185,7 +185,6 @@ CONDITIONING = {
     "text": [
         "experiment=digits_text",
         "model=dit_tiny",
-        "~model.attention_resolutions",  # the experiment's U-Net key
         "conditioning.encoder.dim=16",
         "conditioning.encoder.depth=1",
     ],
