@@ -97,6 +97,9 @@ class RunFolderGuard(Callback):
         hold_run_folder(Path(str(config.hydra.sweep.dir)).absolute(), key="hydra.sweep.dir")
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # The default hydra.run.dir reaches ${hydra:runtime.cwd} through paths.runs_dir, which resolves only once
+        # HydraConfig is set (Hydra sets it after this callback): set it now, as for a sweep above.
+        HydraConfig.instance().set_config(config)
         refuse_secrets(config)
         run = Path(str(config.hydra.run.dir)).absolute()
         resuming = (
