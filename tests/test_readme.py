@@ -281,6 +281,10 @@ def run_quickstart(session: Session, argv: list[str]) -> None:
     root = session.new_root()
     result = run_cli("train.py", *argv[2:], *TINY_TRAIN, cwd=root, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    # a newcomer's first screen: no warning they cannot act on (Hydra's callback error, Lightning's hints)
+    screen = result.stdout + result.stderr
+    for noise in ("Warning", "InterpolationResolutionError", "litlogger", "logging interval", "weights_only"):
+        assert noise not in screen, f"the quick start prints {noise!r}:\n{screen[-3000:]}"
     (run,) = (root / "outputs" / "train").iterdir()
     # what the README's run-folder table promises
     for pattern in (
