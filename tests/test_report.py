@@ -50,9 +50,12 @@ def test_report_writes_plots_and_a_self_contained_page(tmp_path):
     assert names == sorted(
         f"{n}.png" for n in ("loss", "val_loss_buckets", "lr", "fid_kid", "images_per_sec", "samples")
     )
-    for png in (tmp_path / "report").iterdir():
+    for png in (tmp_path / "report").glob("*.png"):
         with Image.open(png) as im:
-            assert im.width > 100 and im.height > 100
+            if png.name == "samples.png":  # 8 grids of 40 px, 8 px apart, under a 16 px line of step labels
+                assert im.size == (8 * 40 + 7 * 8, 40 + 16)
+            else:
+                assert im.width > 300 and im.height > 200
     text = page.read_text()
     sources = re.findall(r'src="([^"]+)"', text)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)  # nothing to fetch: offline
