@@ -1,5 +1,6 @@
 """Export a checkpoint: python export.py ckpt=PATH out=DIR [format=diffusers|safetensors|ckpt|lora|pipeline]
-[use_ema=true] [ema.sigma_rel=0.08 | ema.sigma_rel=[0.05,0.08,0.12]].
+[use_ema=true] [ema.sigma_rel=0.08 | ema.sigma_rel=[0.05,0.08,0.12]]. Without format=, what the checkpoint is:
+diffusers for model=diffusers_unet, lora for a LoRA run, pipeline for experiment=sd_full, safetensors otherwise.
 
 `format=diffusers` writes a DDPMPipeline folder (for model=diffusers_unet) that loads with
 `diffusers.DDPMPipeline.from_pretrained(DIR)`; `format=safetensors` writes model.safetensors + config.json for
@@ -118,7 +119,7 @@ def run(cfg: DictConfig) -> None:
     )
     log.info(
         f"exported {ckpt} ({type(model.net).__name__}, {model.weights} weights, step {model.global_step}) "
-        f"as {cfg.format} to {cfg.out}"
+        f"as {model.export_format} to {cfg.out}"
     )
 
 

@@ -86,7 +86,6 @@ def prepare_out(out: Path, *, overwrite: bool) -> None:
 def sample(cfg: DictConfig) -> Path:
     import numpy as np
     from PIL import Image
-    from torchvision.utils import make_grid, save_image
 
     from diffusion.data import to_unit_range
     from diffusion.files import atomic_write
@@ -101,6 +100,7 @@ def sample(cfg: DictConfig) -> Path:
         resolve_device,
         to_uint8,
     )
+    from diffusion.grid import save_grid
     from diffusion.samplers import check_precision, check_sampler
 
     # 1. check the plain options before touching the checkpoint
@@ -175,8 +175,7 @@ def sample(cfg: DictConfig) -> Path:
         image = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
         atomic_write(out / "images" / f"{k:06d}.png", partial(image.save, format="PNG"), fsync=False)
     nrow = cfg.nrow or (cfg.n if len(rows) > 1 else math.ceil(math.sqrt(len(items))))
-    grid = make_grid(pixels, nrow=nrow, padding=1, pad_value=1.0)
-    atomic_write(out / "grid.png", lambda f: save_image(grid, f, format="PNG"))
+    save_grid(pixels, out / "grid.png", nrow=nrow)  # small images enlarged (diffusion/grid.py)
     written = ["grid.png", f"images/ ({len(items)} PNGs)"]
     prompts = rows != [None] and all(isinstance(row, str) for row in rows)
     if prompts:  # each image's prompt (Hugging Face imagefolder metadata): a captioned folder

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -97,6 +98,9 @@ class RunFolderGuard(Callback):
         hold_run_folder(Path(str(config.hydra.sweep.dir)).absolute(), key="hydra.sweep.dir")
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # The default hydra.run.dir reaches ${hydra:runtime.cwd} through paths.runs_dir, which resolves only once
+        # HydraConfig is set (Hydra sets it after this callback): set it now, as for a sweep above.
+        HydraConfig.instance().set_config(config)
         refuse_secrets(config)
         run = Path(str(config.hydra.run.dir)).absolute()
         resuming = (
@@ -289,16 +293,45 @@ class SweepReport(Callback):
         log.warning("\n".join(lines))
 
 
+# Lightning's messages that a user of this project cannot act on, kept off the first screen (and train.log): the
+# runs count steps (an epoch of the built-in digits is 12 batches, fewer than log_every_n_steps, which is fine),
+# the model summary callback is ours, and a cloud-logging advertisement.
+QUIET_MESSAGES = (
+    "is smaller than the logging interval",
+    "Trainer already configured with model summary callbacks",
+    "litlogger",
+    "`weights_only` was not set",
+    "isinstance(treespec, LeafSpec)` is deprecated",
+)
+
+
+class QuietFilter(logging.Filter):
+    """Drops the log records (and warnings, through logging) whose message holds one of QUIET_MESSAGES."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in QUIET_MESSAGES)
+
+
+QUIET = QuietFilter()
+
+
 def lightning_logging() -> None:
     """Lightning's messages through Hydra's logging only, at the level hydra.verbose asks.
 
     Hydra's console and train.log show them already, so Lightning's own stderr handler (it would print each
-    twice) is dropped; and importing Lightning sets its logger to INFO after Hydra configured the levels, so a
-    `hydra.verbose` that names it (debug=fdr: each hook call, in order) is applied again.
+    twice) is dropped, and so are the messages in QUIET_MESSAGES; and importing Lightning sets its logger to INFO
+    after Hydra configured the levels, so a `hydra.verbose` that names it (debug=fdr: each hook call, in order) is
+    applied again.
     """
     if logging.getLogger().handlers:
         for handler in list(logging.getLogger("lightning").handlers):
             logging.getLogger("lightning").removeHandler(handler)
+    for handler in logging.getLogger().handlers:
+        if QUIET not in handler.filters:
+            handler.addFilter(QUIET)
+    for text in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=f".*{re.escape(text)}")
     verbose = HydraConfig.get().verbose if HydraConfig.initialized() else False
     if verbose is True:  # every logger
         names = ["lightning.pytorch", "lightning.fabric"]

@@ -20,6 +20,7 @@ import torch
 from diffusion.conditioning import ClassConditioning, TextConditioning
 from diffusion.errors import ConfigError, UserError
 from diffusion.generation import edit_inputs, image_shape, image_tensor, mask_tensor, nonfinite_warning, to_uint8
+from diffusion.optional import require
 from diffusion.samplers import SamplePrecision, check_sampler
 
 log = logging.getLogger(__name__)
@@ -28,12 +29,8 @@ MAX_BATCH = 16
 
 
 def import_gradio():
-    """The gradio module, or a one-line ConfigError saying which extra installs it."""
-    try:
-        import gradio
-    except ImportError:
-        raise ConfigError('demo.py needs gradio: pip install -e ".[demo]"') from None
-    return gradio
+    """The gradio module, or a one-line MissingPackageError saying which extra installs it."""
+    return require("gradio", feature="demo.py")
 
 
 def editor_inputs(editor, *, channels: int, size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:

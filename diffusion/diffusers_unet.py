@@ -81,7 +81,7 @@ class DiffusersUNet(nn.Module):
         unet: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        UNet2DModel = import_diffusers().UNet2DModel
+        UNet2DModel = import_diffusers("model=diffusers_unet").UNet2DModel
         if num_classes is not None and num_classes < 1:
             raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
         source = load_pretrained_unet(pretrained) if pretrained else None
@@ -178,7 +178,7 @@ class DiffusersCondUNet(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        UNet2DConditionModel = import_diffusers().UNet2DConditionModel
+        UNet2DConditionModel = import_diffusers("model=sd_unet").UNet2DConditionModel
         source = load_pretrained_unet(pretrained, "UNet2DConditionModel") if pretrained else None
         config = dict(source.config) if source is not None else dict(unet or {})
         config = {k: _plain(v) for k, v in config.items() if not k.startswith(_PRIVATE_PREFIX)}

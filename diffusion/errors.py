@@ -36,6 +36,10 @@ class BadFileError(UserError, ValueError):
     """A file the user gave (checkpoint, weights, image, cache) exists but its contents cannot be used."""
 
 
+class MissingPackageError(UserError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed (`diffusion.optional.require` names the extra)."""
+
+
 class PathError(UserError, OSError):
     """A path the user gave cannot be read or written."""
 

@@ -37,6 +37,7 @@ Any format can carry a post-hoc EMA (`sigma_rel`, see `diffusion.posthoc`) inste
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Literal, get_args
@@ -49,6 +50,7 @@ from diffusion.files import atomic_write, write_bytes, write_folder
 from diffusion.model import EXPORT_CONDITIONING, EXPORT_CONFIG, EXPORT_EXTRA_STATE, EXPORT_WEIGHTS, DiffusionModel
 from diffusion.state import is_plain
 
+log = logging.getLogger(__name__)
 ExportFormat = Literal["diffusers", "safetensors", "ckpt", "lora", "pipeline"]
 CKPT_NAME = "model.ckpt"
 
@@ -71,15 +73,38 @@ def check_diffusers_exportable(model: DiffusionModel) -> None:
         diffusers_config(model.net)  # a ConfigError where diffusers has no class with its architecture
         return
     if not isinstance(model.net, DiffusersUNet):
+        instead = default_format(model)
         raise ConfigError(
             f"format=diffusers needs a diffusers-backed model (model=diffusers_unet); this checkpoint holds "
-            f"{type(model.net).__name__}: use format=safetensors"
+            f"{type(model.net).__name__}: use format={instead if instead != 'diffusers' else 'safetensors'}"
         )
     if model.net.num_classes:
         raise ConfigError(
             f"format=diffusers: DDPMPipeline cannot pass class labels, and this model is class-conditional "
             f"(num_classes={model.net.num_classes}); use format=safetensors"
         )
+
+
+def default_format(model: DiffusionModel) -> str:
+    """What the checkpoint is, as an export format: `lora` for a LoRA fine-tune, `pipeline` for a full fine-tune of
+    a pretrained Stable Diffusion pipeline, `diffusers` for an unconditional diffusers U-Net, else `safetensors`."""
+    from diffusion.diffusers_unet import DiffusersCondUNet, DiffusersUNet
+    from diffusion.dit import DiT, diffusers_config
+    from diffusion.finetune import LoRANet
+
+    if isinstance(model.net, LoRANet):
+        return "lora"
+    if isinstance(model.net, DiffusersCondUNet) and model.codec is not None and model.codec.config.get("kind") == "vae":
+        return "pipeline"
+    if isinstance(model.net, DiffusersUNet) and not model.net.num_classes:
+        return "diffusers"
+    if isinstance(model.net, DiT):
+        try:
+            diffusers_config(model.net)  # DiTTransformer2DModel; a text DiT (PixArt-style) has no diffusers twin
+            return "diffusers"
+        except ConfigError:
+            return "safetensors"
+    return "safetensors"
 
 
 def export_diffusers(model: DiffusionModel, out: Path) -> None:
@@ -97,7 +122,9 @@ def export_diffusers(model: DiffusionModel, out: Path) -> None:
 
         write_folder(out, parts)
         return
-    pipeline = import_diffusers().DDPMPipeline(unet=model.net.unet, scheduler=model.process.diffusers_scheduler())
+    pipeline = import_diffusers("format=diffusers").DDPMPipeline(
+        unet=model.net.unet, scheduler=model.process.diffusers_scheduler()
+    )
     write_folder(out, pipeline.save_pretrained)
 
 
@@ -174,8 +201,9 @@ CHECKS = {"diffusers": check_diffusers_exportable, "lora": check_lora_exportable
 
 def lora_layers(model: DiffusionModel) -> dict[str, torch.Tensor]:
     """The adapters as diffusers' LoRA state dict of the UNet2DConditionModel (alpha / rank folded into B)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusion.optional import require
 
+    convert_state_dict_to_diffusers = require("diffusers.utils", feature="format=lora").convert_state_dict_to_diffusers
     state = model.net.adapter_state_dict()  # peft keys of the adapter wrapper: "unet.<module>.lora_A.weight"
     scale = model.net.config["alpha"] / model.net.config["rank"]
     state = {k.removeprefix("unet."): (v * scale if ".lora_B." in k else v) for k, v in state.items()}
@@ -187,7 +215,7 @@ def export_lora(model: DiffusionModel, out: Path) -> None:
     from diffusion.optional import import_diffusers
 
     layers = lora_layers(model)
-    pipeline = import_diffusers().StableDiffusionPipeline
+    pipeline = import_diffusers("format=lora / format=pipeline").StableDiffusionPipeline
     write_folder(
         out, lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
     )
@@ -200,7 +228,7 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
 
     net = sd_unet(model, "pipeline")
     parts = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = import_diffusers().StableDiffusionPipeline
+    pipeline = import_diffusers("format=lora / format=pipeline").StableDiffusionPipeline
     if isinstance(model.net, LoRANet):  # the base U-Net with the adapters merged in
         base = model.net.config["source"]["path"]
         pipe = pipeline.from_pretrained(base, **parts)
@@ -219,13 +247,14 @@ def export(
     ckpt: str | Path,
     out: str | Path,
     *,
-    format: ExportFormat = "diffusers",
+    format: ExportFormat | None = None,
     use_ema: bool = True,
     overwrite: bool = False,
     sigma_rel: float | None = None,
     snapshots: str | Path | None = None,
 ) -> DiffusionModel:
-    """Export checkpoint `ckpt` into folder `out` in `format`; returns the model that was written.
+    """Export checkpoint `ckpt` into folder `out` in `format` (None: `default_format`, what the checkpoint is);
+    returns the model that was written.
 
     `sigma_rel`: export the post-hoc EMA of that length, rebuilt from the run's snapshots (`snapshots`, default
     `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA. Each format's files are written
@@ -234,11 +263,15 @@ def export(
     """
     from diffusion.posthoc import with_posthoc_ema
 
-    if format not in get_args(ExportFormat):
+    if format is not None and format not in get_args(ExportFormat):
         raise ConfigError(f"format={format!r} is not one of {', '.join(map(repr, get_args(ExportFormat)))}")
     out = Path(out).expanduser()
     model = DiffusionModel.from_checkpoint(ckpt, use_ema=use_ema)
     model = with_posthoc_ema(model, ckpt, sigma_rel=sigma_rel, snapshots=snapshots, use_ema=use_ema)
+    if format is None:
+        format = default_format(model)
+        log.info(f"format={format}: what this checkpoint is (another: format=safetensors|ckpt|...)")
+    model.export_format = format  # for the caller's message
     writer = {
         "diffusers": export_diffusers,
         "safetensors": export_safetensors,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from diffusion.checkpoint import CONDITIONING_PREFIX, net_state_dict, read_checkpoint, sub_state_dict
 from diffusion.errors import ConfigError
 from diffusion.networks import register_network
+from diffusion.optional import require
 
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
 
@@ -259,7 +260,8 @@ class LoRANet(nn.Module):
         net: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        from peft import LoraConfig, inject_adapter_in_model
+        peft = require("peft", feature="finetune=lora")
+        LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model  # noqa: N806
 
         from diffusion.networks import build_net, describe_net
         from diffusion.state import keep_in_state_dict
@@ -290,6 +292,4 @@ class LoRANet(nn.Module):
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """peft's adapter weights, keyed as in the base network (`get_peft_model_state_dict`)."""
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.net)
+        return require("peft", feature="finetune=lora").get_peft_model_state_dict(self.net)

@@ -20,13 +20,21 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from diffusion.extras import run_tags
 from diffusion.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+
+def tensorboard_logger(**kwargs) -> TensorBoardLogger:
+    """Lightning's TensorBoardLogger(**kwargs) (logger=tensorboard), or one line naming the extra to install."""
+    from diffusion.optional import require
+
+    require("tensorboard", feature="logger=tensorboard")
+    return TensorBoardLogger(**kwargs)
 
 
 def wandb_credentials_found() -> bool:

@@ -1,14 +1,43 @@
-"""Optional heavy dependencies, imported where they are used, with an error that says what to install."""
+"""Optional packages, imported where they are used: `require` imports one or stops with one line that names the
+feature that needs it and the extra of pyproject.toml that installs it (`pip install -e ".[text]"`).
+
+EXTRAS maps each optional import name to its extra; tests/test_imports.py checks that every package imported in
+diffusion/ is a base dependency or is listed here under an extra that declares it, and that each feature's
+message appears when its package is absent.
+"""
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 
-def import_diffusers():
-    """The diffusers module, or an ImportError saying how to install it."""
+from diffusion.errors import MissingPackageError
+
+EXTRAS = {  # import name -> the extra that installs it
+    "gradio": "demo",
+    "diffusers": "diffusers",
+    "transformers": "text",
+    "peft": "text",
+    "tensorboard": "tensorboard",
+    "torch_fidelity": "fid",
+    "obstore": "stream",
+    "datasets": "hf",
+}
+
+
+def require(name: str, *, feature: str) -> ModuleType:
+    """Module `name` (e.g. "peft" or "diffusers.utils"); a MissingPackageError naming `feature` (what the user
+    asked for, e.g. "finetune=lora") and the extra to install when its package is absent."""
+    package = name.split(".")[0]
     try:
-        import diffusers
+        return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(
-            "model=diffusers_unet and export format=diffusers need diffusers: pip install 'diffusers>=0.30' safetensors"
-        ) from e
-    return diffusers
+        if str(getattr(e, "name", None) or package).split(".")[0] != package:
+            raise  # the package is there but one of its own dependencies is broken: a real traceback
+        extra = EXTRAS[package]
+        raise MissingPackageError(f'{feature} needs {package}: pip install -e ".[{extra}]"') from e
+
+
+def import_diffusers(feature: str = "model=diffusers_unet, export.py format=diffusers") -> ModuleType:
+    """The diffusers module (see `require`)."""
+    return require("diffusers", feature=feature)

@@ -31,7 +31,7 @@ def _offline() -> bool:
 
 
 def _diffusers_class(name: str):
-    return getattr(import_diffusers(), name)
+    return getattr(import_diffusers("a diffusers pipeline (model.pretrained, codec=vae)"), name)
 
 
 def load_component(

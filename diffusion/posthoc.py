@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from diffusion.checkpoint import POSTHOC_KEY
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError
+from diffusion.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,7 @@ def reconstruct(
     snapshots: Sequence[Snapshot],
     step: int,
     key: str = "ema.sigma_rel",
+    show_progress: bool = True,
 ) -> Reconstruction:
     """The power-function EMA of `sigma_rel` at `step`, as `net`'s state dict, from `snapshots` (those up to
     `step`). `net` only gives the keys, shapes and dtypes: its floating-point parameters are combined
@@ -283,7 +285,13 @@ def reconstruct(
     params = {name for name, p in net.named_parameters() if p.is_floating_point()}
     total = {k: torch.zeros(ref[k].shape, dtype=torch.float64) for k in params}
     newest, newest_step = None, -1
-    for snap, coefficient in zip(snapshots, x, strict=True):
+    pairs = progress(
+        zip(snapshots, x, strict=True),
+        desc=f"post-hoc EMA {key}={sigma_rel}",
+        total=len(snapshots),
+        enabled=show_progress,
+    )
+    for snap, coefficient in pairs:
         state = snap.load()
         problems = weights_mismatch(net, state)
         if problems:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.errors import ConfigError, MissingPathError, PathError
+from diffusion.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,8 @@ class CLIPTextEncoder(nn.Module):
             raise ConfigError(f"conditioning.encoder.dtype={dtype!r} is not one of 'fp32', 'bf16', 'fp16'")
         if layer not in ("last", "penultimate"):
             raise ConfigError(f"conditioning.encoder.layer={layer!r} is not one of 'last', 'penultimate'")
-        from transformers import AutoTokenizer, CLIPTextModel
+        transformers = require("transformers", feature="conditioning=clip")
+        AutoTokenizer, CLIPTextModel = transformers.AutoTokenizer, transformers.CLIPTextModel  # noqa: N806
 
         folder = _local_folder(str(pretrained))
         model_sub, tok_sub = {}, {}

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from diffusion.errors import ConfigError
+from diffusion.errors import ConfigError, MissingPackageError
 from tests.conftest import CONF, run_train
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -41,7 +41,7 @@ def test_missing_extra_is_one_line(monkeypatch, ckpt):
     import demo
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio raises ImportError
-    with pytest.raises(ConfigError, match=r'^demo.py needs gradio: pip install -e "\.\[demo\]"$'):
+    with pytest.raises(MissingPackageError, match=r'^demo.py needs gradio: pip install -e "\.\[demo\]"$'):
         demo.build(compose_demo(f"ckpt={ckpt}"))
 
 

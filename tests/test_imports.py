@@ -141,3 +141,64 @@ def test_every_third_party_import_is_declared():
     assert not undeclared, f"imported in diffusion/ but declared nowhere in pyproject.toml: {undeclared}"
     missing = sorted(m for m in BASE_FEATURES if DISTRIBUTIONS.get(m, m).lower() not in base)
     assert not missing, f"the base features need {missing}, which are not base dependencies"
+
+
+def test_every_optional_package_has_its_extra():
+    """Each package diffusion/ imports that is no base dependency goes through `diffusion.optional.require`, which
+    names its extra; that extra declares it (so the message's `pip install -e ".[extra]"` installs it)."""
+    from diffusion.optional import EXTRAS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {requirement_name(r) for r in project["dependencies"]}
+    extras = {name: {requirement_name(r) for r in reqs} for name, reqs in project["optional-dependencies"].items()}
+    wrong = [f"{m} -> [{e}]" for m, e in EXTRAS.items() if DISTRIBUTIONS.get(m, m).replace("_", "-") not in extras[e]]
+    assert not wrong, f"diffusion.optional.EXTRAS names extras that do not declare the package: {wrong}"
+    direct = []
+    for path in (ROOT / "diffusion").rglob("*.py"):
+        for name in imported_names(path):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and DISTRIBUTIONS.get(top, top).lower() not in base | {"diffusion"}:
+                if top not in TRANSITIVE:
+                    direct.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not direct, f"optional packages imported directly (use diffusion.optional.require): {direct}"
+
+
+def _optional_features(tmp_path):
+    """(package, what uses it, the feature its message names): each optional feature, called as the code does."""
+    from diffusion.callbacks.fid import InceptionFeatures
+    from diffusion.data.hf import HFDataModule
+    from diffusion.data.shards import Location
+    from diffusion.diffusers_unet import DiffusersUNet
+    from diffusion.export import lora_layers
+    from diffusion.finetune import LoRANet
+    from diffusion.loggers import tensorboard_logger
+    from diffusion.text_encoders import CLIPTextEncoder
+
+    return [
+        ("diffusers", lambda: DiffusersUNet(image_size=8, in_channels=1), "model=diffusers_unet", "diffusers"),
+        ("diffusers", lambda: lora_layers(None), "format=lora", "diffusers"),
+        ("transformers", lambda: CLIPTextEncoder(pretrained="openai/clip"), "conditioning=clip", "text"),
+        ("peft", lambda: LoRANet(base={}, source={}, rank=1, alpha=1, target_modules=[]), "finetune=lora", "text"),
+        ("torch_fidelity", lambda: InceptionFeatures(), "callbacks.fid", "fid"),
+        ("obstore", lambda: Location("s3://bucket/shards").store(), "data.path=s3://bucket/shards", "stream"),
+        ("datasets", lambda: HFDataModule(path=str(tmp_path))._load("train"), "data=hf", "hf"),
+        ("tensorboard", lambda: tensorboard_logger(save_dir=str(tmp_path)), "logger=tensorboard", "tensorboard"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_a_missing_optional_package_is_one_line_naming_its_extra(index, tmp_path, monkeypatch):
+    """With its package absent (None in sys.modules: `import` raises ModuleNotFoundError), each optional feature
+    stops with a user error of one line that names the feature and the extra to install, which the command line
+    prints as `error: ...` without a traceback."""
+    from diffusion.errors import MissingPackageError, user_error_message
+
+    package, use, feature, extra = _optional_features(tmp_path)[index]
+    for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)
+    with pytest.raises(MissingPackageError) as info:
+        use()
+    message = user_error_message(info.value)
+    assert message is not None and "\n" not in message
+    assert feature in message and message.endswith(f'needs {package}: pip install -e ".[{extra}]"'), message

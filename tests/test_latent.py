@@ -186,4 +186,4 @@ def test_latent_cache_round_trip_key_and_training(tmp_path):
     from PIL import Image
 
     with Image.open(sorted((run / "samples").glob("*.png"))[-1]) as grid:
-        assert grid.size == (2 * 17 + 1, 2 * 17 + 1)  # 2x2 grid of 16x16 decoded pixels, 1-pixel padding
+        assert grid.size == (2 * 66 + 2, 2 * 66 + 2)  # 2x2 grid of 16x16 decoded pixels drawn 4x, 2-pixel padding

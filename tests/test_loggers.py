@@ -64,7 +64,7 @@ def test_wandb_offline_without_credentials_with_tensorboard_and_csv(tmp_path, mo
     assert any("train/loss" in h for h in history)
     images = [h for h in history if "samples/_type" in h]  # nested keys are flattened as samples/...
     assert len(images) == 1 and images[0]["samples/_type"] == "images/separated" and images[0]["samples/count"] == 1
-    assert images[0]["trainer/global_step"] == 2 and images[0]["samples/height"] == 2 * 17 + 1
+    assert images[0]["trainer/global_step"] == 2 and images[0]["samples/height"] == 2 * 66 + 2
     config = [r.config for r in records if r.WhichOneof("record_type") == "config"]
     keys = {item.key for c in config for item in c.update}
     assert {"model", "process", "callbacks"} <= keys  # the resolved config

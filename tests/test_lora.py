@@ -64,6 +64,12 @@ def test_lora_on_our_unet_through_train_resume_and_sample(tmp_path, base_ckpt):
     # 3. the base weights are bit-identical after training; the adapters moved
     loaded = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt", use_ema=False)
     assert isinstance(loaded.net, LoRANet)
+    # export.py without format= writes what it is (LoRA); format=diffusers is refused with that advice
+    from diffusion.export import check_diffusers_exportable, default_format
+
+    assert default_format(loaded) == "lora"
+    with pytest.raises(ValueError, match="holds LoRANet: use format=lora$"):
+        check_diffusers_exportable(loaded)
     base_state, _ = net_state_dict(read_checkpoint(base_ckpt))
     for name, value in loaded.net.net.state_dict().items():
         if "lora_" not in name:

@@ -30,7 +30,7 @@ from tests.conftest import CONF, ROOT, TINY, compose_train, run_cli, write_image
 README = (ROOT / "README.md").read_text()
 MARKS = {"gpu", "network", "dataset", "slurm", "minutes"}
 PLACEHOLDER_RUN = "outputs/train/2026-01-01_12-00-00"  # the README's example run folder
-CONFIGS = ("train", "sample", "export")
+CONFIGS = ("train", "sample", "export", "report")
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
 KEY_ROOTS = {*GROUPS, "module", "init"} - {"experiment"}
 FILE_SUFFIX = re.compile(r"\.(ya?ml|py|png|ckpt|csv|log|npz|npy|json|md|pt|pth|txt|safetensors)$")
@@ -281,6 +281,10 @@ def run_quickstart(session: Session, argv: list[str]) -> None:
     root = session.new_root()
     result = run_cli("train.py", *argv[2:], *TINY_TRAIN, cwd=root, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
+    # a newcomer's first screen: no warning they cannot act on (Hydra's callback error, Lightning's hints)
+    screen = result.stdout + result.stderr
+    for noise in ("Warning", "InterpolationResolutionError", "litlogger", "logging interval", "weights_only"):
+        assert noise not in screen, f"the quick start prints {noise!r}:\n{screen[-3000:]}"
     (run,) = (root / "outputs" / "train").iterdir()
     # what the README's run-folder table promises
     for pattern in (
@@ -293,6 +297,9 @@ def run_quickstart(session: Session, argv: list[str]) -> None:
         "samples/step_*.png",
         "csv/version_0/metrics.csv",
         "csv/version_0/hparams.yaml",
+        "report.html",
+        "report/loss.png",
+        "report/samples.png",
     ):
         assert list(run.glob(pattern)), f"the quick-start run folder lacks {pattern}"
     metrics = (run / "csv/version_0/metrics.csv").read_text().splitlines()[0]
@@ -374,6 +381,11 @@ def test_readme_command_runs(command: str, mark: str | None, session: Session, m
             run_train_inprocess(session, argv)
         elif argv[1] in ("sample.py", "export.py"):
             run_sample_or_export(session, argv)
+        elif argv[1] == "report.py":
+            import report
+
+            cfg = _compose("report", session.substitute(argv[2:], "base"), cwd=session.roots["base"])
+            assert report.report(cfg).is_file()
         elif argv[1:3] == ["-m", "diffusion.data.shards"]:
             from diffusion.data.shards import main
 
@@ -383,3 +395,67 @@ def test_readme_command_runs(command: str, mark: str | None, session: Session, m
             assert main([write, str(session.images(Path(src).name, labeled)), str(target), *flags]) == 0
         else:
             raise AssertionError(f"{command!r}: teach tests/test_readme.py to run it, or mark it # needs: ...")
+
+
+# --- what the README says the defaults are -----------------------------------------------------------------
+STATED = re.compile(r"`([a-z_]+(?:\.[a-z_]+)+)` = ([0-9][0-9.e+-]*(?:/[0-9]+)?)")
+
+
+def stated_value(cfg: DictConfig, key: str):
+    """`key`'s default: in the composed train config, or in the option file of a group the default leaves out
+    (`callbacks.posthoc_ema.every_n_steps` in conf/callbacks/posthoc_ema.yaml)."""
+    value = OmegaConf.select(cfg, key)
+    group, option, *_ = key.split(".") + [""]
+    if value is None and (CONF / group / f"{option}.yaml").is_file():
+        value = OmegaConf.select(OmegaConf.create(_load(CONF / group / f"{option}.yaml")), key.split(".", 1)[1])
+    return value
+
+
+def test_stated_defaults_are_the_defaults():
+    """Every "`key` = value" the README states is the default config's value (the numbers cannot drift again:
+    the README said `optim.lr` = 2e-3 and `trainer.val_check_interval` = 200 after both had changed)."""
+    cfg = _compose("train", [])
+    stated = STATED.findall(README)
+    assert len(stated) >= 5, "the README states defaults as `key` = value"
+    wrong = []
+    for key, value in stated:
+        actual = stated_value(cfg, key)
+        number = value.rstrip(".")
+        number = float(number.split("/")[0]) / float(number.split("/")[1]) if "/" in number else float(number)
+        if actual is None or abs(float(actual) - number) > 1e-12 * max(1.0, abs(number)):
+            wrong.append(f"`{key}` = {value} (the config has {actual})")
+    assert not wrong, "the README states stale defaults: " + "; ".join(wrong)
+
+
+def test_group_table_lists_every_option_and_the_defaults():
+    """The group table names every conf/<group>/*.yaml as an option of its group, and each "(default)" is the
+    option train.yaml picks."""
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (.*?) \|", README, flags=re.M))
+    cfg = _compose("train", [])
+    choices = cfg.hydra.runtime.choices
+    missing = []
+    for group in GROUPS:
+        if group == "local":  # your own, git-ignored (its example is named in the row)
+            continue
+        row = rows.get(group)
+        if row is None:
+            missing.append(f"{group}: no row")
+            continue
+        for path in sorted((CONF / group).glob("*.yaml")):
+            if f"`{path.stem}`" not in row:
+                missing.append(f"{group}={path.stem}")
+        for default in re.findall(r"`([a-z_0-9]+)` \(default", row):
+            if choices.get(group) != default:
+                missing.append(
+                    f"{group}: the README says {default} is the default, train.yaml picks {choices.get(group)}"
+                )
+    assert not missing, "the group table is out of date: " + ", ".join(missing)
+
+
+def test_a_prompt_with_a_comma_and_quotes_is_one_string():
+    """What the README says about prompts with commas: `'prompt="a cat, sitting"'` reaches sample.py whole."""
+    assert """`'prompt="a cat, sitting"'`""" in README
+    (override,) = shlex.split("""'prompt="a cat, sitting"'""")  # what the shell passes
+    assert _compose("sample", [override]).prompt == "a cat, sitting"
+    quotes = shlex.split("""'prompt="the \\"best\\" cat, sitting"'""")[0]
+    assert _compose("sample", [quotes]).prompt == 'the "best" cat, sitting'

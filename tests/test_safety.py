@@ -211,6 +211,22 @@ def test_refused_run_leaves_the_folder_byte_identical(tmp_path):
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == sorted([".hydra", "checkpoints", *before])
 
 
+def test_guard_works_with_the_default_run_dir(tmp_path, monkeypatch):
+    """The default hydra.run.dir reaches ${hydra:runtime.cwd} (paths.runs_dir) before Hydra has set its config:
+    the guard used to fail there with a UserWarning (InterpolationResolutionError) and let Hydra write .hydra/
+    into a folder with checkpoints. SLURM_JOB_ID names the default folder, so it can already exist."""
+    run = tmp_path / "outputs" / "train" / "4242"
+    (run / "checkpoints").mkdir(parents=True)
+    save_ckpt(run / "checkpoints" / "last.ckpt")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    result = run_cli("train.py", "model=unet_tiny", "trainer=cpu", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Warning" not in result.stderr and "InterpolationResolutionError" not in result.stderr
+    assert result.stderr.strip().startswith(f"error: run folder {run} already holds checkpoints")
+    assert not (run / ".hydra").exists()  # refused before Hydra wrote anything
+
+
 # 2.2 ----------------------------------------------------------------------------------------------------------
 
 

@@ -64,7 +64,7 @@ def test_cli_writes_files_and_reproduces_seeds(tmp_path, ckpt):
     images = read_images(tmp_path / "a")
     assert images.shape == (8, 16, 16) and images.dtype == np.uint8 and images.std() > 0
     with Image.open(tmp_path / "a" / "grid.png") as grid:
-        assert grid.size == (3 * 17 + 1, 3 * 17 + 1)  # 8 images, 3 per row, 1-pixel padding
+        assert grid.size == (3 * 66 + 2, 3 * 66 + 2)  # 8 images, 3 per row, 16 px enlarged 4x, 2-pixel padding
     npz = np.load(tmp_path / "a" / "samples.npz")
     assert npz["arr_0"].shape == (8, 16, 16, 1) and np.array_equal(npz["arr_0"][..., 0], images)
     assert not (tmp_path / "a" / ".hydra").exists()
@@ -95,7 +95,7 @@ def test_conditional_labels_and_guidance(tmp_path, cond_ckpt):
     npz = np.load(tmp_path / "rows" / "samples.npz")
     assert npz["arr_0"].shape == (6, 16, 16, 1) and npz["arr_1"].tolist() == [1, 1, 1, 2, 2, 2]
     with Image.open(tmp_path / "rows" / "grid.png") as grid:
-        assert grid.size == (3 * 17 + 1, 2 * 17 + 1)  # one row per label
+        assert grid.size == (3 * 66 + 2, 2 * 66 + 2)  # one row per label
     sample_in_process(tmp_path / "all", f"ckpt={cond_ckpt}", "sampler.steps=2", "n=1", "label=all")
     assert len(list((tmp_path / "all" / "images").iterdir())) == 10
     with pytest.raises(ValueError, match="label=10 is out of range: the model has classes 0..9"):

@@ -70,7 +70,7 @@ def test_grid_uses_ema_weights_and_writes_png(tmp_path):
     path = grid.save(trainer, module)
     assert path.name == "step_000001.png"
     with Image.open(path) as img:
-        assert img.size == (2 * 9 + 1, 2 * 9 + 1)
+        assert img.size == (2 * 66 + 2, 2 * 66 + 2)  # 8x8 images enlarged 8x to 64 px, 2-pixel padding
 
 
 class _LabelNet(torch.nn.Module):
@@ -93,9 +93,10 @@ def test_conditional_grid_has_one_row_per_class(tmp_path):
     trainer = SimpleNamespace(callbacks=[], global_step=3, loggers=[])
     path = SampleGrid(dirpath=str(tmp_path), sampler=show_model, num_images=7, nrow=7).save(trainer, module)
     with Image.open(path) as img:
-        assert img.size == (2 * 3 + 1, 3 * 3 + 1)  # 3 rows (classes) of 7 // 3 = 2 samples, 1-pixel padding
+        # 3 rows (classes) of 7 // 3 = 2 samples, 2x2 images enlarged 32x to 64 px, 2-pixel padding
+        assert img.size == (2 * 66 + 2, 3 * 66 + 2)
         pixels = torch.tensor(list(img.getdata()), dtype=torch.float32).view(img.size[1], img.size[0], -1)[..., 0]
     for k in range(3):
-        row = pixels[1 + 3 * k : 3 + 3 * k, 1:3]  # first sample of row k
+        row = pixels[2 + 66 * k : 66 + 66 * k, 2:66]  # first sample of row k
         expected = round(255 * (k / 10 + 1) / 2)  # to_unit_range(k / 10)
         assert (row - expected).abs().max() <= 1, (k, row)

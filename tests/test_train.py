@@ -20,8 +20,8 @@ def test_train_writes_checkpoint_grid_and_config(tmp_path):
     from PIL import Image
 
     with Image.open(run / "samples" / "step_000004.png") as img:
-        # 2x2 grid of 16x16 images with 1-pixel padding
-        assert img.size == (2 * 17 + 1, 2 * 17 + 1)
+        # 2x2 grid of 16x16 images
+        assert img.size == (2 * 66 + 2, 2 * 66 + 2)  # 16 px drawn 4x, 2-pixel padding
     assert metric is not None and metric > 0  # val/loss, returned for sweepers
     metrics = (run / "csv" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in metrics and "val/loss_t0-4" in metrics

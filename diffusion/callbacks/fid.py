@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -46,11 +47,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from diffusion.callbacks.ema import ema_weights
+from diffusion.callbacks.progress import bar_enabled
 from diffusion.callbacks.sample_grid import generate
 from diffusion.data import image_loader, to_unit_range
 from diffusion.data.base import _FlipBatch
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
 from diffusion.files import atomic_write
+from diffusion.progress import progress
 from diffusion.samplers import precision_from_trainer
 
 CACHE_FORMAT = 2
@@ -126,13 +129,12 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         if num_features not in (64, 192, 768, 2048):
             raise ConfigError(f"callbacks.fid.feature_extractor.num_features={num_features} is not 64/192/768/2048")
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as e:
-            raise ImportError(
-                "callbacks.fid needs torch-fidelity for the Inception features: pip install 'torch-fidelity>=0.3' "
-                "(the project's fid extra), or set callbacks.fid.feature_extractor"
-            ) from e
+        from diffusion.optional import require
+
+        feature = "callbacks.fid's Inception features (or set callbacks.fid.feature_extractor)"
+        FeatureExtractorInceptionV3 = require(  # noqa: N806 (a class)
+            "torch_fidelity.feature_extractor_inceptionv3", feature=feature
+        ).FeatureExtractorInceptionV3
         path = inception_weights_file(weights_path)
         name = f"callbacks.fid.weights_path={weights_path}" if weights_path else f"the Inception weights {path}"
         state, sha256 = load_weights(path, name=name)
@@ -318,13 +320,21 @@ def cache_path(cache_dir: str | Path, key: dict) -> Path:
 
 @torch.no_grad()
 def extract_features(
-    extractor: nn.Module, images: Dataset | Tensor, *, batch_size: int, device: torch.device, num_workers: int = 0
+    extractor: nn.Module,
+    images: Dataset | Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    bar: str | None = None,
 ) -> Tensor:
-    """(N, D) float32 CPU features of a dataset of (image, label) items or an (N, C, H, W) tensor in [-1, 1]."""
+    """(N, D) float32 CPU features of a dataset of (image, label) items or an (N, C, H, W) tensor in [-1, 1];
+    with a progress bar labelled `bar` when it is given."""
     if isinstance(images, Tensor):
         batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
     else:
         batches = (x for x, _ in image_loader(images, batch_size=batch_size, num_workers=num_workers))
+    batches = progress(batches, desc=bar or "", total=math.ceil(len(images) / batch_size), enabled=bar is not None)
     out = [extractor(x.to(device)).float().cpu() for x in batches]
     return torch.cat(out) if out else torch.empty(0, getattr(extractor, "num_features", 0))
 
@@ -359,6 +369,7 @@ def load_or_compute_real_features(
     batch_size: int,
     device: torch.device,
     num_workers: int = 0,
+    bar: bool = False,
 ) -> tuple[Tensor, Path, bool]:
     """(features, cache file, computed_now). Up to `num_real` images (a seed-0 random subset) of `dataset`.
 
@@ -378,7 +389,14 @@ def load_or_compute_real_features(
         dataset = Subset(dataset, sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        features = extract_features(extractor, dataset, batch_size=batch_size, device=device, num_workers=num_workers)
+        features = extract_features(
+            extractor,
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            bar=f"FID reference features ({n} images, once)" if bar else None,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     cached = {"features": features, "key": json.loads(json.dumps(key, default=str))}
     atomic_write(path, lambda f: torch.save(cached, f))  # a crash never leaves a half-written cache
@@ -482,7 +500,9 @@ class FID(L.Callback):
             num_workers=getattr(dm, "num_workers", 0),
         )
         if trainer.is_global_zero:
-            self.real, self.cache_file, computed = load_or_compute_real_features(self.extractor, dataset, **kwargs)
+            self.real, self.cache_file, computed = load_or_compute_real_features(
+                self.extractor, dataset, **kwargs, bar=bar_enabled(trainer)
+            )
             self.real_computed += computed
             rank_zero_info(
                 f"callbacks.fid: {'computed' if computed else 'cached'} real features of {len(self.real)} "
@@ -501,16 +521,24 @@ class FID(L.Callback):
         rank, world = trainer.global_rank, trainer.world_size
         lo, hi = rank * self.num_samples // world, (rank + 1) * self.num_samples // world  # contiguous share
         precision = precision_from_trainer(getattr(trainer, "precision", None))  # the network's; sampler: fp32
-        with ema_weights(trainer if self.use_ema else None, pl_module):
-            fake = generate(
-                pl_module.model,
-                self.sampler,
-                range(lo, hi),
-                seed=self.seed,
-                batch_size=self.batch_size,
-                precision=precision,
+        bar = bar_enabled(trainer) and trainer.is_global_zero
+        chunks = [range(i, min(i + self.batch_size, hi)) for i in range(lo, hi, self.batch_size)]
+        with ema_weights(trainer if self.use_ema else None, pl_module):  # sample i depends on i only: any chunks
+            fake = torch.cat(
+                [
+                    generate(
+                        pl_module.model, self.sampler, chunk, seed=self.seed, batch_size=len(chunk), precision=precision
+                    )
+                    for chunk in progress(chunks, desc=f"FID samples ({hi - lo})", enabled=bar)
+                ]
             )
-        fake_features = extract_features(self.extractor, fake, batch_size=self.batch_size, device=pl_module.device)
+        fake_features = extract_features(
+            self.extractor,
+            fake,
+            batch_size=self.batch_size,
+            device=pl_module.device,
+            bar="FID features" if bar else None,
+        )
         values = fid_kid(
             self.real if rank == 0 else None,
             fake_features.to(pl_module.device),

@@ -109,18 +109,15 @@ class SampleGrid(L.Callback):
 
     @rank_zero_only
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
-        from torchvision.utils import make_grid, save_image
-
-        from diffusion.files import atomic_write
+        from diffusion.grid import save_grid
 
         step = trainer.global_step
         images = to_unit_range(self.sample(pl_module, trainer).float().cpu())
         conditions = pl_module.model.conditioning.preview_conditions()
         images, nrow = class_rows(images, len(conditions) if conditions else None, self.nrow)
-        grid = make_grid(images, nrow=nrow, padding=1, pad_value=1.0)  # (C, H', W') in [0, 1]
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{step:06d}.png"
-        atomic_write(path, lambda f: save_image(grid, f, format="PNG"), fsync=False)  # never through a link
+        grid = save_grid(images, path, nrow=nrow)  # (C, H', W') in [0, 1]; small images enlarged
         self.last_saved_step = step
         log_grid(trainer, grid, step=step, caption=f"step {step}" + (" (EMA)" if self.last_used_ema else ""))
         return path

@@ -41,10 +41,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion.callbacks.progress import bar_enabled
 from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError, not_utf8
 from diffusion.files import atomic_write, npy_memmap, write_bytes
+from diffusion.progress import progress
 
 CACHE_VERSION = 1
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -413,7 +415,7 @@ class ImageFolderDataModule(_SplitDataModule):
             return f"image {path} is {w}x{h}, smaller than {key}={need} (set data.allow_upscale=true to upscale it)"
         return None
 
-    def _inspect(self, files: list[Path], decode: bool, on_image=None) -> list[str | None]:
+    def _inspect(self, files: list[Path], decode: bool, on_image=None, bar: str | None = None) -> list[str | None]:
         """Check (and with `decode`, decode) every file in the loader workers; returns each file's problem."""
         loader = DataLoader(
             _Inspect(files, self._problem, self.prep if decode else None),
@@ -423,7 +425,7 @@ class ImageFolderDataModule(_SplitDataModule):
             collate_fn=_as_list,
         )
         problems: list[str | None] = [None] * len(files)
-        for batch in loader:
+        for batch in progress(loader, desc=bar or "", enabled=bar is not None and self._bar()):
             for i, problem, image in batch:
                 problems[i] = problem
                 if problem is not None and not self.skip_bad:
@@ -480,7 +482,7 @@ class ImageFolderDataModule(_SplitDataModule):
 
         def fill(f) -> None:
             array = npy_memmap(f, np.uint8, (len(files), *self._shape()))
-            problems.extend(self._inspect(files, decode=True, on_image=array.__setitem__))
+            problems.extend(self._inspect(files, decode=True, on_image=array.__setitem__, bar="image cache"))
             array.flush()
 
         atomic_write(npy, fill)
@@ -512,6 +514,10 @@ class ImageFolderDataModule(_SplitDataModule):
             info(f"data: the cache index {meta_path} is corrupt ({e}); rebuilding the cache")
             return None
 
+    def _bar(self) -> bool:
+        """Whether the caches draw a progress bar: as the trainer's (trainer.enable_progress_bar)."""
+        return bar_enabled(self.trainer)
+
     def _shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
 
@@ -532,7 +538,7 @@ class ImageFolderDataModule(_SplitDataModule):
 
         def fill(f) -> None:
             array = None
-            for lo in range(0, n, step):
+            for lo in progress(range(0, n, step), desc="latent cache", enabled=self._bar()):
                 x = torch.from_numpy(np.array(images[lo : lo + step])).to(device, torch.float32) * (2 / 255) - 1
                 for mirror, batch in enumerate((x, x.flip(-1)) if self.flip else (x,)):
                     moments = self.codec.moments(batch).cpu().numpy()  # (B, 2c, h, w)

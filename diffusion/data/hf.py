@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from diffusion.data.base import Captioned, _SplitDataModule, caption_lines, split_indices
 from diffusion.data.images import Preprocess, load_image
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
+from diffusion.optional import require
 
 
 class HFImages(Dataset):
@@ -139,7 +140,7 @@ class HFDataModule(_SplitDataModule):
 
     def _load(self, split: str):
         """The split `split` of data.path (see the module docstring)."""
-        import datasets
+        datasets = require("datasets", feature="data=hf")
 
         local = Path(self.path).expanduser()
         if self.path.startswith(("/", ".", "~")) and not local.exists():  # a path, not a Hub name
@@ -163,7 +164,7 @@ class HFDataModule(_SplitDataModule):
 
     def _prepare(self, table, split: str):
         """Columns checked; images as bytes; string labels encoded as sorted classes."""
-        import datasets
+        datasets = require("datasets", feature="data=hf")
 
         where = f"{self.path} [{split}]"
         _column(table, "data.image_column", self.image_column, where)

@@ -63,6 +63,8 @@ from diffusion.data.base import (
 from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError, PathExistsError
 from diffusion.files import atomic_write, check_replaceable, regular_file, replace_folder, write_bytes
+from diffusion.optional import require
+from diffusion.progress import progress
 
 FORMAT = "diffusion-webdataset"
 VERSION = 1
@@ -163,10 +165,7 @@ class Location:
 
     def store(self):
         if self._store is None:
-            try:
-                from obstore.store import from_url
-            except ImportError as e:
-                raise ConfigError(f"data.path={self.path} is a URL: reading it needs `pip install obstore`") from e
+            from_url = require("obstore.store", feature=f"data.path={self.path} (a URL)").from_url
             options = {"allow_http": True} if self.path.startswith("http://") else None
             try:
                 self._store = from_url(self.path.rstrip("/") + "/", client_options=options, **self.storage)
@@ -198,7 +197,7 @@ class Location:
                 raise MissingPathError(f"{self.where(name)} does not exist") from e
             except OSError as e:
                 raise PathError(f"cannot read {self.where(name)}: {e}") from e
-        import obstore
+        obstore = require("obstore", feature=f"data.path={self.path} (a URL)")
 
         try:
             return bytes(obstore.get(self.store(), name).bytes())
@@ -216,7 +215,7 @@ class Location:
                 return open(regular_file(self.local / name, "shard"), "rb")  # noqa: SIM115
             except FileNotFoundError as e:
                 raise MissingPathError(f"shard {self.where(name)} does not exist (listed in {INDEX})") from e
-        import obstore
+        obstore = require("obstore", feature=f"data.path={self.path} (a URL)")
 
         try:
             result = obstore.get(self.store(), name)
@@ -285,6 +284,7 @@ def write_shards(
     shard_samples: int | None = None,
     skip_bad: bool = False,
     overwrite: bool = False,
+    show_progress: bool = True,
 ) -> dict:
     """Write the images under `src` as tar shards in `dst`; returns the index.
 
@@ -310,7 +310,8 @@ def write_shards(
     tmp.mkdir()
     try:
         good, skipped, min_side = [], [], None
-        for i, f in enumerate(files):  # header check (as data=folder's) and the smallest side
+        checked = progress(enumerate(files), desc="checking images", total=len(files), enabled=show_progress)
+        for i, f in checked:  # header check (as data=folder's) and the smallest side
             if captions is not None and captions[i] is None:  # no usable caption (skip_bad)
                 skipped.append(str(f))
                 continue
@@ -338,7 +339,7 @@ def write_shards(
                 groups[-1].append((f"{n:09d}", good[row]))
                 size += sizes[good[row]]
             splits[split] = []
-            for group in groups:
+            for group in progress(groups, desc=f"writing {split} shards", enabled=show_progress):
                 name = f"{split}-{len(splits[split]):06d}.tar"
                 atomic_write(tmp / name, lambda f, group=group: _write_tar(f, group, files, classes, captions))
                 splits[split].append({"name": name, "count": len(group), "bytes": (tmp / name).stat().st_size})
@@ -388,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--shard-samples", type=int, default=None, help="close a shard past this many samples")
     w.add_argument("--skip-bad", action="store_true", help="skip unreadable images and images without a caption")
     w.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    w.add_argument("--no-progress", action="store_true", help="draw no progress bar (logs, CI)")
     args = parser.parse_args(argv)
     from diffusion.errors import user_error_message
 
@@ -402,6 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shard_mb=args.shard_mb,
             shard_samples=args.shard_samples,
             skip_bad=args.skip_bad,
+            show_progress=not args.no_progress,
             overwrite=args.overwrite,
         )
     except Exception as e:

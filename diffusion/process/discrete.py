@@ -308,7 +308,7 @@ class NoiseSchedule(Process):
     def diffusers_scheduler(self):
         """diffusers' DDPMScheduler with our betas (`scheduler_config`): DDPMPipeline run with num_steps steps is our
         DDPM sampler (Ho et al. 2020, Algorithm 2)."""
-        return import_diffusers().DDPMScheduler(**scheduler_config(self))
+        return import_diffusers("export.py format=diffusers").DDPMScheduler(**scheduler_config(self))
 
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[int]:
         """`sampling_timesteps` (all T for steps=None); spacing None is trailing for every sampler (measured best

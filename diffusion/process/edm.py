@@ -128,7 +128,7 @@ class EDM(Process):
         """diffusers' EDMEulerScheduler: its loop (x = sigma_max noise, `scale_model_input`, the network, `step`) is our
         `euler_sample` on the Karras grid; "epsilon" there is EDM's F preconditioning, D = c_skip x + c_out F."""
         cfg = self.config
-        return import_diffusers().EDMEulerScheduler(
+        return import_diffusers("export.py format=diffusers").EDMEulerScheduler(
             sigma_min=cfg["sigma_min"],
             sigma_max=cfg["sigma_max"],
             sigma_data=cfg["sigma_data"],

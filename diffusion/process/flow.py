@@ -105,7 +105,7 @@ class Flow(Process):
                 f"format=diffusers: process.time_scale={cfg['time_scale']} is not a whole number, which "
                 "FlowMatchEulerDiscreteScheduler's num_train_timesteps must be; use format=safetensors"
             )
-        scheduler = import_diffusers().FlowMatchEulerDiscreteScheduler
+        scheduler = import_diffusers("export.py format=diffusers").FlowMatchEulerDiscreteScheduler
         return scheduler(num_train_timesteps=int(cfg["time_scale"]), shift=cfg["shift"])
 
     def sampling_levels(self, steps: int | None, spacing: str | None, *, sampler: str) -> list[float]:
