@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> None:
         if not sigma_rel:
             raise ConfigError("ema.sigma_rel=[] is empty: give one value or a list of them")
         sigma_rel = sweep(ckpt, list(sigma_rel), cfg.ema.snapshots)
-    model = export(
+    model, format = export(
         ckpt,
         cfg.out,
         format=cfg.format,
@@ -119,7 +119,7 @@ def run(cfg: DictConfig) -> None:
     )
     log.info(
         f"exported {ckpt} ({type(model.net).__name__}, {model.weights} weights, step {model.global_step}) "
-        f"as {model.export_format} to {cfg.out}"
+        f"as {format} to {cfg.out}"
     )
 
 

@@ -114,13 +114,10 @@ def export_diffusers(model: DiffusionModel, out: Path) -> None:
 
     check_diffusers_exportable(model)
     if isinstance(model.net, DiT):
-        transformer, scheduler = to_diffusers(model.net), model.process.diffusers_scheduler()
-
-        def parts(folder: str) -> None:
-            transformer.save_pretrained(str(Path(folder) / "transformer"))
-            scheduler.save_pretrained(str(Path(folder) / "scheduler"))
-
-        write_folder(out, parts)
+        parts = {"transformer": to_diffusers(model.net), "scheduler": model.process.diffusers_scheduler()}
+        write_folder(
+            out, lambda folder: [part.save_pretrained(str(Path(folder) / name)) for name, part in parts.items()]
+        )
         return
     pipeline = import_diffusers("format=diffusers").DDPMPipeline(
         unet=model.net.unet, scheduler=model.process.diffusers_scheduler()
@@ -252,9 +249,9 @@ def export(
     overwrite: bool = False,
     sigma_rel: float | None = None,
     snapshots: str | Path | None = None,
-) -> DiffusionModel:
+) -> tuple[DiffusionModel, ExportFormat]:
     """Export checkpoint `ckpt` into folder `out` in `format` (None: `default_format`, what the checkpoint is);
-    returns the model that was written.
+    returns the model that was written and the format it was written in.
 
     `sigma_rel`: export the post-hoc EMA of that length, rebuilt from the run's snapshots (`snapshots`, default
     `<run>/ema_snapshots`) at the checkpoint's step, instead of the stored EMA. Each format's files are written
@@ -271,7 +268,6 @@ def export(
     if format is None:
         format = default_format(model)
         log.info(f"format={format}: what this checkpoint is (another: format=safetensors|ckpt|...)")
-    model.export_format = format  # for the caller's message
     writer = {
         "diffusers": export_diffusers,
         "safetensors": export_safetensors,
@@ -292,4 +288,4 @@ def export(
         if created:
             shutil.rmtree(out, ignore_errors=True)  # this call made it: nothing of the user's is in it
         raise
-    return model
+    return model, format

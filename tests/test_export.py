@@ -104,7 +104,7 @@ def test_safetensors_export_of_our_unet_from_the_command_line(tmp_path):
         export(tmp_path / "ema.ckpt", tmp_path / "none", format="diffusers")
     assert not (tmp_path / "none").exists()
     # without a format: what the checkpoint is (our U-Net: safetensors)
-    assert export(tmp_path / "ema.ckpt", tmp_path / "default").export_format == "safetensors"
+    assert export(tmp_path / "ema.ckpt", tmp_path / "default")[1] == "safetensors"
     assert (tmp_path / "default" / "model.safetensors").is_file()
 
 

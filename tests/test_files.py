@@ -118,8 +118,9 @@ def write_call(call: ast.Call, in_memory: set[str]) -> str | None:
         return f"{name}()"
     if name in MOVES or method in PATH_WRITES or method in PATH_MOVES and len(call.args) == 1 and not call.keywords:
         return f"{name or method}()"
-    if method == "save" and (any(k.arg == "format" for k in call.keywords) or "im" in dotted(call.func.value)):
-        return f"{name or method}() (an image's save)"
+    if method == "save" and not set(target) & in_memory:  # (an image saved into a BytesIO writes no file)
+        if any(k.arg == "format" for k in call.keywords) or "im" in dotted(call.func.value):
+            return f"{name or method}() (an image's save)"
     return None
 
 
@@ -173,7 +174,7 @@ np.lib.format.open_memmap(p, mode="w+"); unet.save_pretrained(p)
     assert len(write_calls(ast.parse(source))) == 20
     fine = """
 open(p); open(p, "rb"); Image.open(p); s.replace("a", "b"); resume.save(trainer); torch.load(p)
-buffer = io.BytesIO(); torch.save(state, buffer); tarfile.open(fileobj=f, mode="w")
+buffer = io.BytesIO(); torch.save(state, buffer); tarfile.open(fileobj=f, mode="w"); image.save(buffer, format="PNG")
 atomic_write(p, lambda f: torch.save(x, f)); atomic_write(p, partial(image.save, format="PNG")); write_bytes(p, b)
 """
     assert write_calls(ast.parse(fine)) == []
