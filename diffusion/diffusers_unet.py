@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion.errors import ConfigError
-from diffusion.networks import register_network
+from diffusion.networks import check_declared, register_network
 from diffusion.optional import import_diffusers
 from diffusion.pipeline import load_component
 
@@ -82,8 +82,7 @@ class DiffusersUNet(nn.Module):
     ) -> None:
         super().__init__()
         UNet2DModel = import_diffusers("model=diffusers_unet").UNet2DModel
-        if num_classes is not None and num_classes < 1:
-            raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
+        check_declared(num_classes=num_classes)
         source = load_pretrained_unet(pretrained) if pretrained else None
         config = {k: v for k, v in (source.config if source is not None else unet or {}).items()}
         config = {k: _plain(v) for k, v in config.items() if not k.startswith(_PRIVATE_PREFIX)}

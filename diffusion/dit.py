@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
-from diffusion.networks import register_network
+from diffusion.networks import check_declared, register_network
 from diffusion.unet import timestep_embedding
 
 FREQ_DIM = 256  # the sinusoidal noise-level features that the time MLP embeds (DiT's frequency_embedding_size)
@@ -189,12 +189,7 @@ class DiT(nn.Module):
             raise ConfigError(f"model.hidden_size={hidden_size} must be a multiple of 4 (2-D sin-cos positions)")
         if mlp_ratio <= 0:
             raise ConfigError(f"model.mlp_ratio={mlp_ratio} must be > 0")
-        if num_classes is not None and num_classes < 1:
-            raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
-        if context_dim is not None and context_dim < 1:
-            raise ConfigError(f"model.context_dim={context_dim} must be >= 1 (or null without cross-attention)")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        check_declared(num_classes=num_classes, context_dim=context_dim, dropout=dropout)
         # Plain values, enough to rebuild this network (saved into checkpoints).
         self.config = dict(
             in_channels=in_channels,

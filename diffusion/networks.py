@@ -97,6 +97,16 @@ def register_network(cls: type[nn.Module] | None = None, *, null_keys: tuple[str
     return register if cls is None else register(cls)
 
 
+def check_declared(*, num_classes: int | None, context_dim: int | None = None, dropout: float = 0.0) -> None:
+    """The config checks every network shares: what it declares about its conditioning, and its dropout."""
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
+    if context_dim is not None and context_dim < 1:
+        raise ConfigError(f"model.context_dim={context_dim} must be >= 1 (or null without cross-attention)")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+
+
 def check_registered(net: nn.Module, *, key: str = "model._target_") -> None:
     """A ConfigError naming `key` unless `net`'s class is a registered network (what a checkpoint can rebuild)."""
     path = class_path(type(net))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from diffusion.errors import ConfigError
-from diffusion.networks import register_network
+from diffusion.networks import check_declared, register_network
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, *, freq_shift: float = 0.0) -> Tensor:
@@ -208,12 +208,7 @@ class UNet(nn.Module):
         for ch in {base_channels * m for m in channel_mult}:
             if ch % norm_groups:
                 raise ConfigError(f"model.norm_groups={norm_groups} does not divide {ch} channels")
-        if num_classes is not None and num_classes < 1:
-            raise ConfigError(f"model.num_classes={num_classes} must be >= 1 (or null for unconditional)")
-        if context_dim is not None and context_dim < 1:
-            raise ConfigError(f"model.context_dim={context_dim} must be >= 1 (or null without cross-attention)")
-        if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        check_declared(num_classes=num_classes, context_dim=context_dim, dropout=dropout)
         # Plain values, enough to rebuild this network (saved into checkpoints).
         self.config = dict(
             in_channels=in_channels,
