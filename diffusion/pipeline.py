@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, PathError
 from diffusion.optional import import_diffusers
@@ -65,6 +65,40 @@ def load_component(
         f"{key}={pretrained}: could not load it from the Hugging Face Hub ({where}); download it once "
         "while online, or pass a local folder written by save_pretrained"
     )
+
+
+# model_index.json's _class_name -> the pipeline kind; each kind's parts go through the same seams
+PIPELINE_KINDS = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+PipelineKind = Literal["sd", "sdxl", "sd3", "flux"]
+
+
+def pipeline_kind(pretrained: str, *, key: str = "model.pretrained") -> PipelineKind:
+    """Which pipeline a folder or Hub id holds, from its model_index.json (`_class_name`); "sd" for a part's own
+    folder (no model_index.json). A one-line error for a pipeline class this project does not fine-tune."""
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            return "sd"
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise BadFileError(f"{index} is not a JSON object ({e})") from e
+    else:
+        try:
+            name = dict(_diffusers_class("DiffusionPipeline").load_config(pretrained, local_files_only=_offline()))
+            name = name.get("_class_name")
+        except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line
+            reason = " ".join(str(e).split())[:200]
+            raise PathError(f"{key}={pretrained}: could not read its model_index.json ({reason})") from e
+    if name not in PIPELINE_KINDS:
+        raise ConfigError(f"{key}={pretrained} is a {name}; this project fine-tunes {', '.join(PIPELINE_KINDS)}")
+    return PIPELINE_KINDS[name]
 
 
 def read_scheduler_config(pretrained: str, *, key: str = "process.path") -> dict:
