@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -148,7 +147,7 @@ def run_bare(cfg, net_state, datamodule, args) -> float:
     from hydra.utils import instantiate
 
     device = torch.device(args.device)
-    schedule = instantiate(cfg.process).to(device)
+    process = instantiate(cfg.process).to(device)
     net = instantiate(cfg.model)
     net.load_state_dict(net_state)
     net.to(device).train()
@@ -167,11 +166,12 @@ def run_bare(cfg, net_state, datamodule, args) -> float:
                 sync(args.device)
             stamps.append(time.perf_counter())
         x0 = x0.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        t = torch.randint(0, schedule.num_steps, (x0.shape[0],), device=device)
+        level = process.draw_levels(x0.shape[0], device=device)  # any family: a step, a sigma or a flow time
         noise = torch.randn_like(x0)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            out = forward(schedule.q_sample(x0, t, noise), t, None)
-        loss = F.mse_loss(out.float(), schedule.target(x0, noise, t).float())
+            out = forward(*process.net_input(process.q_sample(x0, level, noise), level), None)
+        mse = (out.float() - process.target(x0, noise, level).float()).square().flatten(1).mean(1)
+        loss = (mse * process.loss_weight(level)).mean()
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if clip:

@@ -33,6 +33,7 @@ RUN = [
     "callbacks.sample_grid.num_images=4",
     "callbacks.sample_grid.every_n_steps=0",
     "callbacks.model_checkpoint.every_n_train_steps=3",
+    "process=cosine",
     "process.num_steps=50",
     "logger=none",
     "trainer.enable_progress_bar=false",

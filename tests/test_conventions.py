@@ -70,6 +70,7 @@ EXPERIMENT_SHARED = [
 # Debug jobs keep their own step counts and FID sizes (debug/default.yaml shrinks FID); only the network is tiny.
 DEBUG_SHARED = [
     "model=unet_tiny",
+    "process=cosine",
     "process.num_steps=50",
     "data.batch_size=8",
     "callbacks=[default,fid]",

@@ -216,6 +216,7 @@ DDP_TINY = [
     "trainer.max_steps=4",
     "+trainer.limit_val_batches=0",
     "trainer.enable_progress_bar=false",
+    "process=cosine",
     "process.num_steps=20",
     "sampler.steps=10",  # at most schedule.num_steps (train.py checks the sampler against the process up front)
     "data.batch_size=8",

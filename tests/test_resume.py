@@ -239,7 +239,7 @@ def test_resume_refuses_a_changed_objective(tmp_path, change, named):
     from diffusion.errors import ConfigError
     from tests.test_process import E2E  # TINY without its discrete-only process.num_steps
 
-    quiet = [*E2E, "logger=none", "callbacks.sample_grid.every_n_steps=0"]
+    quiet = [*E2E, "process=cosine", "logger=none", "callbacks.sample_grid.every_n_steps=0"]
     run = tmp_path / "run"
     run_train(run, [*quiet, "trainer.max_steps=2"], tiny=False)
     before = (run / "checkpoints" / "last.ckpt").read_bytes()

@@ -155,14 +155,15 @@ def test_bad_nonfinite_option_is_named():
 
 def run_tiny_multirun(sweep: Path, *overrides: str):
     """`python train.py -m <overrides>` of tiny 2-step CPU runs into `sweep`; the finished process."""
+    searched = any(o.startswith(("process=", "hparams_search=")) for o in overrides)  # the sweep picks process=
     return run_cli(
         "train.py",
         "-m",
-        *overrides,
-        *TINY_CLI,
+        *(o for o in TINY_CLI if not (searched and o.startswith("process"))),
         "trainer=cpu",
         "trainer.max_steps=2",
         *NO_GRIDS,
+        *overrides,
         f"hydra.sweep.dir={sweep}",
         timeout=240,
     )

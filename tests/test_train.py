@@ -85,7 +85,7 @@ def test_folder_run_end_to_end(tmp_path, image_folder):
         (["data=folder", "data.path={tmp}/small"], "smaller than data.image_size=16"),
         (["ckpt_path={tmp}/nope.ckpt"], "nope.ckpt does not exist"),
         (["ckpt_path={tmp}/not_a_ckpt.ckpt"], "not_a_ckpt.ckpt is not a readable checkpoint"),
-        (["process.kind=quadratic"], "process.kind='quadratic' is not one of"),
+        (["process=cosine", "process.kind=quadratic"], "process.kind='quadratic' is not one of"),
         (["model.norm_groups=3"], "model.norm_groups=3 does not divide"),
     ],
 )
@@ -140,6 +140,7 @@ def test_cli_train_runs(tmp_path):
         "model=unet_tiny",
         "trainer=cpu",
         "trainer.max_steps=3",
+        "process=cosine",
         "process.num_steps=20",
         "sampler.steps=3",
         "callbacks.sample_grid.num_images=4",
