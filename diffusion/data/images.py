@@ -67,8 +67,17 @@ _QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def _oriented(img, size: tuple[int, int]) -> tuple[int, int]:
-    """`size` (width, height) of `img` as shown: swapped when its EXIF orientation turns it a quarter."""
-    return size[::-1] if img.getexif().get(0x0112) in _QUARTER_TURNS else size
+    """`size` (width, height) of the opened, not yet decoded `img` as shown: swapped when its EXIF orientation
+    turns it a quarter. Reads the EXIF block that opening found (img.getexif() would decode a PNG to look for a
+    later one; a PNG whose eXIf chunk follows its pixels is taken as upright here)."""
+    from PIL import Image
+
+    raw = img.info.get("exif")
+    if not raw:
+        return size
+    exif = Image.Exif()
+    exif.load(raw)
+    return size[::-1] if exif.get(0x0112) in _QUARTER_TURNS else size
 
 
 def oriented_size(path: Path) -> tuple[int, int]:
@@ -129,14 +138,15 @@ def load_image(
        which keeps at least 2x the output resolution for the antialiased resize and makes big photos cheap;
     2. apply the EXIF orientation;
     3. convert to 8-bit RGB or L (16-bit scaled, transparency composited on white, first frame of a GIF);
-    4. crop a square (center or random) and resize it to `image_size` in one antialiased bicubic pass.
+    4. crop a square (center or random) and resize it to `image_size` in one antialiased bicubic pass; with
+       `crop`, cut its box and resize it to its `out` size instead (buckets, `diffusion.data.buckets.Crops`).
     """
     from PIL import Image, ImageOps
 
     S = prep.image_size if crop is None else max(crop.out)
     try:
         with Image.open(path) as img:
-            full = _oriented(img, img.size)  # the crop's box is in these pixels, the draft's decode may be smaller
+            raw = img.size
             if img.format == "JPEG" and prep.crop_size is None:
                 w, h = img.size
                 scale = 1
@@ -144,7 +154,10 @@ def load_image(
                     scale *= 2
                 if scale > 1:
                     img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+            drafted = img.size != raw
+            full = _oriented(img, raw)  # the size as shown at full size: the crop's box is in these pixels
             img = ImageOps.exif_transpose(img)
+            full = full if drafted else img.size  # (a JPEG's EXIF is in its header: draft only JPEGs)
             img = _to_mode(img, prep.channels)
             img.load()
     except Exception as e:  # PIL raises many kinds for bad files; name the file in one line
