@@ -277,3 +277,32 @@ def test_too_large_a_batch_for_every_bucket_is_named(tmp_path):
     root = bucket_folder(tmp_path / "img", 10)
     with pytest.raises(ConfigError, match=r"no bucket holds data.batch_size=8 training images; lower"):
         folder_dm(root, batch_size=8)
+
+
+def test_latent_cache_per_bucket_holds_each_image_and_its_mirror(tmp_path):
+    """codec=vae with data.cache=true: one latent cache per bucket; a training item reads its own moments, or its
+    mirror image's when the epoch's flip says so (and its geometry then gives the mirror's left edge)."""
+    from diffusion.codec import VAECodec
+    from tests.test_latent import save_vae
+
+    save_vae(tmp_path / "vae")
+    codec = VAECodec(path=str(tmp_path / "vae"))
+    root = bucket_folder(tmp_path / "img", 12)
+    dm = folder_dm(root, cache=True, codec=codec, geometry=True, flip=True, val_fraction=0.0, seed=2)
+    assert len(dm.latent_files) == len(dm.cache_files) == 3 and dm.latent_file is None
+    dm._sampler = None
+    loader = dm.train_dataloader()
+    dm._sampler.set_epoch(0)
+    flipped = set()
+    for x, conditions in loader:
+        h, w = conditions["target_size"][0].tolist()
+        assert x.shape == (2, 8, h // 2, w // 2)  # (mean, log-variance) of 4 channels at the codec's factor 2
+        for moments, caption in zip(x, conditions["caption"], strict=True):
+            k = dm.train_captions.index([caption])
+            pixels = dm.train_pixels.__getitems__([k])[0].float() * (2 / 255) - 1
+            mirror = bool(flip_mask(2, 0, [k])[0])
+            flipped.add(mirror)
+            with torch.no_grad():
+                expected = codec.moments(pixels.flip(-1) if mirror else pixels)[0]
+            torch.testing.assert_close(moments, expected, rtol=1e-5, atol=1e-5)
+    assert flipped == {True, False}
