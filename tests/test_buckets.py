@@ -306,3 +306,19 @@ def test_latent_cache_per_bucket_holds_each_image_and_its_mirror(tmp_path):
                 expected = codec.moments(pixels.flip(-1) if mirror else pixels)[0]
             torch.testing.assert_close(moments, expected, rtol=1e-5, atol=1e-5)
     assert flipped == {True, False}
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_square_folders_report_their_crop_cached_or_not(tmp_path, cache):
+    """Without buckets: a 100x40 (w x h) file's center square is x = 30..70, resized by 16 / 40 = 0.4: its corner is
+    (0, 12) in the 40x16 resized image; the flipped one's is 40 - 16 - 12 = 12 as well; a 40x100 file's is (12, 0)."""
+    root = tmp_path / "img"
+    for name, size in (("wide", (100, 40)), ("tall", (40, 100))):
+        write_image(root / f"{name}.png", size, seed=len(name)).with_suffix(".txt").write_text(name)
+    dm = folder_dm(root, buckets=False, image_size=16, geometry=True, val_fraction=0.0, cache=cache)
+    x, conditions = next(iter(dm.train_dataloader()))
+    corners = dict(zip(conditions["caption"], conditions["crop_top_left"].tolist(), strict=True))
+    assert corners == {"wide": [0, 12], "tall": [12, 0]} and x.shape == (2, 3, 16, 16)
+    assert conditions["target_size"].tolist() == [[16, 16]] * 2
+    sizes = dict(zip(conditions["caption"], conditions["original_size"].tolist(), strict=True))
+    assert sizes == {"wide": [40, 100], "tall": [100, 40]}

@@ -22,6 +22,10 @@ list of captions); without metadata, a `.txt` file beside each image (one captio
 photo of sks dog"` gives every image the same caption (DreamBooth). An image with several captions gets one of
 them per epoch, from the resumable seeded stream. Bad rows (a missing or non-image file, an empty caption, an
 image without a caption) stop the run with an error naming them, or are skipped and counted under skip_bad.
+
+`data.buckets=true` keeps each image's aspect ratio: it is cut to the nearest of a set of (h, w) buckets, each
+batch from one bucket, a cache file per bucket (`diffusion.data.buckets`). `data.geometry=true` adds each image's
+crop geometry to its captions (SDXL's micro-conditioning).
 """
 
 from __future__ import annotations
@@ -720,12 +724,12 @@ class ImageFolderDataModule(_SplitDataModule):
         files, labels = self._scan()
         captions, caption_problems = self._read_captions(files) if self.captioned else (None, None)
         if self.cache:
-            self.cache_files, good, sizes = self._cached(files)
-            if self.codec is not None:
-                self.latent_files = [self._latent_cached(npy) for npy in self.cache_files]
-            if self.buckets is None:
-                self.cache_file = self.cache_files[0]
-                self.latent_file = self.latent_files[0] if self.latent_files else None
+            npys, good, sizes = self._cached(files)
+            latents = [self._latent_cached(npy) for npy in npys] if self.codec is not None else []
+            if self.buckets is None:  # one file each (the attributes FID's key leaves out)
+                self.cache_file, self.latent_file = npys[0], latents[0] if latents else None
+            else:
+                self.cache_files, self.latent_files = npys, latents
         else:
             problems, sizes = self._inspect(files, decode=self.verify == "full")
             good = self._report(files, problems)
@@ -786,7 +790,7 @@ class ImageFolderDataModule(_SplitDataModule):
 
         self.train_set = subset(train_rows, train=True)
         self.val_set = subset(val_rows, train=False)
-        if self.latent_files:
+        if self.latent_file is not None or self.latent_files:
             self.flip = False  # the latent cache flips by taking the mirror image's moments (LatentMoments)
         if self.buckets is not None:
             info(bucket_summary(self.buckets, self.train_buckets, batch_size=self.batch_size))
