@@ -7,8 +7,9 @@ file all reach the model through the same few lines. Also holds the built-in `Di
 
 Captioned data yields `(images, captions)` with captions a list of strings (`Captioned`): an item with several
 captions gets one of them per epoch; with crop geometry (`data.geometry=true`) the conditions are instead a dict of
-the captions and each image's original size, crop corner and target size (SDXL's micro-conditioning). The built-in digits can be captioned from their labels (`captions=true`:
-"a handwritten seven", "the digit 7", ...), for text-to-image on a CPU.
+the captions and each image's original size, crop corner and target size (SDXL's micro-conditioning). The
+built-in digits can be captioned from their labels (`captions=true`: "a handwritten seven", "the digit 7", ...),
+for text-to-image on a CPU.
 
 Training data is resumable: the order is a seeded permutation per epoch (`ResumableSampler`), and each random
 flip and caption choice is a function of (seed, epoch, item), so the datamodule's `state_dict` (epoch and
