@@ -250,6 +250,8 @@ class TextConditioning(Conditioning):
         return pad_stack([c for c, _ in rows]), pad_stack([m for _, m in rows])
 
     def forward(self, cond, *, device=None, drop_prob: float = 0.0) -> Kwargs:
+        if isinstance(cond, dict):  # captions with their crop geometry (data.geometry=true): the captions
+            cond = cond["caption"]
         if isinstance(cond, str) or not all(isinstance(c, str) for c in cond):
             raise ConfigError(
                 "conditioning=text needs captions, but the data yields class labels or none; use captioned data "

@@ -2,7 +2,8 @@
 labels long (-1 when unlabeled), and exposes `image_size`, `channels` and `num_classes` (None when unlabeled).
 
 - `DigitsDataModule` (`data=digits`): scikit-learn's bundled 8x8 digits, no files needed.
-- `ImageFolderDataModule` (`data=folder`): any folder tree of images, optionally cached as a uint8 memmap.
+- `ImageFolderDataModule` (`data=folder`): any folder tree of images, optionally cached as a uint8 memmap, in
+  aspect-ratio buckets (`data.buckets=true`, `diffusion.data.buckets`).
 - `CelebADataModule` (`data=celeba`): aligned CelebA, center crop then resize (the standard 64x64 recipe).
 - `CIFAR10DataModule` (`data=cifar10`), `MNISTDataModule` (`data=mnist`): the standard sets, in memory.
 - `ShardDataModule` (`data=shards`): tar shards streamed from a folder or a bucket, exactly once per epoch.

@@ -6,8 +6,10 @@ file all reach the model through the same few lines. Also holds the built-in `Di
 8x8 digits, no files needed).
 
 Captioned data yields `(images, captions)` with captions a list of strings (`Captioned`): an item with several
-captions gets one of them per epoch. The built-in digits can be captioned from their labels (`captions=true`:
-"a handwritten seven", "the digit 7", ...), for text-to-image on a CPU.
+captions gets one of them per epoch; with crop geometry (`data.geometry=true`) the conditions are instead a dict of
+the captions and each image's original size, crop corner and target size (SDXL's micro-conditioning). The
+built-in digits can be captioned from their labels (`captions=true`: "a handwritten seven", "the digit 7", ...),
+for text-to-image on a CPU.
 
 Training data is resumable: the order is a seeded permutation per epoch (`ResumableSampler`), and each random
 flip and caption choice is a function of (seed, epoch, item), so the datamodule's `state_dict` (epoch and
@@ -119,25 +121,40 @@ def pick_captions(seed: int, epoch: int, indices: Sequence[int], captions: Seque
 
 class Captioned(_EpochAware):
     """(image, caption) items from an (image, label) dataset and each item's captions: item i of epoch e gets one
-    of `captions[i]` (`pick_captions`)."""
+    of `captions[i]` (`pick_captions`).
 
-    def __init__(self, dataset: Dataset, captions: Sequence[Sequence[str]], seed: int = 0) -> None:
+    With `crops` (`diffusion.data.buckets.Crops`, data.geometry=true) a batch's conditions are the dict
+    {"caption": list[str], "original_size", "crop_top_left", "target_size": LongTensor (B, 2)} (SDXL's
+    micro-conditioning) in place of the list of captions.
+    """
+
+    def __init__(self, dataset: Dataset, captions: Sequence[Sequence[str]], seed: int = 0, crops=None) -> None:
         super().__init__(dataset, seed)
         if len(captions) != len(dataset):
             raise ValueError(f"{len(captions)} caption lists for {len(dataset)} items")
         self.captions = captions
+        self.crops = crops
 
     def pick(self, indices: Sequence[int]) -> list[str]:
         return pick_captions(self.seed, int(self._epoch), indices, [self.captions[int(i)] for i in indices])
+
+    def conditions(self, indices: Sequence[int]) -> list[str] | dict:
+        """The batch's captions, or with `crops` the dict of captions and crop geometry."""
+        captions = self.pick(indices)
+        if self.crops is None:
+            return captions
+        return {"caption": captions, **self.crops.geometry(indices, int(self._epoch))}
 
     def __getitem__(self, i: int):
         return self.dataset[i][0], self.pick([i])[0]
 
     def __getitems__(self, indices: list[int]):
-        batch, captions = self._batch(indices), self.pick(indices)
+        batch = self._batch(indices)
         if isinstance(batch, tuple):  # a whole uint8 batch: (B, C, H, W), labels
-            return batch[0], captions
-        return [(x, c) for (x, _), c in zip(batch, captions, strict=True)]
+            return batch[0], self.conditions(indices)
+        if self.crops is not None:
+            raise ValueError("crop geometry needs a dataset that returns whole batches")
+        return [(x, c) for (x, _), c in zip(batch, self.pick(indices), strict=True)]
 
 
 # Lightning's warning on every mid-epoch resume of a DataLoader without state_dict (ours resume through the sampler)
@@ -166,12 +183,16 @@ class ResumableSampler(DistributedSampler):
     def resume(self, epoch: int, position: int) -> None:
         self._resume_at = (epoch, position)
 
+    def _indices(self) -> Iterator[int]:
+        """This rank's order of the epoch, from its start (`BucketSampler` orders by bucket batches)."""
+        return super().__iter__()
+
     def __iter__(self) -> Iterator[int]:
         skip = 0
         if self._resume_at is not None and self._resume_at[0] == self.epoch:
             skip = self._resume_at[1]
             self._resume_at = None
-        return itertools.islice(super().__iter__(), skip, None)
+        return itertools.islice(self._indices(), skip, None)
 
 
 class ArrayImages(Dataset):
@@ -261,6 +282,17 @@ def _whole_batch(batch):
     return batch
 
 
+def batch_collate(dataset: Dataset):
+    """The collate of a loader over `dataset` (see `image_loader`): `Uint8Batch` for datasets that yield whole
+    uint8 batches, the identity for whole batches of another kind, else None (the default)."""
+    inner = dataset
+    while isinstance(inner, (Subset, _EpochAware)):  # e.g. FID's random subset of real images
+        inner = inner.dataset
+    if getattr(inner, "uint8_batches", False):
+        return Uint8Batch()
+    return _whole_batch if getattr(inner, "whole_batches", False) else None
+
+
 def image_loader(
     dataset: Dataset,
     *,
@@ -279,10 +311,6 @@ def image_loader(
     """
     if flip and not isinstance(dataset, _FlipBatch):
         dataset = _FlipBatch(dataset, flip=True)
-    inner = dataset
-    while isinstance(inner, (Subset, _EpochAware)):  # e.g. FID's random subset of real images
-        inner = inner.dataset
-    uint8 = getattr(inner, "uint8_batches", False)
     shuffled = shuffle or sampler is not None
     return DataLoader(
         dataset,
@@ -293,7 +321,7 @@ def image_loader(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
-        collate_fn=Uint8Batch() if uint8 else (_whole_batch if getattr(inner, "whole_batches", False) else None),
+        collate_fn=batch_collate(dataset),
     )
 
 
@@ -376,11 +404,15 @@ class _SplitDataModule(L.LightningDataModule):
             dataset = _FlipBatch(dataset, flip=True, seed=self.seed)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        self._sampler = ResumableSampler(dataset, seed=self.seed, num_replicas=world, rank=rank)
+        self._sampler = self._train_sampler(dataset, num_replicas=world, rank=rank)
         if self._resume_state:
             self._sampler.resume(self._resume_state["epoch"], self._resume_state["position"])
             self._resume_state = None
         return image_loader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, sampler=self._sampler)
+
+    def _train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int) -> ResumableSampler:
+        """The training order (bucketed folders batch by bucket: `BucketSampler`)."""
+        return ResumableSampler(dataset, seed=self.seed, num_replicas=num_replicas, rank=rank)
 
     def state_dict(self) -> dict:
         """Where the training data stands (saved in checkpoints): the epoch and how many of its items this rank

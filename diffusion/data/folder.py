@@ -22,6 +22,10 @@ list of captions); without metadata, a `.txt` file beside each image (one captio
 photo of sks dog"` gives every image the same caption (DreamBooth). An image with several captions gets one of
 them per epoch, from the resumable seeded stream. Bad rows (a missing or non-image file, an empty caption, an
 image without a caption) stop the run with an error naming them, or are skipped and counted under skip_bad.
+
+`data.buckets=true` keeps each image's aspect ratio: it is cut to the nearest of a set of (h, w) buckets, each
+batch from one bucket, a cache file per bucket (`diffusion.data.buckets`). `data.geometry=true` adds each image's
+crop geometry to its captions (SDXL's micro-conditioning).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +47,26 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion.callbacks.progress import bar_enabled
-from diffusion.data.base import ArrayImages, Captioned, LatentMoments, _SplitDataModule, split_indices
-from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, read_size, scan_images
+from diffusion.data.base import (
+    ArrayImages,
+    Captioned,
+    LatentMoments,
+    ResumableSampler,
+    _SplitDataModule,
+    batch_collate,
+    split_indices,
+)
+from diffusion.data.buckets import (
+    BucketBatches,
+    Bucketed,
+    BucketSampler,
+    CenterCrop,
+    Crops,
+    bucket_sizes,
+    bucket_summary,
+    check_buckets,
+)
+from diffusion.data.images import IMAGE_EXTENSIONS, Preprocess, load_image, oriented_size, scan_images
 from diffusion.errors import BadFileError, ConfigError, MissingPathError, NotAFolderError, PathError, not_utf8
 from diffusion.files import atomic_write, npy_memmap, write_bytes
 from diffusion.progress import progress
@@ -57,7 +80,11 @@ info = rank_zero_only(log.info)  # once per run, not once per DDP process
 
 
 class ImageFiles(Dataset):
-    """Decodes files per item to uint8 (C, S, S); batches go through the `Uint8Batch` collate."""
+    """Decodes files per item to uint8 (C, S, S); batches go through the `Uint8Batch` collate.
+
+    With `crops` (buckets, random crops, crop geometry) item i of epoch e is cut where `crops.crop(i, e)` says:
+    (C, h, w) of its bucket, at a place that is a function of (seed, epoch, item) (resumable).
+    """
 
     uint8_batches = True
 
@@ -69,19 +96,30 @@ class ImageFiles(Dataset):
         *,
         skip_bad: bool = False,
         root: Path | None = None,
+        crops: Crops | None = None,
     ) -> None:
-        self.files, self.prep, self.skip_bad = files, prep, skip_bad
+        self.files, self.prep, self.skip_bad, self.crops = files, prep, skip_bad, crops
         self.root = root  # data.path, named when no file can be read
         self.labels = torch.tensor(labels, dtype=torch.long)
         self._warned: set[int] = set()  # the files found unreadable (reported once)
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # read by the loader workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def _read(self, i: int) -> np.ndarray:
+        if self.crops is None:
+            return load_image(self.files[i], self.prep)
+        return load_image(self.files[i], self.prep, crop=self.crops.crop(i, int(self._epoch))[0])
+
     def _load(self, i: int) -> np.ndarray:
+        first = i
         while True:  # under skip_bad, another image until one reads: never one not yet found unreadable twice
             try:
-                return load_image(self.files[i], self.prep)
+                return self._read(i)
             except OSError as e:
                 if not self.skip_bad:
                     raise PathError(
@@ -90,7 +128,7 @@ class ImageFiles(Dataset):
                 if i not in self._warned:
                     self._warned.add(i)
                     info(f"data: skipping unreadable {self.files[i]} ({e.__cause__}); using another image")
-                left = [j for j in range(len(self.files)) if j not in self._warned]
+                left = [j for j in range(len(self.files)) if j not in self._warned and self._fits(j, first)]
                 if not left:
                     folder = self.root or os.path.commonpath([str(f.parent) for f in self.files])
                     raise BadFileError(
@@ -98,6 +136,10 @@ class ImageFiles(Dataset):
                         f"images failed to decode (the last: {self.files[i]}: {e.__cause__ or e})"
                     ) from None
                 i = left[int(torch.randint(len(left), ()))]
+
+    def _fits(self, j: int, i: int) -> bool:
+        """Whether item j can stand in for item i in a batch: same output size (bucket)."""
+        return self.crops is None or self.crops.targets[j] == self.crops.targets[i]
 
     def __getitems__(self, index: list[int]) -> tuple[Tensor, Tensor]:
         x = torch.from_numpy(np.stack([self._load(int(i)) for i in index]))  # (B, C, S, S) uint8
@@ -108,22 +150,24 @@ class ImageFiles(Dataset):
 
 
 class _Inspect(Dataset):
-    """For setup: (index, problem or None, uint8 image when decoding) per file, computed in loader workers."""
+    """For setup: (index, problem or None, (h, w) as shown or None, uint8 image when decoding) per file, computed
+    in loader workers. `crop` (a `CenterCrop`), when given, cuts each decoded image as its size says."""
 
-    def __init__(self, files: list[Path], problem, prep: Preprocess | None) -> None:
-        self.files, self.problem, self.prep = files, problem, prep
+    def __init__(self, files: list[Path], check, prep: Preprocess | None, crop: CenterCrop | None = None) -> None:
+        self.files, self.check, self.prep, self.crop = files, check, prep, crop
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        problem = self.problem(self.files[i])
+        problem, size = self.check(self.files[i])
         if problem is not None or self.prep is None:
-            return i, problem, None
+            return i, problem, size, None
         try:
-            return i, None, load_image(self.files[i], self.prep)
+            crop = None if self.crop is None else self.crop(size)
+            return i, None, size, load_image(self.files[i], self.prep, crop=crop)
         except OSError as e:
-            return i, str(e), None
+            return i, str(e), size, None
 
 
 def _as_list(batch):
@@ -279,6 +323,12 @@ class ImageFolderDataModule(_SplitDataModule):
         captions: batches hold captions (from metadata.jsonl / metadata.csv, or .txt files) in place of labels.
         caption_column: the metadata column holding the captions.
         caption: one caption for every image (a folder without captions, e.g. "a photo of sks dog").
+        buckets: aspect-ratio buckets (`diffusion.data.buckets`): each image keeps its shape, cut to the nearest
+            bucket of about image_size^2 pixels; each batch from one bucket.
+        bucket_step: the buckets' sides are multiples of this (the codec's factor times the network's).
+        bucket_min_ratio, bucket_max_ratio: the buckets' range of aspect ratios (width / height).
+        geometry: captioned batches' conditions are a dict of the captions and each image's crop geometry
+            (original_size, crop_top_left, target_size; SDXL's micro-conditioning).
     """
 
     def __init__(
@@ -304,6 +354,11 @@ class ImageFolderDataModule(_SplitDataModule):
         caption_column: str = "text",
         caption: str | None = None,
         codec=None,
+        buckets: bool = False,
+        bucket_step: int = 64,
+        bucket_min_ratio: float = 0.25,
+        bucket_max_ratio: float = 4.0,
+        geometry: bool = False,
     ) -> None:
         super().__init__(
             image_size=image_size,
@@ -338,6 +393,22 @@ class ImageFolderDataModule(_SplitDataModule):
             raise ConfigError(
                 "data.crop=random cannot be used with data.cache=true (the cache holds one crop per image)"
             )
+        if buckets:
+            check_buckets(
+                image_size=image_size, step=bucket_step, min_ratio=bucket_min_ratio, max_ratio=bucket_max_ratio
+            )
+            if crop_size is not None:
+                raise ConfigError("data.crop_size cuts squares: it cannot be used with data.buckets=true")
+        if geometry and not (captions or caption is not None):
+            raise ConfigError(
+                "data.geometry=true adds crop geometry to captions: it needs data.captions or data.caption"
+            )
+        self.buckets = (
+            bucket_sizes(area=image_size**2, step=bucket_step, min_ratio=bucket_min_ratio, max_ratio=bucket_max_ratio)
+            if buckets
+            else None
+        )  # (h, w) of every bucket
+        self.geometry = geometry
         self.path = Path(path).expanduser()
         self.prep = Preprocess(image_size=image_size, channels=channels, crop=crop, crop_size=crop_size)
         self.labels = labels
@@ -353,6 +424,10 @@ class ImageFolderDataModule(_SplitDataModule):
         self.latent_file: Path | None = None
         self.train_pixels: Dataset | None = None  # the pixel images of the splits, for FID's reference statistics
         self.val_pixels: Dataset | None = None
+        self.cache_files: list[Path] = []  # with buckets: one pixel cache per bucket (and one latent cache each)
+        self.latent_files: list[Path] = []
+        self.train_buckets: list[int] | None = None  # with buckets: each training / validation item's bucket
+        self.val_buckets: list[int] | None = None
         if labels:
             self.classes = self._classes()
             self.num_classes = len(self.classes)
@@ -402,37 +477,52 @@ class ImageFolderDataModule(_SplitDataModule):
             info(f"data: skipped {len(bad_rows)} metadata rows that name no usable image (first: {bad_rows[0]})")
         return captions, problems
 
-    def _problem(self, path: Path) -> str | None:
-        """Why `path` cannot be used, or None. Reads only the header."""
+    def _check(self, path: Path) -> tuple[str | None, tuple[int, int] | None]:
+        """(Why `path` cannot be used or None, its (h, w) as shown or None). Reads only the header."""
         try:
-            w, h = read_size(path)
+            w, h = oriented_size(path)
         except Exception as e:
-            return f"cannot read image {path}: {e}"
+            return f"cannot read image {path}: {e}", None
+        if self.buckets is not None:  # it must cover its bucket without upscaling
+            bh, bw = self._center_crop().target((h, w))
+            if (h < bh or w < bw) and not self.allow_upscale:
+                why = f"smaller than its bucket {bw}x{bh} (w x h)"
+                return f"image {path} is {w}x{h}, {why} (set data.allow_upscale=true to upscale it)", (h, w)
+            return None, (h, w)
         need, key = (self.image_size, "data.image_size")
         if self.prep.crop_size:
             need, key = (self.prep.crop_size, "data.crop_size")
         if min(w, h) < need and not self.allow_upscale:
-            return f"image {path} is {w}x{h}, smaller than {key}={need} (set data.allow_upscale=true to upscale it)"
-        return None
+            why = f"smaller than {key}={need}"
+            return f"image {path} is {w}x{h}, {why} (set data.allow_upscale=true to upscale it)", (h, w)
+        return None, (h, w)
 
-    def _inspect(self, files: list[Path], decode: bool, on_image=None, bar: str | None = None) -> list[str | None]:
-        """Check (and with `decode`, decode) every file in the loader workers; returns each file's problem."""
+    def _center_crop(self) -> CenterCrop:
+        """The crop of an image by its size alone: into its bucket, or the square of `Preprocess`."""
+        return CenterCrop(buckets=self.buckets, image_size=self.image_size, crop_size=self.prep.crop_size)
+
+    def _inspect(
+        self, files: list[Path], decode: bool, on_image=None, bar: str | None = None, crop: CenterCrop | None = None
+    ) -> tuple[list[str | None], list[tuple[int, int] | None]]:
+        """Check (and with `decode`, decode, cut by `crop` when given) every file in the loader workers; returns
+        each file's problem and (h, w)."""
         loader = DataLoader(
-            _Inspect(files, self._problem, self.prep if decode else None),
+            _Inspect(files, self._check, self.prep if decode else None, crop),
             batch_size=64,
             # worker start-up costs more than it saves on small folders
             num_workers=self.num_workers if len(files) > (200 if decode else 2000) else 0,
             collate_fn=_as_list,
         )
         problems: list[str | None] = [None] * len(files)
+        sizes: list[tuple[int, int] | None] = [None] * len(files)
         for batch in progress(loader, desc=bar or "", enabled=bar is not None and self._bar()):
-            for i, problem, image in batch:
-                problems[i] = problem
+            for i, problem, size, image in batch:
+                problems[i], sizes[i] = problem, size
                 if problem is not None and not self.skip_bad:
                     raise BadFileError(f"{problem}; set data.skip_bad=true to skip such files")
                 if image is not None and on_image is not None:
                     on_image(i, image)
-        return problems
+        return problems, sizes
 
     def _report(self, files: list[Path], problems: list[str | None]) -> list[int]:
         """Indices of usable files; prints one line about the skipped ones."""
@@ -449,6 +539,8 @@ class ImageFolderDataModule(_SplitDataModule):
     def _cache_key(self, files: list[Path]) -> tuple[str, str]:
         """(tag naming the dataset and preprocessing, hash of the file list and preprocessing)."""
         prep = {**self.prep.key(), "allow_upscale": self.allow_upscale, "version": CACHE_VERSION}
+        if self.buckets is not None or self.geometry:  # cut by `CenterCrop` from each file's size (in the meta)
+            prep["crops"] = {"buckets": self.buckets}
         root = str(self.path.resolve())
         h = hashlib.sha256(json.dumps([root, prep], sort_keys=True).encode())
         tag_hash = h.hexdigest()[:8]
@@ -459,56 +551,112 @@ class ImageFolderDataModule(_SplitDataModule):
         tag = f"{self.path.name or 'data'}-{tag_hash}-{self.image_size}px-{self.channels}ch-crop{crop}"
         return tag, h.hexdigest()[:20]
 
-    def _cached(self, files: list[Path]) -> tuple[Path, list[int]]:
-        """The cache for `files` (built now if missing or stale) and the indices of the files it holds."""
+    def _cached(self, files: list[Path]) -> tuple[list[Path], list[int], list[tuple[int, int] | None]]:
+        """The cache for `files` (built now if missing or stale): its .npy files (one, or one per bucket that holds
+        images, in bucket order), the indices of the files it holds, and each file's (h, w) (None when unknown)."""
         tag, digest = self._cache_key(files)
-        npy = self.cache_dir / f"{tag}-{digest}.npy"
-        meta_path = npy.with_suffix(".json")
-        usable = npy.exists() and usable_cache(npy, np.uint8, (len(files), *self._shape()))
-        skipped = self._cache_index(meta_path) if usable else None
-        if skipped is not None:
-            problems = [None] * len(files)
-            for i, problem in skipped:
-                problems[i] = problem
-                if not self.skip_bad:
-                    raise BadFileError(f"{problem}; set data.skip_bad=true to skip such files")
-            return npy, self._report(files, problems)
+        stem = f"{tag}-{digest}"
+        meta_path = self.cache_dir / f"{stem}.json"
+        index = self._cache_index(meta_path) if meta_path.exists() else None
+        if index is not None:
+            skipped, sizes = index
+            npys, shapes = self._cache_layout(stem, files, sizes)
+            if all(f.exists() and usable_cache(f, np.uint8, shape) for f, shape in zip(npys, shapes, strict=True)):
+                problems = [None] * len(files)
+                for i, problem in skipped:
+                    problems[i] = problem
+                    if not self.skip_bad:
+                        raise BadFileError(f"{problem}; set data.skip_bad=true to skip such files")
+                return npys, self._report(files, problems), sizes
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise PathError(f"cannot create the cache folder {self.cache_dir}: {e}; set data.cache_dir=...") from e
-        info(f"data: building the cache {npy} from {len(files)} files (once)")
-        problems: list[str | None] = []
+        info(f"data: building the cache {self.cache_dir / stem}.npy from {len(files)} files (once)")
+        crop = self._center_crop() if self.buckets is not None or self.geometry else None
+        if self.buckets is None:
+            problems: list[str | None] = []
+            sizes: list[tuple[int, int] | None] = []
 
-        def fill(f) -> None:
-            array = npy_memmap(f, np.uint8, (len(files), *self._shape()))
-            problems.extend(self._inspect(files, decode=True, on_image=array.__setitem__, bar="image cache"))
-            array.flush()
+            def fill(f) -> None:
+                array = npy_memmap(f, np.uint8, (len(files), *self._shape()))
+                found = self._inspect(files, decode=True, on_image=array.__setitem__, bar="image cache", crop=crop)
+                problems.extend(found[0])
+                sizes.extend(found[1])
+                array.flush()
 
-        atomic_write(npy, fill)
+            npys = [self.cache_dir / f"{stem}.npy"]
+            atomic_write(npys[0], fill)
+        else:  # headers first (each file's bucket), then each bucket's images into its own file
+            problems, sizes = self._inspect(files, decode=False)
+            npys, shapes = self._cache_layout(stem, files, sizes)
+            members = self._bucket_members(sizes)
+            for npy, shape, items in zip(npys, shapes, members, strict=True):
+
+                def fill(f, shape=shape, items=items) -> None:
+                    array = npy_memmap(f, np.uint8, shape)
+                    found, _ = self._inspect(
+                        [files[i] for i in items], decode=True, on_image=array.__setitem__, bar="image cache", crop=crop
+                    )
+                    for i, problem in zip(items, found, strict=True):
+                        problems[i] = problem
+                    array.flush()
+
+                atomic_write(npy, fill)
         meta = {
             "version": CACHE_VERSION,
             "root": str(self.path.resolve()),
             "preprocess": self.prep.key(),
             "files": [str(f.relative_to(self.path)) for f in files],
             "skipped": [[i, p] for i, p in enumerate(problems) if p is not None],
+            "sizes": sizes,  # (h, w) as shown, for the buckets and the crop geometry
         }
         write_bytes(meta_path, json.dumps(meta).encode())
+        keep = {stem, *(f.stem for f in npys)}  # the new cache; its latent caches are rebuilt after it
         for stale in self.cache_dir.glob(f"{glob.escape(tag)}-*"):  # the folder's name may hold [ ] * ?
-            if stale.stem != npy.stem:
+            if stale.stem not in keep:
                 stale.unlink(missing_ok=True)
-        return npy, self._report(files, problems)
+        return npys, self._report(files, problems), sizes
+
+    def _bucket_members(self, sizes: list[tuple[int, int] | None]) -> list[list[int]]:
+        """The files (indices) of each bucket that holds any, in bucket order; a file without a size in none."""
+        crop = self._center_crop()
+        members: dict[int, list[int]] = {}
+        for i, size in enumerate(sizes):
+            if size is not None:
+                members.setdefault(self.buckets.index(crop.target(size)), []).append(i)
+        return [members[b] for b in sorted(members)]
+
+    def _cache_layout(
+        self, stem: str, files: list[Path], sizes: list[tuple[int, int] | None]
+    ) -> tuple[list[Path], list[tuple[int, ...]]]:
+        """The cache's .npy files and their shapes: one (N, C, S, S), or with buckets one per bucket that holds
+        images, `<stem>-b<h>x<w>.npy` of (its images, C, h, w)."""
+        if self.buckets is None:
+            return [self.cache_dir / f"{stem}.npy"], [(len(files), *self._shape())]
+        npys, shapes = [], []
+        crop = self._center_crop()
+        for items in self._bucket_members(sizes):
+            h, w = crop.target(sizes[items[0]])
+            npys.append(self.cache_dir / f"{stem}-b{h}x{w}.npy")
+            shapes.append((len(items), self.channels, h, w))
+        return npys, shapes
 
     @staticmethod
-    def _cache_index(meta_path: Path) -> list | None:
-        """The cache index's [index, problem] list of skipped files; None when there is none or it is corrupt
-        (then the cache is rebuilt, and a line names the file)."""
+    def _cache_index(meta_path: Path) -> tuple[list, list] | None:
+        """The cache index's [index, problem] list of skipped files and each file's (h, w) (None: unknown, e.g. a
+        cache from before sizes were kept); None when there is none or it is corrupt (then the cache is rebuilt,
+        and a line names the file)."""
         if not meta_path.exists():
             return None
         try:
-            skipped = json.loads(meta_path.read_text())["skipped"]
+            meta = json.loads(meta_path.read_text())
+            skipped, sizes = meta["skipped"], meta.get("sizes")
+            if sizes is None:
+                sizes = [None] * len(meta["files"])
+            sizes = [None if s is None else (int(s[0]), int(s[1])) for s in sizes]
             if all(isinstance(i, int) and isinstance(p, str) for i, p in skipped):
-                return skipped
+                return skipped, sizes
             raise ValueError("unexpected entries in 'skipped'")
         except (OSError, ValueError, KeyError, TypeError) as e:
             info(f"data: the cache index {meta_path} is corrupt ({e}); rebuilding the cache")
@@ -560,9 +708,10 @@ class ImageFolderDataModule(_SplitDataModule):
     def prepare_data(self) -> None:
         """Rank zero (per node) builds the cache, so the other ranks find it in setup."""
         if self.cache:
-            self.cache_file, _ = self._cached(self._scan()[0])
+            npys, _, _ = self._cached(self._scan()[0])
             if self.codec is not None:
-                self.latent_file = self._latent_cached(self.cache_file)
+                for npy in npys:
+                    self._latent_cached(npy)
 
     def _split_rows(self, files: list[Path], good: list[int]) -> tuple[list[int], list[int]]:
         """(train, val) positions into `good`: a fixed-seed fraction."""
@@ -571,14 +720,19 @@ class ImageFolderDataModule(_SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        flip = self.flip
         files, labels = self._scan()
         captions, caption_problems = self._read_captions(files) if self.captioned else (None, None)
         if self.cache:
-            self.cache_file, good = self._cached(files)
-            if self.codec is not None:
-                self.latent_file = self._latent_cached(self.cache_file)
+            npys, good, sizes = self._cached(files)
+            latents = [self._latent_cached(npy) for npy in npys] if self.codec is not None else []
+            if self.buckets is None:  # one file each (the attributes FID's key leaves out)
+                self.cache_file, self.latent_file = npys[0], latents[0] if latents else None
+            else:
+                self.cache_files, self.latent_files = npys, latents
         else:
-            good = self._report(files, self._inspect(files, decode=self.verify == "full"))
+            problems, sizes = self._inspect(files, decode=self.verify == "full")
+            good = self._report(files, problems)
         if caption_problems is not None:
             uncaptioned = [i for i in good if caption_problems[i] is not None]
             if uncaptioned:
@@ -589,10 +743,27 @@ class ImageFolderDataModule(_SplitDataModule):
                 raise BadFileError(f"data.path={self.path} holds no usable captioned images")
         train_rows, val_rows = self._split_rows(files, good)
         labels_t = torch.tensor(labels, dtype=torch.long)
+        center = self._center_crop()
+        # each item's crop from its size: buckets, crop geometry and random crops (placed per epoch, resumable)
+        planned = self.buckets is not None or self.geometry or self.prep.crop == "random"
+        caches = self._bucket_caches(files, sizes, labels_t, flip) if self.cache and self.buckets is not None else None
 
         def subset(rows: list[int], train: bool) -> Dataset:
             idx = [good[r] for r in rows]
-            if self.latent_file is not None:
+            random = train and self.prep.crop == "random"
+            crops = center.crops([sizes[i] for i in idx], random=random, flip=train and flip, seed=self.seed)
+            if self.buckets is not None:
+                setattr(self, f"{'train' if train else 'val'}_buckets", [self.buckets.index(t) for t in crops.targets])
+            if caches is not None:  # one cache file per bucket
+                bucket_of, row_of, pixel_parts, latent_parts = caches
+                where = ([bucket_of[i] for i in idx], [row_of[i] for i in idx])
+                pixels = Bucketed(pixel_parts, *where)
+                images = pixels
+                if latent_parts is not None:
+                    setattr(self, "train_pixels" if train else "val_pixels", pixels)
+                    mirrors = {b: n for b, n in Counter(bucket_of.values()).items()} if flip and train else None
+                    images = Bucketed(latent_parts, *where, mirrors=mirrors, seed=self.seed)
+            elif self.latent_file is not None:
                 pixels = ArrayImages(str(self.cache_file), labels_t, rows=idx)
                 setattr(self, "train_pixels" if train else "val_pixels", pixels)
                 mirrors = len(files) if self.flip else None
@@ -604,18 +775,77 @@ class ImageFolderDataModule(_SplitDataModule):
             else:
                 prep = self.prep if train else Preprocess(**{**self.prep.key(), "crop": "center"})
                 images = ImageFiles(
-                    [files[i] for i in idx], [labels[i] for i in idx], prep, skip_bad=self.skip_bad, root=self.path
+                    [files[i] for i in idx],
+                    [labels[i] for i in idx],
+                    prep,
+                    skip_bad=self.skip_bad,
+                    root=self.path,
+                    crops=crops if planned else None,
                 )
             if captions is None:
                 return images
             if train:
                 self.train_captions = [captions[i] for i in idx]
-            return Captioned(images, [captions[i] for i in idx], seed=self.seed)
+            return Captioned(images, [captions[i] for i in idx], seed=self.seed, crops=crops if self.geometry else None)
 
         self.train_set = subset(train_rows, train=True)
         self.val_set = subset(val_rows, train=False)
-        if self.latent_file is not None:
+        if self.latent_file is not None or self.latent_files:
             self.flip = False  # the latent cache flips by taking the mirror image's moments (LatentMoments)
+        if self.buckets is not None:
+            info(bucket_summary(self.buckets, self.train_buckets, batch_size=self.batch_size))
+            if not any(n >= self.batch_size for n in Counter(self.train_buckets).values()):
+                raise ConfigError(
+                    f"data.buckets=true but no bucket holds data.batch_size={self.batch_size} training images; "
+                    "lower data.batch_size"
+                )
+
+    def _bucket_caches(self, files: list[Path], sizes: list, labels: Tensor, flip: bool):
+        """A bucketed cache's pieces: each file's bucket and row in its bucket's file, and each bucket's pixel
+        dataset and (with a codec) latent dataset, keyed by bucket."""
+        bucket_of, row_of, pixel_parts, latent_parts = {}, {}, {}, {} if self.latent_files else None
+        crop = self._center_crop()
+        for k, items in enumerate(self._bucket_members(sizes)):
+            b = self.buckets.index(crop.target(sizes[items[0]]))
+            bucket_of.update(dict.fromkeys(items, b))
+            row_of.update({i: r for r, i in enumerate(items)})
+            part_labels = labels[torch.as_tensor(items, dtype=torch.long)]
+            pixel_parts[b] = ArrayImages(str(self.cache_files[k]), part_labels)
+            if latent_parts is not None:
+                mirrored = part_labels.repeat(2) if flip else part_labels  # the mirror images' rows follow
+                latent_parts[b] = LatentMoments(str(self.latent_files[k]), mirrored, rows=list(range(len(mirrored))))
+        return bucket_of, row_of, pixel_parts, latent_parts
+
+    def _train_sampler(self, dataset: Dataset, *, num_replicas: int, rank: int) -> ResumableSampler:
+        if self.buckets is None:
+            return super()._train_sampler(dataset, num_replicas=num_replicas, rank=rank)
+        sampler = BucketSampler(
+            dataset,
+            buckets=self.train_buckets,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
+        if sampler.steps == 0:
+            raise ConfigError(
+                f"data.buckets=true: the buckets' full batches of data.batch_size={self.batch_size} are fewer than "
+                f"the {num_replicas} processes; lower data.batch_size"
+            )
+        return sampler
+
+    def val_dataloader(self) -> DataLoader:
+        if self.buckets is None:
+            return super().val_dataloader()
+        # one bucket per batch: the batches are the loader's items (batch_size=None)
+        return DataLoader(
+            BucketBatches(self.val_set, self.val_buckets, self.batch_size),
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=batch_collate(self.val_set),
+        )
 
 
 class CelebADataModule(ImageFolderDataModule):

@@ -62,6 +62,41 @@ def read_size(path: Path) -> tuple[int, int]:
         return img.size
 
 
+# EXIF orientations that turn the picture a quarter (exif_transpose swaps its width and height)
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _oriented(img, size: tuple[int, int]) -> tuple[int, int]:
+    """`size` (width, height) of the opened, not yet decoded `img` as shown: swapped when its EXIF orientation
+    turns it a quarter. Reads the EXIF block that opening found (img.getexif() would decode a PNG to look for a
+    later one; a PNG whose eXIf chunk follows its pixels is taken as upright here)."""
+    from PIL import Image
+
+    raw = img.info.get("exif")
+    if not raw:
+        return size
+    exif = Image.Exif()
+    exif.load(raw)
+    return size[::-1] if exif.get(0x0112) in _QUARTER_TURNS else size
+
+
+def oriented_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is shown (after its EXIF orientation), from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return _oriented(img, img.size)
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where an image is cut: `box` (left, top, right, bottom) in the pixels of the image as shown (EXIF-oriented,
+    at full size; fractions allowed), resized to `out` (height, width) in the same pass."""
+
+    box: tuple[float, float, float, float]
+    out: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How a file becomes a (C, S, S) uint8 array: a square crop (side `crop_size`, or the short side when None),
@@ -93,20 +128,25 @@ def _to_mode(img, channels: int):
     return img.convert("RGB" if channels == 3 else "L")
 
 
-def load_image(path: Path, prep: Preprocess, generator: torch.Generator | None = None) -> np.ndarray:
-    """Decode `path` and preprocess it to uint8 (C, S, S). Raises OSError naming the file if it cannot be decoded.
+def load_image(
+    path: Path, prep: Preprocess, generator: torch.Generator | None = None, *, crop: Crop | None = None
+) -> np.ndarray:
+    """Decode `path` and preprocess it to uint8 (C, S, S), or with `crop` to that crop: (C, *crop.out). Raises
+    OSError naming the file if it cannot be decoded.
 
     1. open; for JPEGs larger than twice the target, let libjpeg decode at 1/2, 1/4 or 1/8 scale (draft mode),
        which keeps at least 2x the output resolution for the antialiased resize and makes big photos cheap;
     2. apply the EXIF orientation;
     3. convert to 8-bit RGB or L (16-bit scaled, transparency composited on white, first frame of a GIF);
-    4. crop a square (center or random) and resize it to `image_size` in one antialiased bicubic pass.
+    4. crop a square (center or random) and resize it to `image_size` in one antialiased bicubic pass; with
+       `crop`, cut its box and resize it to its `out` size instead (buckets, `diffusion.data.buckets.Crops`).
     """
     from PIL import Image, ImageOps
 
-    S = prep.image_size
+    S = prep.image_size if crop is None else max(crop.out)
     try:
         with Image.open(path) as img:
+            raw = img.size
             if img.format == "JPEG" and prep.crop_size is None:
                 w, h = img.size
                 scale = 1
@@ -114,12 +154,20 @@ def load_image(path: Path, prep: Preprocess, generator: torch.Generator | None =
                     scale *= 2
                 if scale > 1:
                     img.draft(img.mode, (-(-w // scale), -(-h // scale)))
+            drafted = img.size != raw
+            full = _oriented(img, raw)  # the size as shown at full size: the crop's box is in these pixels
             img = ImageOps.exif_transpose(img)
+            full = full if drafted else img.size  # (a JPEG's EXIF is in its header: draft only JPEGs)
             img = _to_mode(img, prep.channels)
             img.load()
     except Exception as e:  # PIL raises many kinds for bad files; name the file in one line
         raise PathError(f"cannot decode image {path}: {e}") from e
-    return crop_resize(img, prep, generator)
+    if crop is None:
+        return crop_resize(img, prep, generator)
+    sx, sy = img.width / full[0], img.height / full[1]  # 1, or the draft's scale
+    left, top, right, bottom = crop.box
+    img = img.resize(crop.out[::-1], Image.Resampling.BICUBIC, box=(left * sx, top * sy, right * sx, bottom * sy))
+    return _channels_first(img)
 
 
 def image_array(img, prep: Preprocess) -> np.ndarray:
@@ -140,5 +188,10 @@ def crop_resize(img, prep: Preprocess, generator: torch.Generator | None = None)
     else:
         left, top = (w - side) // 2, (h - side) // 2
     img = img.resize((S, S), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
+    return _channels_first(img)
+
+
+def _channels_first(img) -> np.ndarray:
+    """A PIL image as uint8 (C, H, W)."""
     arr = np.array(img, dtype=np.uint8)  # a writable copy
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))  # (C, S, S)
