@@ -248,7 +248,8 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
             raise ConfigError(f"format=pipeline: diffusers took none of the adapters into the U-Net of {base}")
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # after fuse_lora: drops the adapter modules and keeps the merged weights
-        pipe = pipeline.from_pretrained(model.codec.config["path"], unet=pipe.unet, **parts)
+        merged = dict(unet=pipe.unet, text_encoder=pipe.text_encoder)  # the text encoder: its adapters merged too
+        pipe = pipeline.from_pretrained(model.codec.config["path"], **merged, **parts)
     else:
         if text_lora_layers(model):
             raise ConfigError("format=pipeline of a full fine-tune with text encoder adapters: use format=lora")

@@ -218,6 +218,16 @@ def test_dreambooth_train_resume_and_export_with_text_encoder_lora(tmp_path, sd_
         assert (mine["context"][:1] - base_context).abs().max() > 1e-4  # the text adapters trained
         theirs = pipe.unet(x, t, encoder_hidden_states=theirs_context).sample
         torch.testing.assert_close(theirs, ours.net(x, t, **mine), rtol=1e-4, atol=1e-5)
+    # 4. format=pipeline merges both kinds of adapters: a plain pipeline folder with the same outputs
+    export(run / "checkpoints" / "last.ckpt", tmp_path / "merged", format="pipeline", use_ema=False)
+    merged = StableDiffusionPipeline.from_pretrained(str(tmp_path / "merged"), safety_checker=None)
+    assert not any("lora" in k for k in [*merged.unet.state_dict(), *merged.text_encoder.state_dict()])
+    with torch.no_grad():
+        context = merged.text_encoder(*_tokens(merged, INSTANCE, CLASS))[0]
+        torch.testing.assert_close(context, mine["context"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            merged.unet(x, t, encoder_hidden_states=context).sample, theirs, rtol=1e-4, atol=1e-5
+        )
 
 
 def _tokens(pipe, *prompts):
