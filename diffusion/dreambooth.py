@@ -129,8 +129,6 @@ def class_images(
     log.info(f"class images of {prompt!r}: {have} of {count} in {folder}; drawing {count - have} with the base model")
     from PIL import Image
 
-    from diffusion.generation import to_uint8
-
     for lo in range(have, count, batch_size):
         index = list(range(lo, min(lo + batch_size, count)))
         pixels = model.generate(
@@ -141,7 +139,10 @@ def class_images(
             precision=precision,
             batch_size=batch_size,
         )
-        for i, img in zip(index, to_uint8(pixels), strict=True):
+        # [-1, 1] -> uint8 (N, H, W, C), rounded (as the entry points' `diffusion.generation.to_uint8`)
+        unit = ((pixels.detach().float().cpu() + 1) / 2).clamp(0, 1)
+        uint8 = (unit * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for i, img in zip(index, uint8, strict=True):
             image = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
             atomic_write(folder / image_name(i), partial(image.save, format="PNG"))
         log.info(f"class images of {prompt!r}: {index[-1] + 1} of {count}")
