@@ -421,6 +421,10 @@ def assemble(cfg: DictConfig, *, init_path: str | None = None, finetune=None):
             conditioning=conditioning,
         )
         L.pytorch.utilities.rank_zero_only(log.info)(report.summary())
+    if cfg.get("dreambooth"):  # the instance images with class images the base model draws (diffusion/data/dreambooth)
+        dreambooth = build(cfg, "dreambooth")
+        base = DiffusionModel(net=net, process=process, conditioning=conditioning, codec=codec)
+        datamodule = dreambooth.datamodule(datamodule, base=base, sampler=build(cfg, "sampler"))
     lora = isinstance(finetune, LoRA)
     if finetune is not None:  # LoRA adapters on the loaded base (only they train), or a full fine-tune
         if lora and init_path is not None and (init.get("ignore_keys") or not init.get("strict", True)):
@@ -432,6 +436,8 @@ def assemble(cfg: DictConfig, *, init_path: str | None = None, finetune=None):
     conditioning.prepare(datamodule)  # e.g. a text encoder's tokenizer from the training captions
     if lora:  # the base's conditions stay as they were; a text encoder learns only the captions' new words
         conditioning.freeze_for_adapters()
+    if cfg.get("dreambooth"):  # dreambooth.train_text_encoder: LoRA adapters on the text encoder too
+        conditioning = dreambooth.conditioning(conditioning, finetune=finetune)
     return DiffusionModel(net=net, process=process, conditioning=conditioning, codec=codec), datamodule
 
 

@@ -11,11 +11,11 @@ vocabulary, whose other weights stay frozen), then draws
 - right digit: the share the digit classifier of `bench/digits_eval.py` labels as the prompt's digit (new prompts:
   scored on the images turned back to normal colours).
 
-`--prior N` (default 100) is DreamBooth's prior preservation (Ruiz et al. 2023, sec. 4.2): N images per old
-prompt, drawn by the base model itself with `sample.py` (whose images/ folder holds each image's prompt in a
-metadata.jsonl), go into the training folder, so the adapters also learn to leave the old prompts alone (mixing
-them into the data is the paper's prior-preservation loss, weighted by their share). With `--prior 0` the
-adapters see only the new style, and nothing keeps it to the new word: the old prompts break (README step 9).
+`--prior N` (default 100) is DreamBooth's prior preservation (Ruiz et al. 2023, sec. 4.2) through the recipe
+(`dreambooth=default`, diffusion/data/dreambooth.py): before training, the base model draws N images per old prompt
+("a handwritten seven", the class prompts) once, cached in OUT/class_images, and every batch holds `--batch` / 2
+inverted digits and as many of those, the loss being instance MSE + prior MSE. With `--prior 0` the adapters see only
+the new style, and nothing keeps it to the new word: the old prompts break (README step 9).
 
     python bench/text_lora_concept.py --ckpt RUN_OF_experiment=digits_text --out /tmp/lora_concept [--prior 0]
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +61,8 @@ def adapter_share(run: Path) -> str:
     adapters = sum(v.numel() for k, v in ckpt["state_dict"].items() if ".lora_" in k)
     model = DiffusionModel.from_checkpoint(run / "checkpoints" / "last.ckpt")
     total = sum(p.numel() for p in model.net.parameters()) - adapters
-    encoder = json.loads(ckpt["state_dict"]["conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
-    dim = ckpt["state_dict"]["conditioning.encoder.token_emb.weight"].shape[1]
+    encoder = json.loads(ckpt["state_dict"]["model.conditioning.encoder._extra_state"]["tokenizer"])["model"]["vocab"]
+    dim = ckpt["state_dict"]["model.conditioning.encoder.token_emb.weight"].shape[1]
     new = [w for w in ("an", "inverted") if w in encoder]
     return (
         f"adapters: {adapters:,} parameters, {adapters / total:.1%} of the base network's {total:,}; "
@@ -85,6 +84,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20, help="images per prompt")
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--prior", type=int, default=100, help="base-model images per old prompt (0: no prior)")
+    parser.add_argument("--batch", type=int, default=64, help="images per step (with a prior: half of each kind)")
     parser.add_argument("--targets", default=None, help="finetune.target_modules, comma-separated (default: attention)")
     args = parser.parse_args()
     out = Path(args.out)
@@ -93,21 +93,14 @@ def main() -> None:
     count = write_concept(out / "data")
     print(f"wrote {count} inverted digits to {out / 'data'}")
     old_prompts = [f"a handwritten {w}" for w in DIGIT_WORDS]
-    if args.prior:
-        (out / "prior_prompts.txt").write_text("\n".join(old_prompts) + "\n")
-        run(
-            "sample.py",
-            f"ckpt={args.ckpt}",
-            f"prompts={out / 'prior_prompts.txt'}",
-            f"n={args.prior}",
-            f"guidance={args.guidance}",
-            "seed=1000000",  # other noise than the evaluation's samples
-            "progress=false",
-            f"out={out / 'prior'}",
-        )
-        # sample.py's images/ is a captioned folder (each image's prompt in its metadata.jsonl): a subfolder of the data
-        shutil.move(out / "prior" / "images", out / "data" / "prior")
-        print(f"added {10 * args.prior} base-model images of the old prompts (prior) in {out / 'data' / 'prior'}")
+    prior = [
+        "dreambooth=default",  # instance captions from the folder; class images drawn by the base model
+        "dreambooth.class_prompt=[" + ",".join(f"'{p}'" for p in old_prompts) + "]",
+        f"dreambooth.num_class_images={args.prior}",
+        f"dreambooth.class_dir={out / 'class_images'}",
+        "dreambooth.sample_batch_size=100",
+        f"conditioning.guidance={args.guidance}",
+    ]
     run(
         "train.py",
         "experiment=digits_text",
@@ -122,7 +115,8 @@ def main() -> None:
         "data.channels=1",
         "data.flip=false",
         "data.num_workers=0",
-        "data.batch_size=64",
+        f"data.batch_size={args.batch // 2 if args.prior else args.batch}",
+        *(prior if args.prior else []),
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.steps}",
         f"callbacks.sample_grid.every_n_steps={args.steps}",

@@ -356,7 +356,11 @@ def concat_kwargs(a: Kwargs, b: Kwargs) -> Kwargs:
 
 # The conditionings and text encoders a checkpoint may name (plain config values only).
 CONDITIONINGS = {f"{__name__}.{c.__qualname__}": c for c in (NoConditioning, ClassConditioning, TextConditioning)}
-TEXT_ENCODERS = ("diffusion.text_encoders.TransformerTextEncoder", "diffusion.text_encoders.CLIPTextEncoder")
+TEXT_ENCODERS = (
+    "diffusion.text_encoders.TransformerTextEncoder",
+    "diffusion.text_encoders.CLIPTextEncoder",
+    "diffusion.finetune.LoRATextEncoder",  # a pretrained one with LoRA adapters (dreambooth.train_text_encoder)
+)
 
 
 def build_conditioning(
@@ -375,18 +379,28 @@ def build_conditioning(
         raise BadFileError(f"{source} names conditioning {target!r} with a config that is not plain data; refused")
     config = dict(config)
     if "encoder" in config:
-        enc = config["encoder"]
-        enc_target = enc.get("target") if isinstance(enc, dict) else None
-        if enc_target not in TEXT_ENCODERS or not isinstance(enc.get("config"), dict):
-            raise BadFileError(f"{source} names text encoder {enc_target!r}, which this project does not build")
-        module_name, _, cls_name = enc_target.rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        enc_config = {**enc["config"], **{k: v for k, v in encoder_overrides.items() if v is not None}}
-        try:
-            config["encoder"] = cls(**enc_config)
-        except (TypeError, ValueError, RuntimeError) as e:  # unknown keys, a refused value, a negative size
-            raise BadFileError(f"{source}: text encoder {enc_target} cannot be built from its config ({e})") from e
+        config["encoder"] = build_text_encoder(config["encoder"], source=source, **encoder_overrides)
     try:
         return CONDITIONINGS[target](**config)
     except TypeError as e:
         raise BadFileError(f"{source}: {target} cannot be built from the checkpoint's config ({e})") from e
+
+
+def build_text_encoder(description, *, source: str = "checkpoint", **overrides) -> nn.Module:
+    """The text encoder a description {"target", "config"} names; only registered classes (`TEXT_ENCODERS`) are
+    built, a wrapper's encoder (its config's "encoder") first. `overrides` replace config values that are not None
+    (e.g. `pretrained=` for a folder that moved) of the innermost encoder."""
+    enc_target = description.get("target") if isinstance(description, dict) else None
+    if enc_target not in TEXT_ENCODERS or not isinstance(description.get("config"), dict):
+        raise BadFileError(f"{source} names text encoder {enc_target!r}, which this project does not build")
+    module_name, _, cls_name = enc_target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    enc_config = dict(description["config"])
+    if isinstance(enc_config.get("encoder"), dict):  # a wrapper of another encoder (LoRATextEncoder): that one first
+        enc_config["encoder"] = build_text_encoder(enc_config["encoder"], source=source, **overrides)
+    else:
+        enc_config.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return cls(**enc_config)
+    except (TypeError, ValueError, RuntimeError) as e:  # unknown keys, a refused value, a negative size
+        raise BadFileError(f"{source}: text encoder {enc_target} cannot be built from its config ({e})") from e

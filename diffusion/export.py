@@ -19,7 +19,9 @@
   LoRA format (`pytorch_lora_weights.safetensors`, peft's state dict converted with diffusers'
   `convert_state_dict_to_diffusers`, written by `StableDiffusionPipeline.save_lora_weights`); it loads with
   `StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(DIR)`. A LoRA alpha other than the rank is
-  folded into the up-projection (B), since the file carries no alpha.
+  folded into the up-projection (B), since the file carries no alpha. Adapters on the text encoder
+  (`dreambooth.train_text_encoder`) go in the same file under `text_encoder.`, as diffusers' DreamBooth script
+  saves them.
 - `pipeline`: for fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full` / `sd_lora`), a complete
   `StableDiffusionPipeline` folder (`save_pretrained`): our U-Net with the base pipeline's VAE, text encoder,
   tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's
@@ -212,10 +214,21 @@ def export_lora(model: DiffusionModel, out: Path) -> None:
     from diffusion.optional import import_diffusers
 
     layers = lora_layers(model)
+    text = {f"{name}_lora_layers": state for name, state in text_lora_layers(model).items()}
     pipeline = import_diffusers("format=lora / format=pipeline").StableDiffusionPipeline
     write_folder(
-        out, lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
+        out,
+        lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True, **text),
     )
+
+
+def text_lora_layers(model: DiffusionModel) -> dict[str, dict[str, torch.Tensor]]:
+    """The text encoder's LoRA adapters (dreambooth.train_text_encoder) in diffusers' format, by the text model's
+    name in the pipeline ("text_encoder"); {} when the text encoder has none."""
+    from diffusion.finetune import LoRATextEncoder
+
+    encoder = getattr(model.conditioning, "encoder", None)
+    return encoder.adapter_layers() if isinstance(encoder, LoRATextEncoder) else {}
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> None:
@@ -229,13 +242,17 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
     if isinstance(model.net, LoRANet):  # the base U-Net with the adapters merged in
         base = model.net.config["source"]["path"]
         pipe = pipeline.from_pretrained(base, **parts)
-        pipe.load_lora_weights({f"unet.{k}": v for k, v in lora_layers(model).items()})  # keys as saved in a file
+        text = {f"{name}.{k}": v for name, state in text_lora_layers(model).items() for k, v in state.items()}
+        pipe.load_lora_weights({**{f"unet.{k}": v for k, v in lora_layers(model).items()}, **text})  # as in a file
         if "unet" not in pipe.get_list_adapters():  # diffusers only warns when no key matched
             raise ConfigError(f"format=pipeline: diffusers took none of the adapters into the U-Net of {base}")
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # after fuse_lora: drops the adapter modules and keeps the merged weights
-        pipe = pipeline.from_pretrained(model.codec.config["path"], unet=pipe.unet, **parts)
+        merged = dict(unet=pipe.unet, text_encoder=pipe.text_encoder)  # the text encoder: its adapters merged too
+        pipe = pipeline.from_pretrained(model.codec.config["path"], **merged, **parts)
     else:
+        if text_lora_layers(model):
+            raise ConfigError("format=pipeline of a full fine-tune with text encoder adapters: use format=lora")
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=net.unet, **parts)
     write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
 

@@ -293,3 +293,97 @@ class LoRANet(nn.Module):
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """peft's adapter weights, keyed as in the base network (`get_peft_model_state_dict`)."""
         return require("peft", feature="finetune=lora").get_peft_model_state_dict(self.net)
+
+
+# --- LoRA on a pretrained text encoder (`dreambooth.train_text_encoder=true`) -------------------------------------
+# CLIP's attention projections, as diffusers' DreamBooth LoRA script adapts them (T5 names them q, k, v, o)
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def text_models(encoder: nn.Module) -> dict[str, nn.Module]:
+    """The transformers models inside a pretrained text encoder, by their names in a diffusers pipeline
+    ("text_encoder", "text_encoder_2", ...): the encoder's `text_models()`, or its one `model` (CLIPTextEncoder)."""
+    if hasattr(encoder, "text_models"):
+        return dict(encoder.text_models())
+    model = getattr(encoder, "model", None)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"dreambooth.train_text_encoder=true needs a pretrained text encoder (conditioning=clip); "
+            f"{type(encoder).__name__} has none to put adapters on"
+        )
+    return {"text_encoder": model}
+
+
+class LoRATextEncoder(nn.Module):
+    """A frozen pretrained text encoder with LoRA adapters on its transformers models (`text_models`); called as the
+    encoder is. Its state dict holds the adapters only; its `config` names the encoder (rebuilt from its own
+    description) and the LoRA settings, so a checkpoint rebuilds encoder + adapters.
+
+    Args:
+        encoder: the frozen encoder (`diffusion.conditioning.build_text_encoder` builds it first from a checkpoint).
+        rank, alpha, target_modules, dropout: peft's LoraConfig r, lora_alpha, target_modules, lora_dropout.
+    """
+
+    trainable = True  # its adapters train; TextConditioning then neither caches its outputs nor drops its state
+
+    def __init__(
+        self,
+        *,
+        encoder: nn.Module,
+        rank: int,
+        alpha: float,
+        target_modules: list[str] | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        peft = require("peft", feature="dreambooth.train_text_encoder")
+        from diffusion.state import keep_in_state_dict
+
+        if rank < 1:
+            raise ConfigError(f"dreambooth.text_encoder_rank={rank} must be >= 1")
+        targets = list(target_modules or TEXT_TARGETS)
+        config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=dropout)
+        for model in text_models(encoder).values():
+            peft.inject_adapter_in_model(config, model)
+        self.encoder, self.dim = encoder, encoder.dim
+        keep_in_state_dict(self, frozenset(name for name, p in self.named_parameters() if p.requires_grad))
+        described = {"target": f"{type(encoder).__module__}.{type(encoder).__qualname__}", "config": encoder.config}
+        self.config = dict(encoder=described, rank=rank, alpha=float(alpha), target_modules=targets, dropout=dropout)
+
+    def forward(self, captions: list[str]):
+        out = self.encoder(captions)
+        context = out[0] if isinstance(out, tuple) else out["context"]
+        if torch.is_grad_enabled() and self.training and not context.requires_grad:
+            raise ConfigError(f"{type(self.encoder).__name__} runs without gradients: its LoRA adapters cannot train")
+        return out
+
+    def adapter_layers(self) -> dict[str, dict[str, Tensor]]:
+        """Each text model's adapters as diffusers' LoRA state dict (alpha / rank folded into B, as diffusers' files
+        carry no alpha), by the model's name in the pipeline: what `save_lora_weights(text_encoder_lora_layers=...)`
+        takes."""
+        diffusers_utils = require("diffusers.utils", feature="format=lora")
+        peft = require("peft", feature="format=lora")
+        scale = self.config["alpha"] / self.config["rank"]
+        layers = {}
+        for name, model in text_models(self.encoder).items():
+            state = peft.get_peft_model_state_dict(model)
+            state = {
+                k: (v * scale if ".lora_B." in k else v).detach().float().contiguous().cpu() for k, v in state.items()
+            }
+            layers[name] = diffusers_utils.convert_state_dict_to_diffusers(state)
+        return layers
+
+
+def with_text_adapters(conditioning: nn.Module, *, rank: int, alpha: float) -> nn.Module:
+    """`conditioning` rebuilt from its own description around its text encoder with LoRA adapters
+    (`LoRATextEncoder`): the adapters train and are saved with it; the rest of the encoder stays frozen."""
+    config = dict(conditioning.describe().get("config", {}))
+    if not isinstance(getattr(conditioning, "encoder", None), nn.Module) or "encoder" not in config:
+        raise ConfigError("dreambooth.train_text_encoder=true needs text conditioning (conditioning=clip)")
+    if getattr(conditioning.encoder, "trainable", False):
+        raise ConfigError(
+            f"dreambooth.train_text_encoder=true is for a frozen pretrained text encoder; "
+            f"{type(conditioning.encoder).__name__} trains already"
+        )
+    encoder = LoRATextEncoder(encoder=conditioning.encoder, rank=rank, alpha=alpha)
+    return type(conditioning)(**{**config, "encoder": encoder})

@@ -116,16 +116,19 @@ class DiffusionModule(L.LightningModule):
         self._saved_lr_plan: dict | None = None  # the cosine plan a resumed checkpoint was trained with
 
     # --- training ----------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> Tensor:
-        x, conditions = batch
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+        # (images, conditions) or (images, conditions, per-sample loss weights): the loss is the batch mean, or
+        # sum(weights * losses) (DreamBooth: instance MSE + w * prior MSE, `diffusion.dreambooth.prior_weights`)
+        x, conditions, *weights = batch
         with self.training_rng(x.device):
-            loss = self.model.training_loss(
+            losses = self.model.training_loss(
                 x,
                 conditions,
                 drop_prob=self.cond_drop_prob,
                 forward=self.compiled_forward,
                 channels_last=self.channels_last,
-            ).mean()
+            )
+        loss = losses.mean() if not weights else (losses * weights[0].to(losses)).sum()
         self.guard.add_loss(loss)  # checked once per optimizer step, in configure_gradient_clipping
         self.log("train/loss", loss, prog_bar=True)
         self._images_since_log += x.shape[0]
@@ -219,8 +222,8 @@ class DiffusionModule(L.LightningModule):
         self.guard.resolve_pending(self.trainer)
 
     # --- validation at fixed noise and noise levels ---------------------------------------------------
-    def validation_step(self, batch: tuple[Tensor, Tensor | list[str]], batch_idx: int) -> None:
-        x, conditions = batch
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        x, conditions, *_ = batch
         loss, bucket = self.model.validation_loss(
             x,
             conditions,

@@ -8,9 +8,10 @@ named by path instead).
 
 from __future__ import annotations
 
+import threading
 from functools import partial
 
-from torch import nn
+from torch import Tensor, nn
 
 PLAIN = (type(None), bool, int, float, str)
 
@@ -26,6 +27,9 @@ def is_plain(value) -> bool:
     return False
 
 
+_whole = threading.local()  # while set, `keep_in_state_dict`'s modules give whole state dicts (`_fill_unkept`)
+
+
 def keep_in_state_dict(module: nn.Module, keep: frozenset[str]) -> None:
     """Make `module`'s state dicts hold only its tensors named in `keep` (names relative to it); loading a state dict
     leaves the others as they are (a LoRA checkpoint holds the adapters, a codec is named rather than copied)."""
@@ -34,11 +38,20 @@ def keep_in_state_dict(module: nn.Module, keep: frozenset[str]) -> None:
 
 
 def _drop_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    if getattr(_whole, "depth", 0):
+        return
     for key in [k for k in state if k.startswith(prefix) and k[len(prefix) :] not in keep]:
         del state[key]
 
 
 def _fill_unkept(keep: frozenset[str], module: nn.Module, state: dict, prefix: str, *args) -> None:
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+    # the module's own whole state dict says what a load expects: its non-persistent buffers (CLIP's position_ids)
+    # are not in it, and filling them in would make a strict load fail on an unexpected key
+    _whole.depth = getattr(_whole, "depth", 0) + 1
+    try:
+        whole = module.state_dict(keep_vars=True)
+    finally:
+        _whole.depth -= 1
+    for name, value in whole.items():
         if name not in keep:
-            state.setdefault(prefix + name, tensor.detach())
+            state.setdefault(prefix + name, value.detach() if isinstance(value, Tensor) else value)

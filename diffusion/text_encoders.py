@@ -321,7 +321,8 @@ class CLIPTextEncoder(nn.Module):
         self.model.eval()  # frozen: always in eval mode (no dropout)
         return self
 
-    @torch.no_grad()
+    # no torch.no_grad(): the frozen weights build no graph anyway, and LoRA adapters on the model
+    # (dreambooth.train_text_encoder, diffusion.finetune.LoRATextEncoder) need one
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length, truncation=False)
         ids = tokens["input_ids"]

@@ -41,6 +41,12 @@ EXPERIMENT_EXTRAS: dict[str, list[str]] = {
     "finetune": [*SHRINK, "init_from={base}"],
     "sd_lora": SD_EXTRAS,
     "sd_full": SD_EXTRAS,
+    "dreambooth": [
+        *SD_EXTRAS,
+        "dreambooth.instance_prompt=a photo of sks digit",
+        "dreambooth.class_prompt=a photo of a digit",
+        "dreambooth.num_class_images=2",
+    ],
 }
 DEBUG_EXTRAS: dict[str, list[str]] = {
     "overfit": ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.sample_grid.every_n_steps=20"],
