@@ -322,3 +322,16 @@ def test_square_folders_report_their_crop_cached_or_not(tmp_path, cache):
     assert conditions["target_size"].tolist() == [[16, 16]] * 2
     sizes = dict(zip(conditions["caption"], conditions["original_size"].tolist(), strict=True))
     assert sizes == {"wide": [40, 100], "tall": [100, 40]}
+
+
+def test_fid_with_buckets_stops_at_start_up_in_one_line(tmp_path):
+    """FID's reference and generated images need one shape; buckets give several: a ConfigError before any step."""
+    root = bucket_folder(tmp_path / "img", 12)
+    fid = [
+        "callbacks=[default,fid]",
+        "callbacks.fid.feature_extractor={_target_:diffusion.callbacks.fid.RandomFeatures,_partial_:true,num_features:8}",
+        f"callbacks.fid.cache_dir={tmp_path / 'fid'}",
+    ]
+    with pytest.raises(ConfigError, match="callbacks.fid needs images of one shape"):
+        run_train(tmp_path / "run", [*_folder_run(root), *fid, "trainer.max_steps=2"])
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -472,6 +472,11 @@ class FID(L.Callback):
         self.history: list[dict] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if getattr(trainer.datamodule, "buckets", False):
+            raise ConfigError(
+                "callbacks.fid needs images of one shape, and data.buckets=true gives several: leave callbacks.fid "
+                "off (or train without buckets)"
+            )
         if stage in ("fit", "validate"):
             self.extractor = self.extractor.eval().to(pl_module.device)
 
