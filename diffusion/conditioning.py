@@ -259,11 +259,11 @@ class TextConditioning(Conditioning):
         where it can."""
         if not self.cache:
             return self._encoder(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cached))
-        if missing:
-            out = self._encoder(missing)
-            for i, caption in enumerate(missing):
-                self._cached[caption] = {k: v[i] for k, v in out.items()}
+        # one caption per call: a matmul's last bits depend on the batch it runs in, so a batch of new captions
+        # would make a cached embedding depend on which captions came first, and a resumed run (empty cache) would
+        # drift from the uninterrupted one
+        for caption in dict.fromkeys(c for c in captions if c not in self._cached):
+            self._cached[caption] = {k: v[0] for k, v in self._encoder([caption]).items()}
         for caption in captions:
             self._cached.move_to_end(caption)
         rows = [self._cached[c] for c in captions]

@@ -222,7 +222,7 @@ def test_sdxl_full_exports_a_pipeline_and_resumes(tmp_path, sdxl_pipeline, capti
     out = tmp_path / "exported"
     result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={out}")  # no format: a full fine-tune is a pipeline
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "format=pipeline" in result.stderr
+    assert "as pipeline to" in result.stdout + result.stderr
     pipe = diffusers_pipeline(out)
     ours = DiffusionModel.from_checkpoint(ckpt_path)
     theirs, mine = unet_outputs(pipe.unet, ours.net)
