@@ -99,10 +99,11 @@ def read_model_index(pretrained: str, *, key: str = "model.pretrained") -> dict:
         raise PathError(f"{key}={pretrained}: could not read its model_index.json ({reason})") from e
 
 
-def pipeline_kind(pretrained: str, *, key: str = "model.pretrained") -> PipelineKind:
-    """Which pipeline a folder or Hub id holds, from its model_index.json (`_class_name`); "sd" for a part's own
-    folder (no model_index.json). A one-line error for a pipeline class this project does not fine-tune."""
-    index = read_model_index(pretrained, key=key)
+def pipeline_kind(pretrained: str, *, key: str = "model.pretrained", index: dict | None = None) -> PipelineKind:
+    """Which pipeline a folder or Hub id holds, from its model_index.json (`_class_name`; `index`: that file, when
+    read already); "sd" for a part's own folder (no model_index.json). A one-line error for a pipeline class this
+    project does not fine-tune."""
+    index = read_model_index(pretrained, key=key) if index is None else index
     if not index:
         return "sd"
     name = index.get("_class_name")

@@ -419,7 +419,7 @@ class PipelineTextEncoder(nn.Module):
 
     def __init__(self, *, pretrained: str, max_length: int | None = None, dtype: TextDtype = "fp32") -> None:
         super().__init__()
-        from diffusion.pipeline import read_model_index
+        from diffusion.pipeline import pipeline_kind, read_model_index
 
         if pretrained in (None, "", "???"):
             raise ConfigError("conditioning.encoder.pretrained is not set: a pipeline folder or a Hub id")
@@ -431,7 +431,15 @@ class PipelineTextEncoder(nn.Module):
         folder = _local_folder(str(pretrained))
         source = str(folder) if folder is not None else str(pretrained)
         index = read_model_index(source, key=key)
-        kind = _pipeline_kind(index, pretrained)
+        if not index:
+            raise ConfigError(
+                f"{key}={pretrained} holds no model_index.json: not a pipeline folder written by diffusers"
+            )
+        kind = pipeline_kind(source, key=key, index=index)
+        if kind not in PIPELINE_TEXT:
+            raise ConfigError(
+                f"{key}={pretrained} is a {kind} pipeline; its text encoders are read for {', '.join(PIPELINE_TEXT)}"
+            )
         transformers = require("transformers", feature="a pipeline's text encoders (model.pretrained)")
         self.kind, self.rule = kind, PIPELINE_TEXT[kind]
         self.models, self.tokenizers = nn.ModuleList(), []
@@ -489,18 +497,3 @@ class PipelineTextEncoder(nn.Module):
         out = self.rule.combine([self.tower(i, captions) for i in range(len(self.models))])
         context = out["context"]
         return {"context_mask": torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), **out}
-
-
-def _pipeline_kind(index: dict, pretrained: str) -> str:
-    """The pipeline kind of a model_index.json, for the text encoders: one-line errors for what has none here."""
-    from diffusion.pipeline import PIPELINE_KINDS
-
-    key = "conditioning.encoder.pretrained"
-    if not index:
-        raise ConfigError(f"{key}={pretrained} holds no model_index.json: not a pipeline folder written by diffusers")
-    name = index.get("_class_name")
-    kind = PIPELINE_KINDS.get(name)
-    if kind not in PIPELINE_TEXT:
-        have = ", ".join(k for k, v in PIPELINE_KINDS.items() if v in PIPELINE_TEXT)
-        raise ConfigError(f"{key}={pretrained} is a {name}; its text encoders are read for {have}")
-    return kind

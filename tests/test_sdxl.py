@@ -116,6 +116,8 @@ def test_unet_with_pooled_and_time_ids_equals_diffusers_and_the_seams_check_each
     with pytest.raises(ConfigError, match="time_ids_size"):
         TextConditioning(encoder=encoder).check_network(net)
     TextConditioning(encoder=encoder, time_ids_size=16).check_network(net)
+    with pytest.raises(ConfigError, match="holds no model_index.json"):
+        PipelineTextEncoder(pretrained=str(sdxl_pipeline / "unet"))
 
 
 def test_vae_runs_in_fp32_when_fp16_would_overflow(sdxl_pipeline, caplog):
