@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from diffusion.errors import BadFileError, ConfigError, MissingPathError
 from diffusion.state import keep_in_state_dict
 
+log = logging.getLogger(__name__)
 CodecDtype = Literal["fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -90,7 +92,9 @@ class VAECodec(Codec):
         path: a folder written by `save_pretrained` (an AutoencoderKL, or a pipeline folder with `vae/`) or a
             Hugging Face Hub id (e.g. `stabilityai/sd-vae-ft-mse`, downloaded when online).
         sample: training latents are samples of q(z | x) (true) or its mean (false). Validation uses the mean.
-        dtype: the frozen VAE's weights and compute: fp32, bf16 or fp16 (the latents are returned in fp32).
+        dtype: the frozen VAE's weights and compute: fp32, bf16 or fp16 (the latents are returned in fp32). A VAE
+            whose config sets `force_upcast` (SDXL's, which overflows in fp16) runs in fp32 when dtype=fp16, as
+            diffusers' pipelines upcast it.
         encode_batch_size: images per encoder call when building a latent cache.
     """
 
@@ -103,6 +107,9 @@ class VAECodec(Codec):
         if path in (None, "", "???"):
             raise ConfigError("codec=vae needs codec.path=<an AutoencoderKL folder, a pipeline folder or a Hub id>")
         self.vae = load_vae(str(path), dtype=DTYPES[dtype])
+        if dtype == "fp16" and self.vae.config.get("force_upcast", False):
+            log.info(f"codec: the VAE of {path} overflows in fp16 (its force_upcast): it encodes and decodes in fp32")
+            self.vae = self.vae.float()
         self.vae.requires_grad_(False).eval()
         vae_config = self.vae.config
         self.scaling_factor = float(vae_config.scaling_factor)

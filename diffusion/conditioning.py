@@ -195,6 +195,14 @@ def class_or_none(*, num_classes: int | None, guidance: float = 1.0) -> Conditio
 class TextConditioning(Conditioning):
     """Captions -> `context` (B, L, D) and `context_mask` (B, L) through `encoder`; "" is the null caption.
 
+    An encoder may also give `pooled` (B, P) (a pipeline's pooled text embedding, `PipelineTextEncoder`) and ask
+    for an all-zero null condition (`encoder.zero_null`: SDXL's force_zeros_for_empty_prompt), which dropped
+    captions and guidance's unconditional branch then get. With `time_ids_size` the network also gets SDXL's
+    micro-conditioning `time_ids` (B, 6) = (original h, w, crop top, left, target h, w) in pixels (Podell et al.
+    2023, "SDXL", sec. 2.2): from the batch's crop geometry when the conditions are a dict (`data.geometry=true`:
+    {"caption", "original_size", "crop_top_left", "target_size"}), else original = target = (time_ids_size,
+    time_ids_size) and crop (0, 0), as diffusers' pipeline does for generated images.
+
     Args:
         encoder: a text encoder (`diffusion.text_encoders`): trained with the network when `encoder.trainable`,
             frozen otherwise.
@@ -203,6 +211,8 @@ class TextConditioning(Conditioning):
         cache_size: most captions cached.
         preview_prompts: the prompts of sample grids (one row each); default up to 8 distinct training captions.
         guidance: the recommended classifier-free guidance scale (`Conditioning.guidance`).
+        time_ids_size: the generated images' side in pixels, for networks that take SDXL's `time_ids`; None: no
+            time_ids.
     """
 
     def __init__(
@@ -213,16 +223,20 @@ class TextConditioning(Conditioning):
         cache_size: int = 4096,
         preview_prompts: Sequence[str] | None = None,
         guidance: float = 1.0,
+        time_ids_size: int | None = None,
     ) -> None:
         super().__init__()
         self.guidance = check_guidance(guidance)
         if cache_size < 0:
             raise ConfigError(f"conditioning.cache_size={cache_size} must be >= 0")
+        if time_ids_size is not None and (isinstance(time_ids_size, bool) or int(time_ids_size) < 1):
+            raise ConfigError(f"conditioning.time_ids_size={time_ids_size} must be a side in pixels >= 1 (or null)")
+        self.time_ids_size = None if time_ids_size is None else int(time_ids_size)
         self.encoder = encoder
         self.cache = cache and not encoder.trainable
         self.cache_size = cache_size
         self.preview_prompts = [str(p) for p in preview_prompts] if preview_prompts else None
-        self._cached: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._cached: OrderedDict[str, Kwargs] = OrderedDict()
         if not encoder.trainable:
             # A frozen pretrained encoder is referenced by path / id, not copied into every checkpoint.
             encoder.requires_grad_(False)
@@ -233,39 +247,75 @@ class TextConditioning(Conditioning):
     def dim(self) -> int:
         return self.encoder.dim
 
-    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """(context (B, L, D), mask (B, L)) of `captions`, from the cache where it can."""
+    def _encoder(self, captions: list[str]) -> Kwargs:
+        out = self.encoder(captions)
+        if isinstance(out, dict):  # a pipeline's encoders: context, context_mask and maybe pooled
+            return dict(out)
+        context, mask = out
+        return {"context": context, "context_mask": mask}
+
+    def encode(self, captions: list[str]) -> Kwargs:
+        """The encoder's arguments of `captions` (context (B, L, D), context_mask (B, L), ...), from the cache
+        where it can."""
         if not self.cache:
-            return self.encoder(captions)
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cached))
-        if missing:
-            context, mask = self.encoder(missing)
-            for caption, c, m in zip(missing, context, mask, strict=True):
-                self._cached[caption] = (c, m)
+            return self._encoder(captions)
+        # one caption per call: a matmul's last bits depend on the batch it runs in, so a batch of new captions
+        # would make a cached embedding depend on which captions came first, and a resumed run (empty cache) would
+        # drift from the uninterrupted one
+        for caption in dict.fromkeys(c for c in captions if c not in self._cached):
+            self._cached[caption] = {k: v[0] for k, v in self._encoder([caption]).items()}
         for caption in captions:
             self._cached.move_to_end(caption)
         rows = [self._cached[c] for c in captions]
         while len(self._cached) > self.cache_size:
             self._cached.popitem(last=False)
-        return pad_stack([c for c, _ in rows]), pad_stack([m for _, m in rows])
+        return {k: pad_stack([r[k] for r in rows]) for k in rows[0]}
 
     def forward(self, cond, *, device=None, drop_prob: float = 0.0) -> Kwargs:
-        if isinstance(cond, dict):  # captions with their crop geometry (data.geometry=true): the captions
-            cond = cond["caption"]
+        geometry = cond if isinstance(cond, dict) else None
+        if geometry is not None:
+            if "caption" not in geometry:
+                raise ConfigError(f"conditions are a dict without captions (keys {sorted(geometry)}); need 'caption'")
+            cond = geometry["caption"]
         if isinstance(cond, str) or not all(isinstance(c, str) for c in cond):
             raise ConfigError(
                 "conditioning=text needs captions, but the data yields class labels or none; use captioned data "
                 "(data.captions=true, data.caption=..., or experiment=digits_text)"
             )
         captions = list(cond)
+        drop = [False] * len(captions)
         if drop_prob > 0:
             drop = (torch.rand(len(captions), device=device) < drop_prob).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        context, mask = self.encode(captions)
-        return {"context": context, "context_mask": mask}
+        return self._arguments(captions, drop, geometry, device=device)
+
+    def _arguments(self, captions: list[str], drop: list[bool], geometry: dict | None, *, device) -> Kwargs:
+        """The network's arguments: the encoded captions, the dropped ones as the null condition, the time_ids."""
+        out = self.encode(captions)
+        if getattr(self.encoder, "zero_null", False) and any(drop):
+            keep = torch.tensor([not d for d in drop], device=out["context"].device)
+            for key in ("context", "pooled"):  # the mask stays: it says which positions the network reads
+                if key in out:
+                    out[key] = out[key] * keep.view(-1, *[1] * (out[key].ndim - 1)).to(out[key].dtype)
+        if self.time_ids_size is not None:
+            out["time_ids"] = self.time_ids(len(captions), geometry, device=out["context"].device)
+        return out
+
+    def time_ids(self, n: int, geometry: dict | None = None, *, device=None) -> Tensor:
+        """SDXL's micro-conditioning (B, 6): original (h, w), crop (top, left), target (h, w), in pixels, fp32."""
+        if geometry is None:
+            size = self.time_ids_size
+            return torch.tensor([[size, size, 0, 0, size, size]] * n, dtype=torch.float32, device=device)
+        parts = []
+        for key in ("original_size", "crop_top_left", "target_size"):
+            if key not in geometry:
+                raise ConfigError(f"the batch's crop geometry has no {key!r} (data.geometry=true gives it)")
+            value = torch.as_tensor(geometry[key]).reshape(n, 2)  # (B, 2)
+            parts.append(value.to(device=device, dtype=torch.float32))
+        return torch.cat(parts, dim=1)  # (B, 6)
 
     def null(self, n: int, *, device=None) -> Kwargs:
-        return self.forward([""] * n, device=device)
+        return self._arguments([""] * n, [True] * n, None, device=device)
 
     def check_network(self, net: nn.Module) -> None:
         context_dim = getattr(net, "context_dim", None)
@@ -273,6 +323,20 @@ class TextConditioning(Conditioning):
             raise ConfigError(
                 f"the text encoder gives {self.encoder.dim}-dim embeddings but the network's model.context_dim is "
                 f"{context_dim}; set model.context_dim={self.encoder.dim} (a network with cross-attention)"
+            )
+        pooled_dim, ours = getattr(net, "pooled_dim", None), getattr(self.encoder, "pooled_dim", None)
+        if pooled_dim is not None and pooled_dim != ours:
+            raise ConfigError(
+                f"the network takes a {pooled_dim}-dim pooled text embedding but the text encoder gives "
+                f"{ours or 'none'} (conditioning.encoder: the pipeline's own text encoders)"
+            )
+        takes_time_ids = bool(getattr(net, "takes_time_ids", False))
+        if takes_time_ids != (self.time_ids_size is not None):
+            raise ConfigError(
+                "the network takes SDXL's time_ids: set conditioning.time_ids_size=${data.image_size} "
+                "(experiment=sdxl_lora / sdxl_full do)"
+                if takes_time_ids
+                else "conditioning.time_ids_size is set but the network takes no time_ids (set it to null)"
             )
 
     def prepare(self, datamodule) -> None:
@@ -315,6 +379,8 @@ class TextConditioning(Conditioning):
             "preview_prompts": self.preview_prompts,
             "guidance": self.guidance,
         }
+        if self.time_ids_size is not None:  # only when set: older checkpoints' descriptions stay as they were
+            config["time_ids_size"] = self.time_ids_size
         return {**super().describe(), "config": config}
 
 
@@ -359,6 +425,7 @@ CONDITIONINGS = {f"{__name__}.{c.__qualname__}": c for c in (NoConditioning, Cla
 TEXT_ENCODERS = (
     "diffusion.text_encoders.TransformerTextEncoder",
     "diffusion.text_encoders.CLIPTextEncoder",
+    "diffusion.text_encoders.PipelineTextEncoder",
     "diffusion.finetune.LoRATextEncoder",  # a pretrained one with LoRA adapters (dreambooth.train_text_encoder)
 )
 

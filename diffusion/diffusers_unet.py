@@ -1,7 +1,9 @@
 """Train diffusers' U-Nets inside `DiffusionModule`: thin adapters to the project's net(x_t, t, y) contract.
 
 `DiffusersUNet` wraps `UNet2DModel` (pixel DDPMs, class labels); `DiffusersCondUNet` wraps Stable Diffusion's
-`UNet2DConditionModel`, which takes the text context as `context=` (passed on as `encoder_hidden_states`).
+`UNet2DConditionModel`, which takes the text context as `context=` (passed on as `encoder_hidden_states`), and
+SDXL's (addition_embed_type="text_time"), which also takes the pooled text embedding `pooled=` and the
+micro-conditioning `time_ids=` (passed on as `added_cond_kwargs`).
 
 The U-Net is built from `UNet2DModel` keyword arguments, or loaded pretrained from a Hugging Face Hub id (e.g.
 `google/ddpm-cifar10-32`, downloaded when online) or a local folder written by `save_pretrained` (a model
@@ -211,6 +213,18 @@ class DiffusersCondUNet(nn.Module):
         self.in_channels = in_channels
         self.num_classes = None
         self.context_dim = int(self.unet.config.cross_attention_dim)
+        added = self.unet.config.addition_embed_type
+        if added not in (None, "text_time"):
+            raise ConfigError(f"{where}: addition_embed_type={added!r} is not supported (null or 'text_time')")
+        # SDXL: the added embedding takes the pooled text embedding and 6 time ids, each embedded in
+        # addition_time_embed_dim sinusoids (diffusers checks the same sum)
+        self.takes_time_ids = added == "text_time"
+        config = self.unet.config
+        self.pooled_dim = (
+            int(config.projection_class_embeddings_input_dim) - 6 * int(config.addition_time_embed_dim)
+            if self.takes_time_ids
+            else None
+        )
 
     def load_pretrained(self, pretrained: str) -> None:
         """Load the weights of `pretrained` (a pipeline folder, U-Net folder or Hub id) into this network."""
@@ -224,14 +238,26 @@ class DiffusersCondUNet(nn.Module):
         *,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        pooled: Tensor | None = None,
+        time_ids: Tensor | None = None,
     ) -> Tensor:
         """x: (B, C, h, w) noisy latents; t: (B,) timesteps; context: (B, L, D) text embeddings (the empty prompt's
         for unconditional samples). `context_mask` is not used: SD's U-Net attends to every one of the tokenizer's
-        max_length positions, padding included, as it was trained."""
+        max_length positions, padding included, as it was trained. SDXL's U-Net also takes pooled (B, P), the
+        pooled text embedding, and time_ids (B, 6)."""
         if y is not None:
             raise ConfigError("class labels were given to a text-conditioned U-Net (it takes context=)")
         if context is None:
             raise ConfigError("model=sd_unet needs a text context: conditioning=clip and captioned data")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
+        added = None
+        if self.takes_time_ids:
+            if pooled is None or time_ids is None:
+                raise ConfigError(
+                    "SDXL's U-Net needs pooled= and time_ids= from its conditioning (experiment=sdxl_lora / sdxl_full)"
+                )
+            added = {"text_embeds": pooled.to(x.dtype), "time_ids": time_ids.to(x.dtype)}
+        elif pooled is not None or time_ids is not None:
+            raise ConfigError("pooled= / time_ids= were given to a U-Net without SDXL's added embedding")
+        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype), added_cond_kwargs=added).sample

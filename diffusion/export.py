@@ -15,18 +15,18 @@
   For a DiT (`model=dit_*`, `diffusion.dit`) without cross-attention: `transformer/`, a `DiTTransformer2DModel`
   holding our weights (its outputs equal ours), and `scheduler/` as above; `DiTPipeline` needs a VAE and eps
   prediction besides, so the folder is its parts, not a pipeline (docs/dit.md shows the loop).
-- `lora`: for LoRA fine-tunes of a Stable Diffusion-class U-Net (`experiment=sd_lora`), the adapters in diffusers'
-  LoRA format (`pytorch_lora_weights.safetensors`, peft's state dict converted with diffusers'
-  `convert_state_dict_to_diffusers`, written by `StableDiffusionPipeline.save_lora_weights`); it loads with
-  `StableDiffusionPipeline.from_pretrained(BASE).load_lora_weights(DIR)`. A LoRA alpha other than the rank is
-  folded into the up-projection (B), since the file carries no alpha. Adapters on the text encoder
-  (`dreambooth.train_text_encoder`) go in the same file under `text_encoder.`, as diffusers' DreamBooth script
-  saves them.
-- `pipeline`: for fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full` / `sd_lora`), a complete
-  `StableDiffusionPipeline` folder (`save_pretrained`): our U-Net with the base pipeline's VAE, text encoder,
-  tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's
-  adapters are merged into the base U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder
-  needs no adapter code to load.
+- `lora`: for LoRA fine-tunes of a Stable Diffusion-class U-Net (`experiment=sd_lora` / `sdxl_lora`), the adapters
+  in diffusers' LoRA format (`pytorch_lora_weights.safetensors`, peft's state dict converted with diffusers'
+  `convert_state_dict_to_diffusers`, written by the base pipeline class's `save_lora_weights`); it loads with
+  `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) `.from_pretrained(BASE).load_lora_weights(DIR)`.
+  A LoRA alpha other than the rank is folded into the up-projection (B), since the file carries no alpha. Adapters
+  on the text encoder (`dreambooth.train_text_encoder`) go in the same file under `text_encoder.`, as diffusers'
+  DreamBooth script saves them.
+- `pipeline`: for fine-tunes of Stable Diffusion-class U-Nets (`experiment=sd_full` / `sd_lora` / `sdxl_*`), a
+  complete pipeline folder of the base's class (`save_pretrained`: StableDiffusionPipeline or
+  StableDiffusionXLPipeline): our U-Net with the base pipeline's VAE, text encoders, tokenizers and scheduler (the
+  base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's adapters are merged into the base
+  U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder needs no adapter code to load.
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the model's self-description: network class and config, process,
   conditioning, codec, which weights, step), and for a jointly trained text encoder `conditioning.safetensors`
@@ -209,13 +209,31 @@ def lora_layers(model: DiffusionModel) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers({k: v.detach().float().contiguous().cpu() for k, v in state.items()})
 
 
-def export_lora(model: DiffusionModel, out: Path) -> None:
-    """Write the adapters as a diffusers LoRA folder (`StableDiffusionPipeline.load_lora_weights(out)`)."""
+def pipeline_class(model: DiffusionModel):
+    """(the diffusers pipeline class of the checkpoint's base: StableDiffusionPipeline or StableDiffusionXLPipeline,
+    the keyword arguments its from_pretrained needs)."""
+    from diffusion.finetune import LoRANet
     from diffusion.optional import import_diffusers
+    from diffusion.pipeline import PIPELINE_KINDS, pipeline_kind
 
+    source = model.net.config["source"] if isinstance(model.net, LoRANet) else {}
+    base = source.get("path") if source.get("kind") == "pretrained" else None
+    base = base or (model.codec.config.get("path") if model.codec is not None else None)
+    kind = pipeline_kind(str(base), key="the checkpoint's base pipeline") if base else "sd"
+    if kind not in ("sd", "sdxl"):
+        raise ConfigError(f"format=lora / pipeline: the base pipeline {base} is {kind}, not a U-Net pipeline")
+    name = {v: k for k, v in PIPELINE_KINDS.items()}[kind]
+    # SD's pipeline has a safety checker that a fine-tune's folder leaves out; SDXL's has none
+    parts = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if kind == "sd" else {}
+    return getattr(import_diffusers("format=lora / format=pipeline"), name), parts
+
+
+def export_lora(model: DiffusionModel, out: Path) -> None:
+    """Write the adapters as a diffusers LoRA folder (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`
+    `.load_lora_weights(out)`)."""
     layers = lora_layers(model)
     text = {f"{name}_lora_layers": state for name, state in text_lora_layers(model).items()}
-    pipeline = import_diffusers("format=lora / format=pipeline").StableDiffusionPipeline
+    pipeline, _ = pipeline_class(model)
     write_folder(
         out,
         lambda folder: pipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True, **text),
@@ -232,13 +250,12 @@ def text_lora_layers(model: DiffusionModel) -> dict[str, dict[str, torch.Tensor]
 
 
 def export_pipeline(model: DiffusionModel, out: Path) -> None:
-    """Write a complete StableDiffusionPipeline folder: our U-Net and the base pipeline's other parts."""
+    """Write a complete StableDiffusionPipeline (or StableDiffusionXLPipeline) folder: our U-Net and the base
+    pipeline's other parts."""
     from diffusion.finetune import LoRANet
-    from diffusion.optional import import_diffusers
 
     net = sd_unet(model, "pipeline")
-    parts = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipeline = import_diffusers("format=lora / format=pipeline").StableDiffusionPipeline
+    pipeline, parts = pipeline_class(model)
     if isinstance(model.net, LoRANet):  # the base U-Net with the adapters merged in
         base = model.net.config["source"]["path"]
         pipe = pipeline.from_pretrained(base, **parts)

@@ -283,7 +283,7 @@ class LoRANet(nn.Module):
         self.config = dict(
             base=base, source=dict(source), rank=rank, alpha=alpha, target_modules=list(target_modules), dropout=dropout
         )
-        for attr in ("image_size", "in_channels", "num_classes", "context_dim"):
+        for attr in ("image_size", "in_channels", "num_classes", "context_dim", "pooled_dim", "takes_time_ids"):
             if hasattr(net, attr):
                 setattr(self, attr, getattr(net, attr))
 

@@ -5,10 +5,12 @@ A network is an `nn.Module` that
 - is called as `net(x, t, y=None, *, context=None, context_mask=None)`: x (B, C, S, S) is what the process gives
   the network (x_t, or EDM's c_in x), t (B,) the process's time input (an integer timestep, EDM's c_noise, flow's
   1000 t); y (B,) class labels (label `num_classes` is the null class) for class-conditional nets; context
-  (B, L, D) and context_mask (B, L, True where attended) for nets with cross-attention. It returns a tensor shaped
+  (B, L, D) and context_mask (B, L, True where attended) for nets with cross-attention; pipeline networks take
+  more keywords from their conditioning (`pooled` (B, P), SDXL's `time_ids` (B, 6)). It returns a tensor shaped
   like x: the process's prediction target (eps, v, x0, EDM's F, flow's velocity).
 - declares about itself `in_channels`, `image_size` (the side of the square sample it models, in the codec's
   latent space when there is one), `num_classes` (None: no labels) and `context_dim` (None: no cross-attention);
+  optionally `pooled_dim` (the pooled text embedding it takes) and `takes_time_ids` (SDXL's micro-conditioning);
 - carries `config`, a dict of plain values that rebuilds it as `cls(**config)` (saved in checkpoints);
 - is registered with `@register_network` (its class path is then what a config's `_target_` and a checkpoint's
   description name).

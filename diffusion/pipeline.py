@@ -77,25 +77,36 @@ PIPELINE_KINDS = {
 PipelineKind = Literal["sd", "sdxl", "sd3", "flux"]
 
 
-def pipeline_kind(pretrained: str, *, key: str = "model.pretrained") -> PipelineKind:
-    """Which pipeline a folder or Hub id holds, from its model_index.json (`_class_name`); "sd" for a part's own
-    folder (no model_index.json). A one-line error for a pipeline class this project does not fine-tune."""
+def read_model_index(pretrained: str, *, key: str = "model.pretrained") -> dict:
+    """A pipeline folder's or Hub id's model_index.json (its class and parts: `{"unet": ["diffusers", "UNet..."]}`);
+    {} for a part's own folder (no model_index.json)."""
     path = Path(pretrained).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
         if not index.is_file():
-            return "sd"
+            return {}
         try:
-            name = json.loads(index.read_text()).get("_class_name")
-        except (json.JSONDecodeError, AttributeError) as e:
+            config = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
             raise BadFileError(f"{index} is not a JSON object ({e})") from e
-    else:
-        try:
-            name = dict(_diffusers_class("DiffusionPipeline").load_config(pretrained, local_files_only=_offline()))
-            name = name.get("_class_name")
-        except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line
-            reason = " ".join(str(e).split())[:200]
-            raise PathError(f"{key}={pretrained}: could not read its model_index.json ({reason})") from e
+        if not isinstance(config, dict):
+            raise BadFileError(f"{index} is not a JSON object")
+        return config
+    try:
+        return dict(_diffusers_class("DiffusionPipeline").load_config(pretrained, local_files_only=_offline()))
+    except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line
+        reason = " ".join(str(e).split())[:200]
+        raise PathError(f"{key}={pretrained}: could not read its model_index.json ({reason})") from e
+
+
+def pipeline_kind(pretrained: str, *, key: str = "model.pretrained", index: dict | None = None) -> PipelineKind:
+    """Which pipeline a folder or Hub id holds, from its model_index.json (`_class_name`; `index`: that file, when
+    read already); "sd" for a part's own folder (no model_index.json). A one-line error for a pipeline class this
+    project does not fine-tune."""
+    index = read_model_index(pretrained, key=key) if index is None else index
+    if not index:
+        return "sd"
+    name = index.get("_class_name")
     if name not in PIPELINE_KINDS:
         raise ConfigError(f"{key}={pretrained} is a {name}; this project fine-tunes {', '.join(PIPELINE_KINDS)}")
     return PIPELINE_KINDS[name]

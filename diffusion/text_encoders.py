@@ -12,11 +12,17 @@ one (a begin-of-text token), so masked attention never sees an all-padding row.
 - `CLIPTextEncoder`: a pretrained `transformers` CLIP text model (Radford et al. 2021) and its tokenizer, from a
   local folder (a `save_pretrained` folder, or a Stable Diffusion folder with `text_encoder/` and `tokenizer/`)
   or a Hub id; frozen, optionally in bf16/fp16. Checkpoints name it by path or id; its weights are not copied.
+- `PipelineTextEncoder`: the frozen text encoders of a diffusers pipeline folder (Stable Diffusion: one CLIP;
+  SDXL: two), run as the pipeline's `encode_prompt` runs them and combined by the pipeline kind's rule
+  (`PIPELINE_TEXT`: which encoders, and how their hidden states and pooled embeddings become the network's
+  `context` and `pooled`). A new pipeline kind adds a rule, not a class. Returns a dict of network arguments.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -340,3 +346,155 @@ class CLIPTextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
         context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
         return context, mask
+
+
+# --- the text encoders of a diffusers pipeline ------------------------------------------------------------------
+# The transformers classes a pipeline's model_index.json may name for a text encoder (files are data: no other
+# class is built from one).
+TEXT_MODEL_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+
+
+@dataclass
+class TowerOutput:
+    """One text encoder's output for a batch of captions.
+
+    hidden_states: every layer's (B, L, D), [0] the token embeddings, [-1] the last layer's (before any final norm);
+    last: the model's last_hidden_state (B, L, D) (after CLIP's final layer norm); pooled: (B, P), CLIP's projected
+    text embedding (`text_embeds`, with projection) or pooled output, None for an encoder without one (T5);
+    mask: (B, L) bool, True on real tokens.
+    """
+
+    hidden_states: tuple[Tensor, ...]
+    last: Tensor
+    pooled: Tensor | None
+    mask: Tensor
+
+
+def sd_text(towers: list[TowerOutput]) -> dict[str, Tensor]:
+    """Stable Diffusion 1.x / 2.x: the one CLIP encoder's last hidden state is the context."""
+    return {"context": towers[0].last}
+
+
+def sdxl_text(towers: list[TowerOutput]) -> dict[str, Tensor]:
+    """SDXL (Podell et al. 2023): both CLIP encoders' penultimate hidden states, concatenated on the feature axis
+    (768 + 1280 = 2048), are the context; the second encoder's projected pooled embedding is `pooled`."""
+    return {"context": torch.cat([t.hidden_states[-2] for t in towers], dim=-1), "pooled": towers[1].pooled}
+
+
+@dataclass(frozen=True)
+class PipelineText:
+    """How a pipeline kind conditions on text: its text encoders' subfolders (each with its tokenizer in the
+    subfolder named with "tokenizer" for "text_encoder") and the rule that combines their outputs into the
+    network's `context` (and `pooled`, where the network takes one)."""
+
+    encoders: tuple[str, ...]
+    combine: Callable[[list[TowerOutput]], dict[str, Tensor]]
+
+
+# pipeline kind (`diffusion.pipeline.pipeline_kind`) -> its text encoders and combine rule; a new pipeline kind is
+# a new entry (and combine rule), not a new encoder class
+PIPELINE_TEXT: dict[str, PipelineText] = {
+    "sd": PipelineText(encoders=("text_encoder",), combine=sd_text),
+    "sdxl": PipelineText(encoders=("text_encoder", "text_encoder_2"), combine=sdxl_text),
+}
+
+
+class PipelineTextEncoder(nn.Module):
+    """The frozen text encoders of a diffusers pipeline (Stable Diffusion 1.x / 2.x: one CLIP; SDXL: two), run as the
+    pipeline's `encode_prompt` does and combined by the pipeline kind's rule (`PIPELINE_TEXT`).
+
+    Called as `encoder(captions) -> {"context": (B, L, D), "context_mask": (B, L), "pooled": (B, P) where the kind
+    has one}`. The mask is all True: these U-Nets attend to every one of the tokenizer's max_length positions,
+    padding included, as they were trained. `zero_null` is the pipeline's `force_zeros_for_empty_prompt` (SDXL):
+    its null condition (guidance's unconditional branch, dropped captions) is all-zero embeddings, not the empty
+    prompt's, as diffusers' pipeline does when no negative prompt is given.
+
+    Args:
+        pretrained: a pipeline folder written by `save_pretrained` (with model_index.json) or a Hub id.
+        max_length: tokens per caption, at most each tokenizer's own (77 for CLIP); longer captions are
+            truncated, with a warning once. Default each tokenizer's `model_max_length`.
+        dtype: the frozen models' weights: "fp32", "bf16" or "fp16" (the embeddings come out in it).
+    """
+
+    trainable = False
+
+    def __init__(self, *, pretrained: str, max_length: int | None = None, dtype: TextDtype = "fp32") -> None:
+        super().__init__()
+        from diffusion.pipeline import pipeline_kind, read_model_index
+
+        if pretrained in (None, "", "???"):
+            raise ConfigError("conditioning.encoder.pretrained is not set: a pipeline folder or a Hub id")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"conditioning.encoder.dtype={dtype!r} is not one of 'fp32', 'bf16', 'fp16'")
+        if max_length is not None and max_length < 1:
+            raise ConfigError(f"conditioning.encoder.max_length={max_length} must be >= 1 (or null)")
+        key = "conditioning.encoder.pretrained"
+        folder = _local_folder(str(pretrained))
+        source = str(folder) if folder is not None else str(pretrained)
+        index = read_model_index(source, key=key)
+        if not index:
+            raise ConfigError(
+                f"{key}={pretrained} holds no model_index.json: not a pipeline folder written by diffusers"
+            )
+        kind = pipeline_kind(source, key=key, index=index)
+        if kind not in PIPELINE_TEXT:
+            raise ConfigError(
+                f"{key}={pretrained} is a {kind} pipeline; its text encoders are read for {', '.join(PIPELINE_TEXT)}"
+            )
+        transformers = require("transformers", feature="a pipeline's text encoders (model.pretrained)")
+        self.kind, self.rule = kind, PIPELINE_TEXT[kind]
+        self.models, self.tokenizers = nn.ModuleList(), []
+        for sub in self.rule.encoders:
+            entry = index.get(sub)
+            cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+            if cls_name not in TEXT_MODEL_CLASSES:
+                raise ConfigError(
+                    f"{key}={pretrained}: its {sub} is {cls_name!r}, not one of {', '.join(TEXT_MODEL_CLASSES)}"
+                )
+            tok_sub = sub.replace("text_encoder", "tokenizer")
+            try:
+                model = getattr(transformers, cls_name).from_pretrained(source, subfolder=sub, dtype=_DTYPES[dtype])
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, subfolder=tok_sub)
+            except OSError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise PathError(f"cannot load {sub}/ and {tok_sub}/ of {pretrained}: {first}") from None
+            self.models.append(model.requires_grad_(False).eval())
+            self.tokenizers.append(tokenizer)
+        self.max_lengths = [min(max_length or t.model_max_length, t.model_max_length) for t in self.tokenizers]
+        self.zero_null = bool(index.get("force_zeros_for_empty_prompt", False))
+        self._warned_long = False
+        with torch.no_grad():  # the widths, from one caption (the combine rule decides them)
+            probe = self([""])
+        self.dim = int(probe["context"].shape[-1])
+        self.pooled_dim = int(probe["pooled"].shape[-1]) if "pooled" in probe else None
+        self.config = dict(pretrained=str(pretrained), max_length=max_length, dtype=dtype)
+
+    def train(self, mode: bool = True) -> PipelineTextEncoder:
+        super().train(mode)
+        self.models.eval()  # frozen: always in eval mode (no dropout)
+        return self
+
+    def tower(self, i: int, captions: list[str]) -> TowerOutput:
+        """Text encoder i's output, tokenized as diffusers' pipelines do (padded to max_length, truncated)."""
+        tokenizer, model, length = self.tokenizers[i], self.models[i], self.max_lengths[i]
+        tokens = tokenizer(captions, padding="max_length", max_length=length, truncation=True)
+        if not self._warned_long and any(len(ids) > length for ids in tokenizer(captions)["input_ids"]):
+            self._warned_long = True
+            log.warning(f"a caption has more than {length} tokens and is truncated (this warning is shown once)")
+        device = next(model.parameters()).device
+        ids = torch.tensor(tokens["input_ids"], device=device)
+        mask = torch.tensor(tokens["attention_mask"], device=device).bool()
+        # no attention mask, as diffusers' pipelines call these encoders: the padding positions are part of the
+        # context the U-Net was trained on
+        out = model(input_ids=ids, output_hidden_states=True)
+        pooled = getattr(out, "text_embeds", None)
+        if pooled is None:
+            pooled = getattr(out, "pooler_output", None)
+        return TowerOutput(hidden_states=out.hidden_states, last=out.last_hidden_state, pooled=pooled, mask=mask)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> dict[str, Tensor]:
+        captions = list(captions)
+        out = self.rule.combine([self.tower(i, captions) for i in range(len(self.models))])
+        context = out["context"]
+        return {"context_mask": torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), **out}

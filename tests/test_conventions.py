@@ -25,7 +25,7 @@ from diffusion.errors import ConfigError, UserError, user_error_message
 from diffusion.extras import config_tree, run_tags
 from tests import fabricate
 from tests.conftest import CONF, ROOT, compose_train, run_cli, run_train, write_image
-from tests.pipelines import save_tiny_sd
+from tests.pipelines import save_tiny_sd, save_tiny_sdxl
 from tests.test_loggers import read_wandb_records
 from tests.test_recipes import FID, SHRINK, check_run
 
@@ -47,6 +47,8 @@ EXPERIMENT_EXTRAS: dict[str, list[str]] = {
         "dreambooth.class_prompt=a photo of a digit",
         "dreambooth.num_class_images=2",
     ],
+    "sdxl_lora": [*SD_EXTRAS, "model.pretrained={sdxl}"],
+    "sdxl_full": [*SD_EXTRAS, "model.pretrained={sdxl}"],
 }
 DEBUG_EXTRAS: dict[str, list[str]] = {
     "overfit": ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.sample_grid.every_n_steps=20"],
@@ -89,7 +91,11 @@ def sweep(tmp_path: Path, group: str, names: list[str], extras: dict, default: l
     conf = tmp_path / "wrappers"
     for name in names:
         places = dict(
-            base=tmp_path / "base", data=tmp_path / "data", sd=tmp_path / "sd", captioned=tmp_path / "captioned"
+            base=tmp_path / "base",
+            data=tmp_path / "data",
+            sd=tmp_path / "sd",
+            sdxl=tmp_path / "sdxl",
+            captioned=tmp_path / "captioned",
         )
         values = [v.format(**places) for v in extras.get(name, default)]
         body = OmegaConf.to_container(OmegaConf.from_dotlist(values)) if values else {}
@@ -129,6 +135,7 @@ def test_every_experiment_runs_in_one_sweep(tmp_path):
     fabricate.mnist(data, train=16, test=4)
     fabricate.celeba(data, train=12, valid=4, test=2)
     save_tiny_sd(tmp_path / "sd")
+    save_tiny_sdxl(tmp_path / "sdxl")
     for i in range(16):
         write_image(tmp_path / "captioned" / f"{i}.png", (20, 20), seed=i)
     (tmp_path / "captioned" / "metadata.jsonl").write_text(

@@ -134,9 +134,10 @@ def check_run(run: Path, steps: int = STEPS) -> list[dict]:
     return rows
 
 
-# Stable Diffusion-class recipes need a pipeline folder: tests/test_sd.py trains, samples and exports them on a tiny
-# fabricated one, and tests/test_conventions.py runs them in the sweep over every experiment.
-PIPELINE_RECIPES = {"sd_lora", "sd_full", "dreambooth"}  # dreambooth: tests/test_dreambooth.py
+# Stable Diffusion-class recipes need a pipeline folder: tests/test_sd.py, test_sdxl.py and test_dreambooth.py train,
+# sample and export them on a tiny fabricated one, and tests/test_conventions.py runs them in the sweep over every
+# experiment.
+PIPELINE_RECIPES = {"sd_lora", "sd_full", "sdxl_lora", "sdxl_full", "dreambooth"}
 
 
 @pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PIPELINE_RECIPES))
