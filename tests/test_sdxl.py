@@ -2,7 +2,6 @@
 checked against diffusers (encode_prompt, the U-Net with its added text/time embedding, the VAE's upcast), then
 fine-tuned with experiment=sdxl_lora / sdxl_full through train.py, resumed, sampled and exported back to diffusers."""
 
-import inspect
 import json
 import logging
 
@@ -11,7 +10,6 @@ import torch
 
 from diffusion.checkpoint import read_checkpoint
 from diffusion.conditioning import TextConditioning
-from diffusion.data import ImageFolderDataModule
 from diffusion.errors import ConfigError
 from diffusion.model import DiffusionModel
 from diffusion.text_encoders import PipelineTextEncoder
@@ -21,7 +19,6 @@ from tests.test_sd import PROMPTS, sd_overrides
 
 # data.geometry (the crop geometry behind the time_ids) comes with the bucketed folder data; until the data
 # module takes it, the runs here train on plain captions (time_ids of the training size)
-GEOMETRY = [] if "geometry" in inspect.signature(ImageFolderDataModule).parameters else ["~data.geometry"]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +137,7 @@ def unet_inputs(seed: int = 0):
 
 
 def sdxl_overrides(experiment: str, pipeline, images) -> list[str]:
-    return [*sd_overrides(experiment, pipeline, images), *GEOMETRY]
+    return sd_overrides(experiment, pipeline, images)
 
 
 def unet_outputs(unet, net, seed: int = 0):
