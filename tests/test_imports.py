@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import tomllib
 
 from tests.conftest import ROOT
@@ -172,6 +173,7 @@ def _optional_features(tmp_path):
     from diffusion.export import lora_layers
     from diffusion.finetune import LoRANet
     from diffusion.loggers import tensorboard_logger
+    from diffusion.module import adamw8bit
     from diffusion.text_encoders import CLIPTextEncoder
 
     return [
@@ -183,10 +185,11 @@ def _optional_features(tmp_path):
         ("obstore", lambda: Location("s3://bucket/shards").store(), "data.path=s3://bucket/shards", "stream"),
         ("datasets", lambda: HFDataModule(path=str(tmp_path))._load("train"), "data=hf", "hf"),
         ("tensorboard", lambda: tensorboard_logger(save_dir=str(tmp_path)), "logger=tensorboard", "tensorboard"),
+        ("bitsandbytes", lambda: adamw8bit([torch.nn.Parameter(torch.zeros(1))]), "optim=adamw8bit", "bnb"),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_a_missing_optional_package_is_one_line_naming_its_extra(index, tmp_path, monkeypatch):
     """With its package absent (None in sys.modules: `import` raises ModuleNotFoundError), each optional feature
     stops with a user error of one line that names the feature and the extra to install, which the command line
