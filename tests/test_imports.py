@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import tomllib
 
 from tests.conftest import ROOT
@@ -166,6 +165,8 @@ def test_every_optional_package_has_its_extra():
 
 def _optional_features(tmp_path):
     """(package, what uses it, the feature its message names): each optional feature, called as the code does."""
+    import torch
+
     from diffusion.callbacks.fid import InceptionFeatures
     from diffusion.data.hf import HFDataModule
     from diffusion.data.shards import Location
