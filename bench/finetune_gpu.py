@@ -247,7 +247,9 @@ def save_sd15_pipeline(folder: Path, *, tiny: bool) -> None:
         block_out_channels=[32] * blocks, layers_per_block=1, latent_channels=4, norm_num_groups=8,
     )  # fmt: skip
     write_tokenizer_files(folder / "tok_src")
-    tokenizer = CLIPTokenizer(str(folder / "tok_src" / "vocab.json"), str(folder / "tok_src" / "merges.txt"))
+    tokenizer = CLIPTokenizer(
+        str(folder / "tok_src" / "vocab.json"), str(folder / "tok_src" / "merges.txt"), model_max_length=77
+    )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -261,7 +263,9 @@ def save_sd15_pipeline(folder: Path, *, tiny: bool) -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False
+    )
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -285,11 +289,12 @@ def write_images(folder: Path, n: int, size: int) -> None:
 # Runs the example in this process's child with two hooks: optimizer step times and the peak memory at exit.
 _PEER_RUNNER = """
 import atexit, json, runpy, sys, time, torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 times = []
 def hook(opt, args, kwargs):
     if torch.cuda.is_available(): torch.cuda.synchronize()
     times.append(time.perf_counter())
-torch.optim.optimizer.register_optimizer_step_post_hook(hook)
+register_optimizer_step_post_hook(hook)
 def report():
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float('nan')
     print('PEER ' + json.dumps({'times': times, 'peak_gib': peak}), flush=True)
