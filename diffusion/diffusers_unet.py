@@ -234,4 +234,7 @@ class DiffusersCondUNet(nn.Module):
             raise ConfigError("model=sd_unet needs a text context: conditioning=clip and captioned data")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t, encoder_hidden_states=context.to(x.dtype)).sample
+        # the U-Net's own dtype, as diffusers' pipelines do: under trainer.precision=bf16-true the weights are bf16
+        # while the VAE's latents come in fp32
+        dtype = self.unet.dtype
+        return self.unet(x.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample

@@ -46,14 +46,16 @@ def test_adamw8bit_refuses_a_device_bitsandbytes_does_not_run_on():
 
 @pytest.mark.slow
 def test_adamw8bit_through_train_py(tmp_path):
-    """optim=adamw8bit composes and trains the tiny U-Net; the checkpoint's optimizer state is bitsandbytes'."""
+    """optim=adamw8bit composes and trains the tiny U-Net; the checkpoint's optimizer state is bitsandbytes' (its
+    quantized moments, not torch's exp_avg; tensors this small keep 32-bit moments, block-wise 8 bits start
+    at 4096 elements, which the test above checks)."""
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "run"
     _, val = run_train(run, ["optim=adamw8bit", "callbacks.sample_grid=null", "logger=none"])
     assert val == val and val < 10
     ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
     states = ckpt["optimizer_states"][0]["state"].values()
-    assert any(s.get("state1") is not None and s["state1"].dtype == torch.uint8 for s in states)
+    assert states and all("__bnb_optimizer_quant_state__" in s and "exp_avg" not in s for s in states)
 
 
 @pytest.mark.slow
