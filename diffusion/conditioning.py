@@ -203,6 +203,10 @@ class TextConditioning(Conditioning):
         cache_size: most captions cached.
         preview_prompts: the prompts of sample grids (one row each); default up to 8 distinct training captions.
         guidance: the recommended classifier-free guidance scale (`Conditioning.guidance`).
+        cache_dir: a frozen encoder's embeddings of every caption the run uses, computed once before training
+            into this folder (`diffusion.text_cache`); the encoder's weights are then freed, so a frozen CLIP / T5
+            does not stay in memory while the network trains. Not saved in checkpoints (sample.py encodes its
+            prompts with the encoder). Ignored for trainable encoders.
     """
 
     def __init__(
@@ -213,9 +217,12 @@ class TextConditioning(Conditioning):
         cache_size: int = 4096,
         preview_prompts: Sequence[str] | None = None,
         guidance: float = 1.0,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.guidance = check_guidance(guidance)
+        self.cache_dir = str(cache_dir) if cache_dir and not encoder.trainable else None
+        self._table = None  # the cache_dir's EmbeddingTable while the encoder's weights are freed
         if cache_size < 0:
             raise ConfigError(f"conditioning.cache_size={cache_size} must be >= 0")
         self.encoder = encoder
@@ -235,6 +242,14 @@ class TextConditioning(Conditioning):
 
     def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """(context (B, L, D), mask (B, L)) of `captions`, from the cache where it can."""
+        if self._table is not None:
+            if all(c in self._table for c in captions):
+                device = next(self.encoder.parameters()).device  # freed weights keep their device
+                rows = [self._table.rows[c] for c in captions]
+                return pad_stack([r["context"] for r in rows]).to(device), pad_stack(
+                    [r["context_mask"] for r in rows]
+                ).to(device)
+            self._reload_encoder()
         if not self.cache:
             return self.encoder(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._cached))
@@ -284,6 +299,43 @@ class TextConditioning(Conditioning):
             self.encoder.fit(captions)
         if self.preview_prompts is None:
             self.preview_prompts = list(dict.fromkeys(captions))[:8]
+        if self.cache_dir:
+            # the validation captions too, where the datamodule holds them (captioned folders): a caption outside
+            # the table loads the encoder again
+            val = getattr(getattr(datamodule, "val_set", None), "captions", None) or []
+            self.cache_embeddings([*captions, *(c for item in val for c in item), "", *self.preview_prompts])
+
+    def cache_embeddings(self, captions: list[str]) -> None:
+        """`conditioning.cache_dir`: the embeddings of `captions` from the folder (encoded there first if a run
+        with this encoder and these captions has not), then free the encoder's weights."""
+        from diffusion.text_cache import EmbeddingTable
+
+        def encode(chunk: list[str]) -> Kwargs:
+            context, mask = self.encoder(chunk)
+            return {"context": context, "context_mask": mask}
+
+        description = {"target": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}"}
+        self._table = EmbeddingTable.build(
+            self.cache_dir,
+            encoder_description={**description, "config": dict(self.encoder.config)},
+            captions=captions,
+            encode=encode,
+            batch_size=64,
+        )
+        freed = sum(p.numel() * p.element_size() for p in self.encoder.parameters())
+        for p in self.encoder.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        log.info(
+            f"text encoder: weights freed ({freed / 2**20:.1f} MiB); {len(self._table.rows)} captions' embeddings "
+            f"({self._table.nbytes() / 2**20:.1f} MiB) from {self._table.path}"
+        )
+
+    def _reload_encoder(self) -> None:
+        """A caption outside the cache_dir's table: load the frozen encoder again (from its config: its path)."""
+        device = next(self.encoder.parameters()).device
+        log.info("text encoder: a caption outside conditioning.cache_dir's table; loading the encoder again")
+        self.encoder = type(self.encoder)(**self.encoder.config).to(device).requires_grad_(False)
+        self._table = None
 
     def preview_conditions(self) -> list | None:
         return self.preview_prompts

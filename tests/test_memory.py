@@ -130,3 +130,45 @@ def test_fsdp_two_cpu_processes_then_sample_export_and_resume_in_one(tmp_path, s
     after = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 3
     assert after["callbacks"] and after["ema_state_dict"].keys() == ckpt["ema_state_dict"].keys()
+
+
+def test_text_embeddings_cached_on_disk_free_the_encoder(tmp_path, sd_pipeline):  # noqa: F811
+    """conditioning.cache_dir: prepare() writes every caption's embedding to the folder and frees the encoder's
+    weights; the table answers those captions with the encoder's own outputs bit for bit, a second conditioning
+    reads the file without encoding, and a caption outside the table loads the encoder again."""
+    from types import SimpleNamespace
+
+    from diffusion.conditioning import TextConditioning
+    from diffusion.text_encoders import CLIPTextEncoder
+
+    captions = ["a red digit", "a blue digit", "a photo of a digit"]
+    datamodule = SimpleNamespace(caption_corpus=lambda: captions * 2)
+    plain = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache=False)
+    cached = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache_dir=str(tmp_path / "emb"))
+    weights = sum(p.numel() for p in cached.encoder.parameters())
+    cached.prepare(datamodule)
+    assert weights > 0 and sum(p.numel() for p in cached.encoder.parameters()) == 0  # freed
+    assert len(list((tmp_path / "emb").glob("text_embeddings-*.safetensors"))) == 1
+    batch = ["a blue digit", "", "a red digit", "a blue digit"]
+    for mine, theirs in zip(cached.encode(batch), plain.encode(batch), strict=True):
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+    # a second run with the same encoder and captions reads the file: its encoder never runs
+    again = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache_dir=str(tmp_path / "emb"))
+    again.encoder.forward = None  # calling it would raise TypeError
+    again.prepare(datamodule)
+    assert torch.equal(again.encode(batch)[0], plain.encode(batch)[0])
+    # a caption outside the table: the encoder's weights come back, and its output is the plain one
+    assert torch.equal(cached.encode(["a new caption"])[0], plain.encode(["a new caption"])[0])
+    assert sum(p.numel() for p in cached.encoder.parameters()) == weights
+
+
+@pytest.mark.slow
+def test_text_embedding_cache_trains_bit_for_bit_as_the_in_memory_path(tmp_path, sd_pipeline, captioned):  # noqa: F811
+    """The same LoRA run with conditioning.cache_dir and with the in-memory cache: identical adapters and loss."""
+    overrides = [*sd_overrides("sd_lora", sd_pipeline, captioned), "trainer.max_steps=3", "callbacks.ema=null"]
+    _, with_disk = run_train(tmp_path / "disk", [*overrides, f"conditioning.cache_dir={tmp_path / 'emb'}"], tiny=False)
+    _, in_memory = run_train(tmp_path / "memory", overrides, tiny=False)
+    assert len(list((tmp_path / "emb").glob("text_embeddings-*.safetensors"))) == 1
+    assert with_disk == in_memory
+    a, b = (read_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt")["state_dict"] for r in ("disk", "memory"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
