@@ -69,6 +69,7 @@ class DiffusersUNet(nn.Module):
             is then ignored) and its weights are loaded. A new label embedding (pretrained unconditional,
             `num_classes` set) starts at random; `sample_size` follows `image_size`.
         unet: UNet2DModel keyword arguments (block_out_channels, down_block_types, ...), when not pretrained.
+        gradient_checkpointing: recompute the U-Net's activations in the backward pass (less memory, ~30% slower).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class DiffusersUNet(nn.Module):
         num_classes: int | None = None,
         pretrained: str | None = None,
         unet: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         UNet2DModel = import_diffusers("model=diffusers_unet").UNet2DModel
@@ -122,6 +124,8 @@ class DiffusersUNet(nn.Module):
         self.unet = UNet2DModel.from_config(config)
         if source is not None:
             copy_pretrained(self.unet, source, pretrained)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         # Plain values, enough to rebuild this network (saved into checkpoints); the weights come from there.
         self.config = dict(
             image_size=image_size,
@@ -129,6 +133,7 @@ class DiffusersUNet(nn.Module):
             num_classes=num_classes,
             pretrained=None,
             unet=plain_config(self.unet),
+            gradient_checkpointing=gradient_checkpointing,
         )
         self.image_size = image_size
         self.in_channels = in_channels

@@ -10,7 +10,7 @@ import torch
 from diffusion.checkpoint import read_checkpoint
 from diffusion.errors import ConfigError
 from diffusion.model import DiffusionModel
-from tests.conftest import run_cli, run_train
+from tests.conftest import CONF, compose_train, run_cli, run_train
 from tests.test_sd import captioned, sd_overrides, sd_pipeline  # noqa: F401 (module fixtures)
 
 
@@ -172,3 +172,30 @@ def test_text_embedding_cache_trains_bit_for_bit_as_the_in_memory_path(tmp_path,
     assert with_disk == in_memory
     a, b = (read_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt")["state_dict"] for r in ("disk", "memory"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_network_config_has_the_gradient_checkpointing_key(tmp_path, model):
+    """model.gradient_checkpointing is the one key for activation checkpointing, whichever the network."""
+    cfg = compose_train(tmp_path, [f"model={model}"], tiny=False)
+    assert "gradient_checkpointing" in cfg.model and cfg.model.gradient_checkpointing is False
+
+
+def test_diffusers_unet_gradient_checkpointing_same_gradients():
+    """model=diffusers_unet model.gradient_checkpointing=true: diffusers' checkpointing on, the same loss and
+    gradients as without (it only trades memory for recomputation)."""
+    pytest.importorskip("diffusers")
+    from diffusion.diffusers_unet import DiffusersUNet
+
+    unet = dict(block_out_channels=[8, 16], layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                up_block_types=["AttnUpBlock2D", "UpBlock2D"], attention_head_dim=8, norm_num_groups=4)  # fmt: skip
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        net = DiffusersUNet(image_size=8, in_channels=1, unet=unet, gradient_checkpointing=checkpointing).train()
+        assert net.unet.is_gradient_checkpointing is checkpointing
+        assert net.config["gradient_checkpointing"] is checkpointing
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        net(x, torch.tensor([3, 7])).square().mean().backward()
+        grads.append([p.grad for p in net.parameters()])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads, strict=True))
