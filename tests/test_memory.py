@@ -199,3 +199,15 @@ def test_diffusers_unet_gradient_checkpointing_same_gradients():
         net(x, torch.tensor([3, 7])).square().mean().backward()
         grads.append([p.grad for p in net.parameters()])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads, strict=True))
+
+
+def test_sample_grid_refuses_a_sharded_network_in_one_line():
+    """Under trainer=fsdp the grid (drawn on rank 0 alone) would hang the run: a one-line error at setup instead."""
+    from types import SimpleNamespace
+
+    from diffusion.callbacks.sample_grid import SampleGrid
+
+    grid = SampleGrid(dirpath="unused", sampler=lambda *a, **k: None)
+    grid.setup(None, SimpleNamespace(device_mesh=None), "fit")  # unsharded: fine
+    with pytest.raises(ConfigError, match="callbacks.sample_grid draws on rank 0 alone.*callbacks.sample_grid=null"):
+        grid.setup(None, SimpleNamespace(device_mesh=object()), "fit")
