@@ -39,7 +39,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-PEERS = ROOT.parent / "shared" / "peers" / "diffusers-examples"
+# diffusers' example scripts: $DIFFUSERS_EXAMPLES (a copy carried to a device machine, where ../shared does not
+# travel), else the checkout's shared/peers, else the one beside it
+_PEER_PLACES = [
+    ROOT / "shared" / "peers" / "diffusers-examples",
+    ROOT.parent / "shared" / "peers" / "diffusers-examples",
+]
+PEERS = next((p for p in _PEER_PLACES if p.is_dir()), _PEER_PLACES[-1])
 
 # The published configs (diffusers config.json), architecture keys only.
 CONFIGS = {
@@ -312,7 +318,7 @@ def run_peer(args, work: Path) -> dict:
     save_sd15_pipeline(work, tiny=tiny)
     size = 16 if tiny else 512
     write_images(work / "images", n=args.batch * (args.warmup + args.steps + 1), size=size)
-    script = PEERS / "text_to_image_train_text_to_image_lora.py"
+    script = Path(os.environ.get("DIFFUSERS_EXAMPLES") or PEERS) / "text_to_image_train_text_to_image_lora.py"
     cmd = [
         sys.executable, "-c", _PEER_RUNNER, str(script),
         f"--pretrained_model_name_or_path={work / 'pipeline'}", f"--train_data_dir={work / 'images'}",
