@@ -151,11 +151,13 @@ class EMA(L.Callback):
         restored into a sharded (FSDP) network is sharded as its weights are."""
         if self.ema is None:
             return
-        ref = net.state_dict()
-        if any(isinstance(ref.get(k), DTensor) and not isinstance(v, DTensor) for k, v in self.ema.items()):
-            self.ema = {k: _shard_like(v, ref[k]) for k, v in self.ema.items()}
+        first = next(net.parameters())
+        if isinstance(first, DTensor):
+            if not any(isinstance(v, DTensor) for v in self.ema.values()):  # whole, from a checkpoint
+                ref = net.state_dict()
+                self.ema = {k: _shard_like(v, ref[k]) for k, v in self.ema.items()}
             return
-        device = self.device or next(net.parameters()).device
+        device = self.device or first.device
         if any(v.device != device for v in self.ema.values()):
             self.ema = {k: v.to(device) for k, v in self.ema.items()}
 
