@@ -9,7 +9,11 @@
 #    images/s, peak memory, MFU (model FLOPs of one forward + backward counted by torch.utils.flop_counter, over
 #    the card's dense bf16 peak);
 # 2. the gpu-marked tests (compile, 16-mixed, fused attention kernels, the on-device non-finite guard, DiT);
-# 3. unet_base eager and channels-last rows; sampling speed, DPM-Solver++ 20 steps at batch 500, fp32 vs bf16.
+# 3. unet_base eager and channels-last rows; sampling speed, DPM-Solver++ 20 steps at batch 500, fp32 vs bf16;
+# 4. fine-tuning memory (bench/finetune_gpu.py): SD 1.5 / SDXL / SD3-medium / Flux-dev denoisers from their configs,
+#    LoRA rank 16 and full, gradient checkpointing and 8-bit AdamW on / off, then diffusers' LoRA example script.
+#    ONLY=finetune runs this step alone (one ~8-minute device call; it also needs diffusers, bitsandbytes, peft,
+#    and datasets for the example script: docs/finetune.md, "Memory", gives the command with the wheels).
 # Needs torch, lightning, hydra-core, omegaconf, pytest, pyyaml, scikit-learn on the machine.
 set -uo pipefail
 out=${1:-${OUT:-gpu_out}}
@@ -29,6 +33,12 @@ fi
   python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"; } \
   | tee "$out/env.txt"
 throughput() { timeout "$t" python3 bench/throughput.py $dev "$@" 2>&1 | grep -vi warn | tee -a "$out/throughput.txt"; }
+finetune() {  # step 4; the tiny run checks the script and diffusers' example on the CPU in a minute
+  if [[ ${TINY:-0} == 1 ]]; then ft="--tiny --device cpu --steps 2 --warmup 1"; else ft="--device cuda"; fi
+  timeout 500 python3 bench/finetune_gpu.py $ft --peer --json "$out/finetune.json" 2>&1 | grep -vi warn \
+    | tee "$out/finetune.txt"
+}
+if [[ ${ONLY:-} == finetune ]]; then finetune; exit; fi
 first=${batches%% *}
 for m in $dits; do throughput --model "$m" $latents --batch "$first" $compile; done
 throughput --model "$unet_name" $unet_size --batch "$first" $compile
@@ -39,5 +49,6 @@ if [[ ${TINY:-0} != 1 ]]; then
 fi
 throughput --model "$unet_name" $unet_size --batch 128
 throughput --model "$unet_name" $unet_size --batch 128 --channels-last
+finetune
 timeout "$t" python3 bench/sampling_speed.py model="$unet_name" $unet_size --batch "$sample_batch" --steps 20 \
   --precisions fp32,bf16 $sdev 2>&1 | grep -vi warn | tee "$out/sampling.txt"

@@ -213,6 +213,10 @@ class TextConditioning(Conditioning):
         guidance: the recommended classifier-free guidance scale (`Conditioning.guidance`).
         time_ids_size: the generated images' side in pixels, for networks that take SDXL's `time_ids`; None: no
             time_ids.
+        cache_dir: a frozen encoder's embeddings of every caption the run uses, computed once before training
+            into this folder (`diffusion.text_cache`); the encoder's weights are then freed, so a frozen CLIP / T5
+            does not stay in memory while the network trains. Not saved in checkpoints (sample.py encodes its
+            prompts with the encoder). Ignored for trainable encoders.
     """
 
     def __init__(
@@ -224,9 +228,12 @@ class TextConditioning(Conditioning):
         preview_prompts: Sequence[str] | None = None,
         guidance: float = 1.0,
         time_ids_size: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.guidance = check_guidance(guidance)
+        self.cache_dir = str(cache_dir) if cache_dir and not encoder.trainable else None
+        self._table = None  # the cache_dir's EmbeddingTable while the encoder's weights are freed
         if cache_size < 0:
             raise ConfigError(f"conditioning.cache_size={cache_size} must be >= 0")
         if time_ids_size is not None and (isinstance(time_ids_size, bool) or int(time_ids_size) < 1):
@@ -256,7 +263,13 @@ class TextConditioning(Conditioning):
 
     def encode(self, captions: list[str]) -> Kwargs:
         """The encoder's arguments of `captions` (context (B, L, D), context_mask (B, L), ...), from the cache
-        where it can."""
+        (in memory, or conditioning.cache_dir's table) where it can."""
+        if self._table is not None:
+            if all(c in self._table for c in captions):
+                device = next(self.encoder.parameters()).device  # freed weights keep their device
+                rows = [self._table.rows[c] for c in captions]
+                return {k: pad_stack([r[k] for r in rows]).to(device) for k in rows[0]}
+            self._reload_encoder()
         if not self.cache:
             return self._encoder(captions)
         # one caption per call: a matmul's last bits depend on the batch it runs in, so a batch of new captions
@@ -350,6 +363,39 @@ class TextConditioning(Conditioning):
             self.encoder.fit(captions)
         if self.preview_prompts is None:
             self.preview_prompts = list(dict.fromkeys(captions))[:8]
+        if self.cache_dir:
+            # the validation captions too, where the datamodule holds them (captioned folders): a caption outside
+            # the table loads the encoder again
+            val = getattr(getattr(datamodule, "val_set", None), "captions", None) or []
+            self.cache_embeddings([*captions, *(c for item in val for c in item), "", *self.preview_prompts])
+
+    def cache_embeddings(self, captions: list[str]) -> None:
+        """`conditioning.cache_dir`: the embeddings of `captions` from the folder (encoded there first if a run
+        with this encoder and these captions has not), then free the encoder's weights."""
+        from diffusion.text_cache import EmbeddingTable
+
+        description = {"target": f"{type(self.encoder).__module__}.{type(self.encoder).__qualname__}"}
+        self._table = EmbeddingTable.build(
+            self.cache_dir,
+            encoder_description={**description, "config": dict(self.encoder.config)},
+            captions=captions,
+            encode=self._encoder,
+            batch_size=1,  # one caption per call, as the in-memory cache encodes: the same bits
+        )
+        freed = sum(p.numel() * p.element_size() for p in self.encoder.parameters())
+        for p in self.encoder.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        log.info(
+            f"text encoder: weights freed ({freed / 2**20:.1f} MiB); {len(self._table.rows)} captions' embeddings "
+            f"({self._table.nbytes() / 2**20:.1f} MiB) from {self._table.path}"
+        )
+
+    def _reload_encoder(self) -> None:
+        """A caption outside the cache_dir's table: load the frozen encoder again (from its config: its path)."""
+        device = next(self.encoder.parameters()).device
+        log.info("text encoder: a caption outside conditioning.cache_dir's table; loading the encoder again")
+        self.encoder = type(self.encoder)(**self.encoder.config).to(device).requires_grad_(False)
+        self._table = None
 
     def preview_conditions(self) -> list | None:
         return self.preview_prompts

@@ -24,6 +24,7 @@ from diffusion.errors import ConfigError
 from diffusion.networks import register_network
 from diffusion.optional import require
 
+ADAPTER_DTYPES = ("fp32", None)
 _SHOWN = 8  # keys listed per category in messages; the counts are always complete
 
 
@@ -193,6 +194,9 @@ class LoRA:
             projections (`DEFAULT_TARGETS`: to_q, to_k, to_v, to_out.0 in diffusers U-Nets; qkv, q, kv, proj in our
             U-Net; those and the MLP's fc1, fc2 in the DiT).
         dropout: dropout on the adapters' input.
+        adapter_dtype: "fp32": the adapters (and so their gradients and optimizer state) stay fp32 when
+            trainer.precision=bf16-true / 16-true casts the frozen base to half precision (diffusers' training
+            scripts do the same: `cast_training_params`); null: the adapters take the base's dtype.
     """
 
     def __init__(
@@ -202,7 +206,11 @@ class LoRA:
         alpha: float | None = None,
         target_modules: list[str] | None = None,
         dropout: float = 0.0,
+        adapter_dtype: str | None = "fp32",
     ) -> None:
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"finetune.adapter_dtype={adapter_dtype!r} is not one of 'fp32', null")
+        self.adapter_dtype = adapter_dtype
         if rank < 1:
             raise ConfigError(f"finetune.rank={rank} must be >= 1")
         if not 0.0 <= dropout < 1.0:
@@ -219,7 +227,13 @@ class LoRA:
         if not targets:
             raise ConfigError(f"finetune.target_modules is required for {target} (no default)")
         return LoRANet(
-            source=source, rank=self.rank, alpha=self.alpha, target_modules=targets, dropout=self.dropout, net=net
+            source=source,
+            rank=self.rank,
+            alpha=self.alpha,
+            target_modules=targets,
+            dropout=self.dropout,
+            adapter_dtype=self.adapter_dtype,
+            net=net,
         )
 
 
@@ -245,6 +259,7 @@ class LoRANet(nn.Module):
         source: where the base weights come from (`base_source`): {"kind": "checkpoint", "path", "use_ema"} or
             {"kind": "pretrained", "path"}.
         rank, alpha, target_modules, dropout: peft's LoraConfig r, lora_alpha, target_modules, lora_dropout.
+        adapter_dtype: "fp32" or None: what `cast_adapters` puts the adapters in (`LoRA`).
         net: the base network, already loaded (at training time); else it is built from `base` and `source`.
     """
 
@@ -257,9 +272,12 @@ class LoRANet(nn.Module):
         alpha: float,
         target_modules: list[str],
         dropout: float = 0.0,
+        adapter_dtype: str | None = "fp32",
         net: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"finetune.adapter_dtype={adapter_dtype!r} is not one of 'fp32', null")
         peft = require("peft", feature="finetune=lora")
         LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model  # noqa: N806
 
@@ -281,14 +299,31 @@ class LoRANet(nn.Module):
         adapters = frozenset(f"net.{name}" for name, p in net.named_parameters() if p.requires_grad)
         keep_in_state_dict(self, adapters)
         self.config = dict(
-            base=base, source=dict(source), rank=rank, alpha=alpha, target_modules=list(target_modules), dropout=dropout
+            base=base,
+            source=dict(source),
+            rank=rank,
+            alpha=alpha,
+            target_modules=list(target_modules),
+            dropout=dropout,
+            adapter_dtype=adapter_dtype,
         )
+        self.adapter_dtype = adapter_dtype
         for attr in ("image_size", "in_channels", "num_classes", "context_dim", "pooled_dim", "takes_time_ids"):
             if hasattr(net, attr):
                 setattr(self, attr, getattr(net, attr))
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
+
+    def cast_adapters(self) -> None:
+        """Put the trainable adapters back into `adapter_dtype` after a half-precision cast of the whole network
+        (the frozen base stays in half precision; peft casts an adapter's input to the adapter's dtype and its
+        output back). Called by the training module right before it builds the optimizer."""
+        if self.adapter_dtype is None:
+            return
+        for p in self.net.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
 
     def adapter_state_dict(self) -> dict[str, Tensor]:
         """peft's adapter weights, keyed as in the base network (`get_peft_model_state_dict`)."""

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from diffusion.errors import ConfigError, UserError
 
@@ -62,6 +63,8 @@ class NonFiniteGuard:
         if scaler is None and params:
             if norm is None:
                 norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+            if isinstance(norm, DTensor):  # FSDP's sharded gradients: the norm over every rank's shards
+                norm = norm.full_tensor()
             bad = bad + 2 * (~torch.isfinite(norm)).float()
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="max")

@@ -11,6 +11,12 @@ cosine decay. Checkpoints carry the model's self-description (`DiffusionModel.de
 Speed options (off by default): `compile` runs the network's forward through `torch.compile` (the checkpoint keeps
 the plain network's keys), `channels_last` stores weights and activations NHWC (faster convolutions on tensor cores).
 
+Memory options (docs/finetune.md, "Memory"): `adamw8bit` is the 8-bit AdamW factory of `optim=adamw8bit`; under
+`trainer=fsdp` (Lightning's ModelParallelStrategy) `configure_model` shards the network with FSDP2's `fully_shard`
+(Zhao et al. 2023, "PyTorch FSDP"), one unit per block, and checkpoints are saved whole (loadable in one process);
+under a bf16-true / 16-true base a LoRA network's adapters go back to fp32 before the optimizer is built
+(`LoRANet.cast_adapters`, as diffusers' `cast_training_params`).
+
 A resumed run is the same run: the training randomness (levels, noise, condition dropout and the network's own
 dropout) comes from one random stream owned by the module, seeded from `seed` and the rank and saved in every
 checkpoint, so a run stopped at any step and resumed (`ckpt_path=`) takes the same steps as one that never stopped
@@ -36,10 +42,51 @@ from diffusion.checkpoint import upgrade
 from diffusion.errors import ConfigError
 from diffusion.guard import NonFinite, NonFiniteGuard, NonFiniteLossError, check_fused_clipping
 from diffusion.model import DiffusionModel
+from diffusion.optional import require
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 LRDecay = Literal["constant", "cosine"]
-__all__ = ["DiffusionModule", "NonFiniteLossError"]
+__all__ = ["DiffusionModule", "NonFiniteLossError", "adamw8bit"]
+# Device types bitsandbytes 0.45+ runs its 8-bit optimizers on (CPU checked here: it trains; CUDA is the usual one).
+BNB_DEVICES = ("cuda", "cpu", "xpu")
+
+
+def adamw8bit(
+    params: Iterable[nn.Parameter],
+    *,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): both moments
+    stored in 8 bits (2 bytes per parameter instead of 8), `optim=adamw8bit`. A one-line error names the extra when
+    bitsandbytes is missing, and the device when bitsandbytes does not run there."""
+    params = list(params)
+    bnb = require("bitsandbytes", feature="optim=adamw8bit")
+    for p in params:
+        if p.device.type not in BNB_DEVICES:
+            raise ConfigError(
+                f"optim=adamw8bit: bitsandbytes' 8-bit AdamW does not run on {p.device.type} (it runs on "
+                f"{', '.join(BNB_DEVICES)}); use optim=adamw"
+            )
+    return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+
+def shard_units(net: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards as units, innermost first: every item of every ModuleList (the blocks of a U-Net or
+    a transformer, and the layers inside them), then the network itself; each unit's weights are gathered only
+    while it runs."""
+    containers = (nn.ModuleList, nn.ModuleDict)  # no forward of their own: FSDP cannot hook them
+    units = [
+        m
+        for lst in net.modules()
+        if isinstance(lst, nn.ModuleList)
+        for m in lst
+        if not isinstance(m, containers) and next(m.parameters(), None) is not None
+    ]
+    depth = {m: name.count(".") for name, m in net.named_modules()}
+    return [*sorted(units, key=lambda m: -depth[m]), net]
 
 
 class DiffusionModule(L.LightningModule):
@@ -256,9 +303,26 @@ class DiffusionModule(L.LightningModule):
         progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress))
 
+    def configure_model(self) -> None:
+        """trainer=fsdp (ModelParallelStrategy, which hands the module a device mesh): shard the network's weights,
+        gradients and optimizer state over the data-parallel ranks with FSDP2. The frozen codec and text encoder
+        stay whole on every rank (they take no gradients or optimizer state)."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+        for unit in shard_units(self.model.net):
+            fully_shard(unit, mesh=dp_mesh)
+
     def configure_optimizers(self):
         # what trains: the net's trainable weights (LoRA: the adapters) and a trainable text encoder; frozen
-        # weights get no optimizer state
+        # weights get no optimizer state. Lightning has applied trainer.precision by now: a bf16-true base
+        # puts LoRA adapters back into fp32 here (finetune.adapter_dtype), before the optimizer sees them.
+        cast_adapters = getattr(self.model.net, "cast_adapters", None)
+        if cast_adapters is not None:
+            cast_adapters()
         params = [*self.model.net.parameters(), *self.model.conditioning.parameters()]
         optimizer = self.optimizer_factory([p for p in params if p.requires_grad])
         check_fused_clipping(self._attached_trainer(), optimizer)

@@ -119,12 +119,23 @@ def check_registered(net: nn.Module, *, key: str = "model._target_") -> None:
         )
 
 
+def network_class(net: nn.Module) -> type:
+    """`net`'s own class: FSDP's `fully_shard` (trainer=fsdp) swaps a sharded module's class for a subclass of it
+    (FSDPUNet for UNet), which names no registered network."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(net)
+    if issubclass(cls, FSDPModule):
+        cls = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule))
+    return cls
+
+
 def describe_net(net: nn.Module) -> dict:
     """{"target": class path, "config": ...}: what `build_net` needs to rebuild `net`."""
     config = getattr(net, "config", None)
     if config is None:
         raise TypeError(f"{type(net).__name__} has no `config` dict, so its checkpoints cannot rebuild it")
-    return {"target": class_path(type(net)), "config": dict(config)}
+    return {"target": class_path(network_class(net)), "config": dict(config)}
 
 
 def _registered(target: object) -> bool:

@@ -22,6 +22,7 @@ EXTRAS = {  # import name -> the extra that installs it
     "torch_fidelity": "fid",
     "obstore": "stream",
     "datasets": "hf",
+    "bitsandbytes": "bnb",
 }
 
 

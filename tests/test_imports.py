@@ -165,6 +165,8 @@ def test_every_optional_package_has_its_extra():
 
 def _optional_features(tmp_path):
     """(package, what uses it, the feature its message names): each optional feature, called as the code does."""
+    import torch
+
     from diffusion.callbacks.fid import InceptionFeatures
     from diffusion.data.hf import HFDataModule
     from diffusion.data.shards import Location
@@ -172,6 +174,7 @@ def _optional_features(tmp_path):
     from diffusion.export import lora_layers
     from diffusion.finetune import LoRANet
     from diffusion.loggers import tensorboard_logger
+    from diffusion.module import adamw8bit
     from diffusion.text_encoders import CLIPTextEncoder
 
     return [
@@ -183,10 +186,11 @@ def _optional_features(tmp_path):
         ("obstore", lambda: Location("s3://bucket/shards").store(), "data.path=s3://bucket/shards", "stream"),
         ("datasets", lambda: HFDataModule(path=str(tmp_path))._load("train"), "data=hf", "hf"),
         ("tensorboard", lambda: tensorboard_logger(save_dir=str(tmp_path)), "logger=tensorboard", "tensorboard"),
+        ("bitsandbytes", lambda: adamw8bit([torch.nn.Parameter(torch.zeros(1))]), "optim=adamw8bit", "bnb"),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_a_missing_optional_package_is_one_line_naming_its_extra(index, tmp_path, monkeypatch):
     """With its package absent (None in sys.modules: `import` raises ModuleNotFoundError), each optional feature
     stops with a user error of one line that names the feature and the extra to install, which the command line

@@ -13,7 +13,9 @@ unprefixed, in `checkpoint["ema_state_dict"]` (what `DiffusionModel.from_checkpo
 restores the average exactly.
 
 Every DDP rank holds its own copy and applies the same update to the same (all-reduced) weights, so the copies
-stay identical without communication. Other callbacks use the average through `ema_weights(trainer, module)`.
+stay identical without communication. Under FSDP (`trainer=fsdp`) the weights are sharded DTensors and each rank
+averages its own shard; checkpoints hold the whole average (gathered on save, sharded again on load), so they
+load into one process as any other. Other callbacks use the average through `ema_weights(trainer, module)`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from diffusion.checkpoint import EMA_KEY
 from diffusion.errors import ConfigError
@@ -144,10 +147,17 @@ class EMA(L.Callback):
         return v.float() if v.is_floating_point() and v.element_size() < 4 else v
 
     def _to_device(self, net: nn.Module) -> None:
-        """Move a restored average next to the weights (checkpoints load onto the CPU first)."""
+        """Move a restored average next to the weights (checkpoints load onto the CPU first); a whole average
+        restored into a sharded (FSDP) network is sharded as its weights are."""
         if self.ema is None:
             return
-        device = self.device or next(net.parameters()).device
+        first = next(net.parameters())
+        if isinstance(first, DTensor):
+            if not any(isinstance(v, DTensor) for v in self.ema.values()):  # whole, from a checkpoint
+                ref = net.state_dict()
+                self.ema = {k: _shard_like(v, ref[k]) for k, v in self.ema.items()}
+            return
+        device = self.device or first.device
         if any(v.device != device for v in self.ema.values()):
             self.ema = {k: v.to(device) for k, v in self.ema.items()}
 
@@ -238,7 +248,8 @@ class EMA(L.Callback):
             state = {k: self._stored(v) for k, v in pl_module.model.net.state_dict().items()}
         else:
             state = self.ema
-        checkpoint[EMA_KEY] = {k: v.detach().cpu().clone() for k, v in state.items()}
+        # full_tensor gathers an FSDP shard: a collective, which Lightning runs on every rank
+        checkpoint[EMA_KEY] = {k: _whole(v).detach().cpu().clone() for k, v in state.items()}
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         state = checkpoint.get(EMA_KEY)
@@ -259,6 +270,18 @@ class EMA(L.Callback):
         self.num_updates = int(state_dict["num_updates"])
         self.last_update_step = int(state_dict["last_update_step"])
         self.from_init = bool(state_dict.get("from_init", False))
+
+
+def _whole(v: Tensor) -> Tensor:
+    """A sharded (FSDP DTensor) weight gathered whole; any other tensor as it is."""
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def _shard_like(v: Tensor, ref: Tensor) -> Tensor:
+    """`v` (whole) sharded over the same mesh and placements as `ref` when `ref` is a DTensor."""
+    if not isinstance(ref, DTensor):
+        return v.to(ref.device)
+    return distribute_tensor(v.to(ref.device), ref.device_mesh, ref.placements)
 
 
 def find_ema(trainer: L.Trainer | None) -> EMA | None:

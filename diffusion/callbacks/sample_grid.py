@@ -122,6 +122,15 @@ class SampleGrid(L.Callback):
         log_grid(trainer, grid, step=step, caption=f"step {step}" + (" (EMA)" if self.last_used_ema else ""))
         return path
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # rank 0 draws alone; a sharded network (trainer=fsdp: a device mesh) gathers its weights from every rank in
+        # each forward, so the grid would wait forever for the others
+        if getattr(pl_module, "device_mesh", None) is not None:
+            raise ConfigError(
+                "callbacks.sample_grid draws on rank 0 alone, which a sharded network (trainer=fsdp) cannot: set "
+                "callbacks.sample_grid=null and sample from the checkpoints (sample.py ckpt=...)"
+            )
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self.last_saved_step:
