@@ -222,7 +222,7 @@ class TextConditioning(Conditioning):
         self.cache = cache and not encoder.trainable
         self.cache_size = cache_size
         self.preview_prompts = [str(p) for p in preview_prompts] if preview_prompts else None
-        self._cached: OrderedDict[str, tuple[Tensor, Tensor]] = OrderedDict()
+        self._cached: OrderedDict[str, Kwargs] = OrderedDict()
         if not encoder.trainable:
             # A frozen pretrained encoder is referenced by path / id, not copied into every checkpoint.
             encoder.requires_grad_(False)
@@ -233,21 +233,29 @@ class TextConditioning(Conditioning):
     def dim(self) -> int:
         return self.encoder.dim
 
-    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """(context (B, L, D), mask (B, L)) of `captions`, from the cache where it can."""
+    def _encoder(self, captions: list[str]) -> Kwargs:
+        out = self.encoder(captions)
+        if isinstance(out, dict):  # a pipeline's encoders: context, context_mask and maybe pooled
+            return dict(out)
+        context, mask = out
+        return {"context": context, "context_mask": mask}
+
+    def encode(self, captions: list[str]) -> Kwargs:
+        """The encoder's arguments of `captions` (context (B, L, D), context_mask (B, L), ...), from the cache
+        where it can."""
         if not self.cache:
-            return self.encoder(captions)
+            return self._encoder(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self._cached))
         if missing:
-            context, mask = self.encoder(missing)
-            for caption, c, m in zip(missing, context, mask, strict=True):
-                self._cached[caption] = (c, m)
+            out = self._encoder(missing)
+            for i, caption in enumerate(missing):
+                self._cached[caption] = {k: v[i] for k, v in out.items()}
         for caption in captions:
             self._cached.move_to_end(caption)
         rows = [self._cached[c] for c in captions]
         while len(self._cached) > self.cache_size:
             self._cached.popitem(last=False)
-        return pad_stack([c for c, _ in rows]), pad_stack([m for _, m in rows])
+        return {k: pad_stack([r[k] for r in rows]) for k in rows[0]}
 
     def forward(self, cond, *, device=None, drop_prob: float = 0.0) -> Kwargs:
         if isinstance(cond, str) or not all(isinstance(c, str) for c in cond):
@@ -259,8 +267,7 @@ class TextConditioning(Conditioning):
         if drop_prob > 0:
             drop = (torch.rand(len(captions), device=device) < drop_prob).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop, strict=True)]
-        context, mask = self.encode(captions)
-        return {"context": context, "context_mask": mask}
+        return self.encode(captions)
 
     def null(self, n: int, *, device=None) -> Kwargs:
         return self.forward([""] * n, device=device)
@@ -271,6 +278,12 @@ class TextConditioning(Conditioning):
             raise ConfigError(
                 f"the text encoder gives {self.encoder.dim}-dim embeddings but the network's model.context_dim is "
                 f"{context_dim}; set model.context_dim={self.encoder.dim} (a network with cross-attention)"
+            )
+        pooled_dim, ours = getattr(net, "pooled_dim", None), getattr(self.encoder, "pooled_dim", None)
+        if pooled_dim is not None and pooled_dim != ours:
+            raise ConfigError(
+                f"the network takes a {pooled_dim}-dim pooled text embedding but the text encoder gives "
+                f"{ours or 'none'} (conditioning.encoder: the pipeline's own text encoders)"
             )
 
     def prepare(self, datamodule) -> None:
@@ -355,6 +368,7 @@ def concat_kwargs(a: Kwargs, b: Kwargs) -> Kwargs:
 # The conditionings and text encoders a checkpoint may name (plain config values only).
 CONDITIONINGS = {f"{__name__}.{c.__qualname__}": c for c in (NoConditioning, ClassConditioning, TextConditioning)}
 TEXT_ENCODERS = ("diffusion.text_encoders.TransformerTextEncoder", "diffusion.text_encoders.CLIPTextEncoder")
+TEXT_ENCODERS += ("diffusion.text_encoders.SD3TextEncoder", "diffusion.text_encoders.FluxTextEncoder")
 
 
 def build_conditioning(

@@ -339,3 +339,152 @@ class CLIPTextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=self.layer != "last")
         context = out.last_hidden_state if self.layer == "last" else out.hidden_states[-2]
         return context, mask
+
+
+# --- the text encoders of SD3 and Flux pipelines -------------------------------------------------------------------
+def _pipeline_part(cls_name: str, pretrained: str, subfolder: str, *, dtype: TextDtype | None = None):
+    """A pipeline's `subfolder` part (a transformers model or tokenizer, by class name) from a local pipeline folder
+    or a Hub id; None where the pipeline has no such part (model_index.json names it null, or no folder)."""
+    from diffusion.pipeline import load_component
+
+    transformers = require("transformers", feature="the SD3 / Flux text encoders")
+    folder = _local_folder(str(pretrained))
+    if folder is not None and not (folder / subfolder).is_dir():
+        return None
+    tokenizer = cls_name.endswith("Tokenizer")
+    kwargs = {} if tokenizer else {"dtype": _DTYPES[dtype or "fp32"]}
+    return load_component(
+        getattr(transformers, cls_name),
+        str(folder / subfolder) if folder is not None else str(pretrained),
+        subfolder=subfolder,
+        key="conditioning.encoder.pretrained",
+        config_name="tokenizer_config.json" if tokenizer else "config.json",
+        **kwargs,
+    )
+
+
+def _token_ids(tokenizer, captions: list[str], max_length: int, device) -> Tensor:
+    """Ids (B, max_length): padded to max_length and truncated beyond it, as the SD3 / Flux pipelines tokenize."""
+    ids = tokenizer(list(captions), padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+    return torch.tensor(ids, device=device)
+
+
+class _FrozenPipelineEncoders(nn.Module):
+    """Frozen text models of a pipeline folder; always in eval mode, never trained. Called as
+    `encoder(captions) -> {"context": (B, L, D), "context_mask": (B, L), "pooled": (B, P)}`."""
+
+    trainable = False
+
+    def _check(self, pretrained: str, dtype: str) -> None:
+        if pretrained in (None, "", "???"):
+            raise ConfigError("conditioning.encoder.pretrained is not set: a pipeline folder or a Hub id")
+        if dtype not in _DTYPES:
+            raise ConfigError(f"conditioning.encoder.dtype={dtype!r} is not one of 'fp32', 'bf16', 'fp16'")
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for model in self.children():
+            model.eval()  # frozen: no dropout, whatever the module around it does
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+class SD3TextEncoder(_FrozenPipelineEncoders):
+    """StableDiffusion3Pipeline's three text encoders, as its `encode_prompt` combines them.
+
+    context = [CLIP-L's and CLIP-G's penultimate hidden states concatenated on features, zero-padded to T5's width ;
+    T5's last hidden state] along the sequence: (B, 77 + max_length, D); pooled = both CLIPs' projected pooled
+    outputs concatenated (B, 768 + 1280). Without T5 (`t5=false`, or a pipeline saved with text_encoder_3=None, as
+    SD3 allows to save memory) T5's part is max_length zero tokens of the transformer's joint_attention_dim, as
+    the pipeline does. The mask is all True: the transformer attends to every token, padding included.
+
+    Args:
+        pretrained: an SD3 pipeline folder or Hub id (text_encoder/, text_encoder_2/, text_encoder_3/, tokenizers).
+        max_length: T5 tokens per caption (the pipeline's max_sequence_length, 256).
+        t5: use T5 (false: its zeros, as a pipeline without text_encoder_3).
+        dtype: the frozen models' weights: "fp32", "bf16" or "fp16".
+    """
+
+    def __init__(self, *, pretrained: str, max_length: int = 256, t5: bool = True, dtype: TextDtype = "fp32") -> None:
+        super().__init__()
+        self._check(pretrained, dtype)
+        self.clip_l = _pipeline_part("CLIPTextModelWithProjection", pretrained, "text_encoder", dtype=dtype)
+        self.clip_g = _pipeline_part("CLIPTextModelWithProjection", pretrained, "text_encoder_2", dtype=dtype)
+        self.tokenizer_l = _pipeline_part("AutoTokenizer", pretrained, "tokenizer")
+        self.tokenizer_g = _pipeline_part("AutoTokenizer", pretrained, "tokenizer_2")
+        if None in (self.clip_l, self.clip_g, self.tokenizer_l, self.tokenizer_g):
+            raise ConfigError(f"conditioning.encoder.pretrained={pretrained} lacks SD3's two CLIP text encoders")
+        self.t5 = _pipeline_part("T5EncoderModel", pretrained, "text_encoder_3", dtype=dtype) if t5 else None
+        self.tokenizer_t5 = _pipeline_part("AutoTokenizer", pretrained, "tokenizer_3") if t5 else None
+        from diffusion.pipeline import read_part_config
+
+        folder = _local_folder(str(pretrained))
+        transformer = read_part_config(
+            folder or Path(str(pretrained)), "transformer", "conditioning.encoder.pretrained"
+        )
+        self.dim = int(transformer["joint_attention_dim"])
+        if self.t5 is not None and int(self.t5.config.d_model) != self.dim:
+            raise ConfigError(
+                f"{pretrained}: T5's width {self.t5.config.d_model} differs from the transformer's {self.dim}"
+            )
+        self.clip_length = int(self.tokenizer_l.model_max_length)
+        self.max_length = max_length
+        self.pooled_dim = int(self.clip_l.config.projection_dim) + int(self.clip_g.config.projection_dim)
+        self.requires_grad_(False).eval()
+        self.config = dict(pretrained=str(pretrained), max_length=max_length, t5=t5, dtype=dtype)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> dict[str, Tensor]:
+        device, hidden, pooled = self.device, [], []
+        for model, tokenizer in ((self.clip_l, self.tokenizer_l), (self.clip_g, self.tokenizer_g)):
+            out = model(_token_ids(tokenizer, captions, self.clip_length, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # (B, 77, D_i): the penultimate layer
+            pooled.append(out.text_embeds)  # (B, P_i)
+        clip = torch.cat(hidden, dim=-1)  # (B, 77, D_l + D_g)
+        clip = nn.functional.pad(clip, (0, self.dim - clip.shape[-1]))  # zeros up to T5's width: (B, 77, D)
+        if self.t5 is None:
+            t5 = clip.new_zeros(len(captions), self.max_length, self.dim)
+        else:
+            t5 = self.t5(_token_ids(self.tokenizer_t5, captions, self.max_length, device))[0]  # (B, L, D)
+        context = torch.cat([clip, t5.to(clip.dtype)], dim=1)  # (B, 77 + L, D)
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=device)
+        return {"context": context, "context_mask": mask, "pooled": torch.cat(pooled, dim=-1)}
+
+
+class FluxTextEncoder(_FrozenPipelineEncoders):
+    """FluxPipeline's two text encoders, as its `encode_prompt` uses them: context = T5's last hidden state
+    (B, max_length, 4096), pooled = CLIP-L's pooled output (B, 768). The mask is all True (Flux attends to every
+    token, padding included).
+
+    Args:
+        pretrained: a Flux pipeline folder or Hub id (text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/).
+        max_length: T5 tokens per caption (the pipeline's max_sequence_length: 512; FLUX.1-schnell uses 256).
+        dtype: the frozen models' weights: "fp32", "bf16" or "fp16".
+    """
+
+    def __init__(self, *, pretrained: str, max_length: int = 512, dtype: TextDtype = "fp32") -> None:
+        super().__init__()
+        self._check(pretrained, dtype)
+        self.clip = _pipeline_part("CLIPTextModel", pretrained, "text_encoder", dtype=dtype)
+        self.tokenizer_clip = _pipeline_part("AutoTokenizer", pretrained, "tokenizer")
+        self.t5 = _pipeline_part("T5EncoderModel", pretrained, "text_encoder_2", dtype=dtype)
+        self.tokenizer_t5 = _pipeline_part("AutoTokenizer", pretrained, "tokenizer_2")
+        if None in (self.clip, self.tokenizer_clip, self.t5, self.tokenizer_t5):
+            raise ConfigError(f"conditioning.encoder.pretrained={pretrained} lacks Flux's CLIP and T5 text encoders")
+        self.clip_length = int(self.tokenizer_clip.model_max_length)
+        self.max_length = max_length
+        self.dim = int(self.t5.config.d_model)
+        self.pooled_dim = int(self.clip.config.hidden_size)
+        self.requires_grad_(False).eval()
+        self.config = dict(pretrained=str(pretrained), max_length=max_length, dtype=dtype)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str]) -> dict[str, Tensor]:
+        device = self.device
+        pooled = self.clip(_token_ids(self.tokenizer_clip, captions, self.clip_length, device)).pooler_output
+        context = self.t5(_token_ids(self.tokenizer_t5, captions, self.max_length, device))[0]  # (B, L, D)
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=device)
+        return {"context": context, "context_mask": mask, "pooled": pooled}
