@@ -25,6 +25,9 @@
   tokenizer and scheduler (the base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's
   adapters are merged into the base U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder
   needs no adapter code to load.
+- `lora` / `pipeline` for SD3 and Flux fine-tunes (`experiment=sd3_*` / `flux_*`): the adapters as the transformer's
+  peft state dict saved by `StableDiffusion3Pipeline` / `FluxPipeline.save_lora_weights` (their
+  `load_lora_weights` reads it), or the whole pipeline folder with our transformer (adapters fused).
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the model's self-description: network class and config, process,
   conditioning, codec, which weights, step), and for a jointly trained text encoder `conditioning.safetensors`

@@ -7,7 +7,8 @@ the UNet2DConditionModel is the network (`diffusion.diffusers_unet.DiffusersCond
 (`diffusion.codec.VAECodec`), and the scheduler's config is the noise schedule (`schedule_from_pipeline`: its
 num_train_timesteps, beta schedule and endpoints, and prediction type, so training matches the base model).
 `load_component` is the one loader of a part: a local folder (the part's own folder, or a pipeline folder with
-the part in its subfolder) or a Hub id, with one-line errors.
+the part in its subfolder) or a Hub id, with one-line errors. SD3 / Flux pipelines (a FlowMatchEulerDiscreteScheduler)
+give the flow process instead (`flow_from_pipeline`, `process=pretrained_flow`): its time scale and shift.
 """
 
 from __future__ import annotations

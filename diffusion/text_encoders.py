@@ -12,6 +12,9 @@ one (a begin-of-text token), so masked attention never sees an all-padding row.
 - `CLIPTextEncoder`: a pretrained `transformers` CLIP text model (Radford et al. 2021) and its tokenizer, from a
   local folder (a `save_pretrained` folder, or a Stable Diffusion folder with `text_encoder/` and `tokenizer/`)
   or a Hub id; frozen, optionally in bf16/fp16. Checkpoints name it by path or id; its weights are not copied.
+- `SD3TextEncoder`, `FluxTextEncoder`: the frozen CLIP and T5 encoders of an SD3 / Flux pipeline folder, combined
+  as the pipeline's `encode_prompt` does; they return a dict of the network's arguments: context, context_mask and
+  pooled (the pooled text embedding these transformers also take).
 """
 
 from __future__ import annotations
