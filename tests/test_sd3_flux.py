@@ -15,10 +15,10 @@ from diffusion.model import DiffusionModel
 from diffusion.pipeline import flow_from_pipeline
 from diffusion.process import Flow
 from diffusion.text_encoders import FluxTextEncoder, SD3TextEncoder
-from tests.conftest import run_cli, run_train, write_image
+from tests.conftest import run_cli, run_train
 from tests.pipelines import save_tiny_flux, save_tiny_sd3
+from tests.test_sd import PROMPTS, captioned, sd_overrides  # noqa: F401 - captioned is a fixture
 
-PROMPTS = ["a red digit", "a blue digit", "a photo of a digit"]
 NO_T5 = {"text_encoder_3": None, "tokenizer_3": None}  # how a pipeline saved without T5 loads
 
 
@@ -33,14 +33,9 @@ def flux(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def captioned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("captioned") / "images"
-    rows = []
-    for i in range(6):
-        write_image(root / f"{i}.png", (20, 20), seed=i)
-        rows.append({"file_name": f"{i}.png", "text": PROMPTS[i % 3]})
-    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+def images(captioned):  # noqa: F811 - the fixture imported above
+    """test_sd.py's captioned image folder."""
+    return captioned
 
 
 # --- the parts against diffusers' pipelines -------------------------------------------------------------------------
@@ -161,27 +156,8 @@ def test_vae_codec_shift_and_scale(sd3):
 
 # --- end to end through train.py, sample.py and export.py ---------------------------------------------------------
 def overrides(experiment: str, pipeline, images, *extra: str) -> list[str]:
-    return [
-        f"experiment={experiment}",
-        f"model.pretrained={pipeline}",
-        f"data.path={images}",
-        "data.image_size=16",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "data.val_fraction=0.34",
-        "conditioning.encoder.max_length=16",
-        "trainer=cpu",
-        "trainer.max_steps=2",
-        "trainer.val_check_interval=2",
-        "trainer.enable_progress_bar=false",
-        "+trainer.limit_val_batches=1",
-        "sampler.steps=2",
-        "callbacks.sample_grid.num_images=2",
-        "callbacks.sample_grid.every_n_steps=0",
-        "logger=none",
-        "optim.lr=1e-2",
-        *extra,
-    ]
+    """test_sd.py's tiny run, with T5 cut to 16 tokens."""
+    return [*sd_overrides(experiment, pipeline, images), "conditioning.encoder.max_length=16", *extra]
 
 
 def transformer_inputs(flux: bool):
@@ -217,12 +193,12 @@ def sample_cli(tmp_path, run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
-def test_lora_train_resume_sample_export_reloads_in_diffusers(tmp_path, kind, sd3, flux, captioned):
+def test_lora_train_resume_sample_export_reloads_in_diffusers(tmp_path, kind, sd3, flux, images):
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     pipeline, cls = (sd3, StableDiffusion3Pipeline) if kind == "sd3" else (flux, FluxPipeline)
     run = tmp_path / "run"
-    run_train(run, overrides(f"{kind}_lora", pipeline, captioned), tiny=False)
+    run_train(run, overrides(f"{kind}_lora", pipeline, images), tiny=False)
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(ckpt_path)
     # 1. only the adapters are saved; the base is named by its folder, the process read from its scheduler
@@ -257,9 +233,9 @@ def test_lora_train_resume_sample_export_reloads_in_diffusers(tmp_path, kind, sd
     torch.testing.assert_close(diffusers_output(merged, x, t, context, pooled), mine, rtol=1e-4, atol=1e-4)
     # 5. resume to step 3 equals an uninterrupted 3-step run bit for bit
     three = "trainer.max_steps=3"
-    run_train(run, [*overrides(f"{kind}_lora", pipeline, captioned, three), f"ckpt_path={run}"], tiny=False)
+    run_train(run, [*overrides(f"{kind}_lora", pipeline, images, three), f"ckpt_path={run}"], tiny=False)
     straight = tmp_path / "straight"
-    run_train(straight, overrides(f"{kind}_lora", pipeline, captioned, three), tiny=False)
+    run_train(straight, overrides(f"{kind}_lora", pipeline, images, three), tiny=False)
     resumed, uninterrupted = (read_checkpoint(r / "checkpoints" / "last.ckpt") for r in (run, straight))
     assert resumed["global_step"] == uninterrupted["global_step"] == 3
     for key, value in resumed["state_dict"].items():
@@ -267,11 +243,11 @@ def test_lora_train_resume_sample_export_reloads_in_diffusers(tmp_path, kind, sd
 
 
 @pytest.mark.slow
-def test_sd3_full_exports_a_pipeline_with_our_transformer(tmp_path, sd3, captioned):
+def test_sd3_full_exports_a_pipeline_with_our_transformer(tmp_path, sd3, images):
     from diffusers import StableDiffusion3Pipeline
 
     run = tmp_path / "run"
-    run_train(run, overrides("sd3_full", sd3, captioned), tiny=False)
+    run_train(run, overrides("sd3_full", sd3, images), tiny=False)
     ckpt_path = run / "checkpoints" / "last.ckpt"
     ckpt = read_checkpoint(ckpt_path)
     assert not any(k.startswith(("codec.", "conditioning.")) for k in ckpt["state_dict"])  # named, not copied
