@@ -137,6 +137,7 @@ def check_run(run: Path, steps: int = STEPS) -> list[dict]:
 # Stable Diffusion-class recipes need a pipeline folder: tests/test_sd.py trains, samples and exports them on a tiny
 # fabricated one, and tests/test_conventions.py runs them in the sweep over every experiment.
 PIPELINE_RECIPES = {"sd_lora", "sd_full"}
+PIPELINE_RECIPES |= {"sd3_lora", "sd3_full", "flux_lora", "flux_full"}  # trained in tests/test_sd3_flux.py
 
 
 @pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PIPELINE_RECIPES))
