@@ -295,7 +295,8 @@ def export_flow_pipeline(model: DiffusionModel, out: Path) -> None:
 
     net, pipeline = flow_transformer(model), _flow_pipeline_class(model)
     if isinstance(model.net, LoRANet):  # the base transformer with the adapters merged in, as for SD
-        pipe = pipeline.from_pretrained(model.net.config["source"]["path"])
+        base = model.net.config["source"]["path"]
+        pipe = pipeline.from_pretrained(base, **_absent_parts(base))
         pipe.load_lora_weights({f"transformer.{k}": v for k, v in flow_lora_layers(model).items()})
         if "transformer" not in pipe.get_list_adapters():  # diffusers only warns when no key matched
             raise ConfigError("format=pipeline: diffusers took none of the adapters into the base transformer")
@@ -304,8 +305,17 @@ def export_flow_pipeline(model: DiffusionModel, out: Path) -> None:
         transformer = pipe.transformer
     else:
         transformer = net.transformer
-    pipe = pipeline.from_pretrained(model.codec.config["path"], transformer=transformer)
+    base = model.codec.config["path"]
+    pipe = pipeline.from_pretrained(base, transformer=transformer, **_absent_parts(base))
     write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
+def _absent_parts(base: str) -> dict[str, None]:
+    """SD3's optional T5 as None where a local pipeline folder was saved without it (from_pretrained needs it named)."""
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        return {}
+    return {name: None for name in ("text_encoder_3", "tokenizer_3") if not (folder / name).is_dir()}
 
 
 def export(

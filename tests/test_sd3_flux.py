@@ -243,9 +243,11 @@ def test_lora_train_resume_sample_export_reloads_in_diffusers(tmp_path, kind, sd
 
 
 @pytest.mark.slow
-def test_sd3_full_exports_a_pipeline_with_our_transformer(tmp_path, sd3, images):
+@pytest.mark.parametrize("t5", [True, False])
+def test_sd3_full_exports_a_pipeline_with_our_transformer(tmp_path, sd3, images, t5):
     from diffusers import StableDiffusion3Pipeline
 
+    sd3 = sd3 if t5 else save_tiny_sd3(tmp_path / "no_t5", t5=False)  # SD3 without T5: its tokens are zeros
     run = tmp_path / "run"
     run_train(run, overrides("sd3_full", sd3, images), tiny=False)
     ckpt_path = run / "checkpoints" / "last.ckpt"
@@ -255,12 +257,14 @@ def test_sd3_full_exports_a_pipeline_with_our_transformer(tmp_path, sd3, images)
     result = run_cli("export.py", f"ckpt={ckpt_path}", f"out={out}")  # default format: pipeline
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out), **({} if t5 else NO_T5))
     ours = DiffusionModel.from_checkpoint(ckpt_path)
     x, t, context, pooled = transformer_inputs(False)
     with torch.no_grad():
         mine = ours.net(x, t, context=context, pooled=pooled)
     torch.testing.assert_close(diffusers_output(pipe, x, t, context, pooled), mine, rtol=1e-4, atol=1e-4)
-    base = diffusers_output(StableDiffusion3Pipeline.from_pretrained(str(sd3)), x, t, context, pooled)
+    base = diffusers_output(
+        StableDiffusion3Pipeline.from_pretrained(str(sd3), **({} if t5 else NO_T5)), x, t, context, pooled
+    )
     assert (mine - base).abs().max() > 1e-3  # trained
     sample_cli(tmp_path, run)
