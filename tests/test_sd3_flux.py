@@ -11,8 +11,9 @@ import torch
 from diffusion.checkpoint import read_checkpoint
 from diffusion.codec import VAECodec
 from diffusion.diffusers_transformer import FluxTransformer, SD3Transformer, image_ids, pack_latents, unpack_latents
+from diffusion.errors import ConfigError
 from diffusion.model import DiffusionModel
-from diffusion.pipeline import flow_from_pipeline
+from diffusion.pipeline import flow_from_pipeline, schedule_from_pipeline
 from diffusion.process import Flow
 from diffusion.text_encoders import FluxTextEncoder, SD3TextEncoder
 from tests.conftest import run_cli, run_train
@@ -131,6 +132,9 @@ def test_flow_process_from_the_schedulers(sd3, flux):
         "mode", 4096, mode_scale=1.29, generator=torch.Generator().manual_seed(1)
     )
     torch.testing.assert_close(ours, 1 - theirs, rtol=1e-5, atol=1e-6)
+    # a flow-matching pipeline is refused by process=pretrained, which names process=pretrained_flow
+    with pytest.raises(ConfigError, match="use process=pretrained_flow"):
+        schedule_from_pipeline(path=str(sd3))
     # Flux: training levels unshifted, sampling shifted by exp(mu) at the image's token count (16 px: 4x4 tokens)
     process = flow_from_pipeline(path=str(flux), image_size=16)
     mu = 0.5 + (1.15 - 0.5) * (16 - 256) / (4096 - 256)
