@@ -27,6 +27,9 @@
   StableDiffusionXLPipeline): our U-Net with the base pipeline's VAE, text encoders, tokenizers and scheduler (the
   base is the folder / Hub id the checkpoint's codec names). A LoRA fine-tune's adapters are merged into the base
   U-Net first (diffusers' `fuse_lora`: W + (alpha / r) B A), so the folder needs no adapter code to load.
+- `lora` / `pipeline` for SD3 and Flux fine-tunes (`experiment=sd3_*` / `flux_*`): the adapters as the transformer's
+  peft state dict saved by `StableDiffusion3Pipeline` / `FluxPipeline.save_lora_weights` (their
+  `load_lora_weights` reads it), or the whole pipeline folder with our transformer (adapters fused).
 - `safetensors`: for any network, `model.safetensors` (the EMA weights, or the raw ones when the checkpoint
   has no EMA copy) and `config.json` (the model's self-description: network class and config, process,
   conditioning, codec, which weights, step), and for a jointly trained text encoder `conditioning.safetensors`
@@ -98,6 +101,8 @@ def default_format(model: DiffusionModel) -> str:
         return "lora"
     if isinstance(model.net, DiffusersCondUNet) and model.codec is not None and model.codec.config.get("kind") == "vae":
         return "pipeline"
+    if flow_transformer(model) is not None and model.codec.config.get("kind") == "vae":
+        return "pipeline"  # a full fine-tune of an SD3 / Flux transformer
     if isinstance(model.net, DiffusersUNet) and not model.net.num_classes:
         return "diffusers"
     if isinstance(model.net, DiT):
@@ -180,7 +185,8 @@ def sd_unet(model: DiffusionModel, format: str):
 def check_lora_exportable(model: DiffusionModel) -> None:
     from diffusion.finetune import LoRANet
 
-    sd_unet(model, "lora")
+    if flow_transformer(model) is None:
+        sd_unet(model, "lora")
     if not isinstance(model.net, LoRANet):
         raise ConfigError("format=lora needs a LoRA fine-tune (finetune=lora); this one is full: use format=pipeline")
 
@@ -188,7 +194,8 @@ def check_lora_exportable(model: DiffusionModel) -> None:
 def check_pipeline_exportable(model: DiffusionModel) -> None:
     from diffusion.finetune import LoRANet
 
-    sd_unet(model, "pipeline")
+    if flow_transformer(model) is None:
+        sd_unet(model, "pipeline")
     if isinstance(model.net, LoRANet) and model.net.config["source"].get("kind") != "pretrained":
         raise ConfigError("format=pipeline merges LoRA adapters into a pretrained pipeline's U-Net (model.pretrained)")
     if model.codec is None or model.codec.config.get("kind") != "vae":
@@ -230,7 +237,9 @@ def pipeline_class(model: DiffusionModel):
 
 def export_lora(model: DiffusionModel, out: Path) -> None:
     """Write the adapters as a diffusers LoRA folder (`StableDiffusionPipeline` or `StableDiffusionXLPipeline`
-    `.load_lora_weights(out)`)."""
+    `.load_lora_weights(out)`; SD3 / Flux: `export_flow_lora`)."""
+    if flow_transformer(model) is not None:
+        return export_flow_lora(model, out)
     layers = lora_layers(model)
     text = {f"{name}_lora_layers": state for name, state in text_lora_layers(model).items()}
     pipeline, _ = pipeline_class(model)
@@ -254,6 +263,8 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
     pipeline's other parts."""
     from diffusion.finetune import LoRANet
 
+    if flow_transformer(model) is not None:
+        return export_flow_pipeline(model, out)
     net = sd_unet(model, "pipeline")
     pipeline, parts = pipeline_class(model)
     if isinstance(model.net, LoRANet):  # the base U-Net with the adapters merged in
@@ -272,6 +283,73 @@ def export_pipeline(model: DiffusionModel, out: Path) -> None:
             raise ConfigError("format=pipeline of a full fine-tune with text encoder adapters: use format=lora")
         pipe = pipeline.from_pretrained(model.codec.config["path"], unet=net.unet, **parts)
     write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
+# --- SD3 and Flux (diffusion.diffusers_transformer) -----------------------------------------------------------------
+def flow_transformer(model: DiffusionModel):
+    """The (LoRANet or not) network's SD3 / Flux transformer adapter, or None for any other network."""
+    from diffusion.diffusers_transformer import FluxTransformer, SD3Transformer
+    from diffusion.finetune import LoRANet
+
+    net = model.net.net if isinstance(model.net, LoRANet) else model.net
+    return net if isinstance(net, (SD3Transformer, FluxTransformer)) else None
+
+
+def _flow_pipeline_class(model: DiffusionModel):
+    from diffusion.diffusers_transformer import SD3Transformer
+    from diffusion.optional import import_diffusers
+
+    name = "StableDiffusion3Pipeline" if isinstance(flow_transformer(model), SD3Transformer) else "FluxPipeline"
+    return getattr(import_diffusers("format=lora / format=pipeline"), name)
+
+
+def flow_lora_layers(model: DiffusionModel) -> dict[str, torch.Tensor]:
+    """The adapters as the transformer's peft state dict (what diffusers' SD3 / Flux LoRA files hold under
+    "transformer."), alpha / rank folded into B."""
+    state = model.net.adapter_state_dict()  # "transformer.<module>.lora_A.weight"
+    scale = model.net.config["alpha"] / model.net.config["rank"]
+    state = {k.removeprefix("transformer."): (v * scale if ".lora_B." in k else v) for k, v in state.items()}
+    return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def export_flow_lora(model: DiffusionModel, out: Path) -> None:
+    """Write the adapters as a diffusers LoRA folder: `StableDiffusion3Pipeline` / `FluxPipeline`
+    `.load_lora_weights(out)` reads it."""
+    layers, pipeline = flow_lora_layers(model), _flow_pipeline_class(model)
+    write_folder(
+        out, lambda folder: pipeline.save_lora_weights(folder, transformer_lora_layers=layers, safe_serialization=True)
+    )
+
+
+def export_flow_pipeline(model: DiffusionModel, out: Path) -> None:
+    """Write a complete StableDiffusion3Pipeline / FluxPipeline folder: our transformer (a LoRA fine-tune's adapters
+    merged into the base's, W + (alpha / r) B A) with the base pipeline's VAE, text encoders, tokenizers and
+    scheduler (the base is the folder / Hub id the checkpoint's codec names)."""
+    from diffusion.finetune import LoRANet
+
+    net, pipeline = flow_transformer(model), _flow_pipeline_class(model)
+    if isinstance(model.net, LoRANet):  # the base transformer with the adapters merged in, as for SD
+        base = model.net.config["source"]["path"]
+        pipe = pipeline.from_pretrained(base, **_absent_parts(base))
+        pipe.load_lora_weights({f"transformer.{k}": v for k, v in flow_lora_layers(model).items()})
+        if "transformer" not in pipe.get_list_adapters():  # diffusers only warns when no key matched
+            raise ConfigError("format=pipeline: diffusers took none of the adapters into the base transformer")
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # after fuse_lora: drops the adapter modules and keeps the merged weights
+        transformer = pipe.transformer
+    else:
+        transformer = net.transformer
+    base = model.codec.config["path"]
+    pipe = pipeline.from_pretrained(base, transformer=transformer, **_absent_parts(base))
+    write_folder(out, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+
+
+def _absent_parts(base: str) -> dict[str, None]:
+    """SD3's optional T5 as None where a local pipeline folder was saved without it (from_pretrained needs it named)."""
+    folder = Path(base).expanduser()
+    if not folder.is_dir():
+        return {}
+    return {name: None for name in ("text_encoder_3", "tokenizer_3") if not (folder / name).is_dir()}
 
 
 def export(

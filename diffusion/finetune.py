@@ -159,6 +159,18 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "diffusion.unet.UNet": ["qkv", "q", "kv", "proj"],  # self- and cross-attention's projections
     "diffusion.dit.DiT": ["qkv", "q", "kv", "proj", "fc1", "fc2"],  # attention's projections and the MLP
 }
+# SD3 / Flux: the joint attention's image and text projections (as diffusers' DreamBooth scripts target them),
+# and for Flux its feed-forward layers too
+_JOINT_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_add_out"]  # fmt: skip
+DEFAULT_TARGETS["diffusion.diffusers_transformer.SD3Transformer"] = _JOINT_ATTENTION
+DEFAULT_TARGETS["diffusion.diffusers_transformer.FluxTransformer"] = [
+    *_JOINT_ATTENTION,
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+]
 
 
 def base_source(*, init_from: str | None, use_ema: bool = True, pretrained: str | None = None) -> dict | None:

@@ -7,12 +7,14 @@ the UNet2DConditionModel is the network (`diffusion.diffusers_unet.DiffusersCond
 (`diffusion.codec.VAECodec`), and the scheduler's config is the noise schedule (`schedule_from_pipeline`: its
 num_train_timesteps, beta schedule and endpoints, and prediction type, so training matches the base model).
 `load_component` is the one loader of a part: a local folder (the part's own folder, or a pipeline folder with
-the part in its subfolder) or a Hub id, with one-line errors.
+the part in its subfolder) or a Hub id, with one-line errors. SD3 / Flux pipelines (a FlowMatchEulerDiscreteScheduler)
+give the flow process instead (`flow_from_pipeline`, `process=pretrained_flow`): its time scale and shift.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -160,4 +162,95 @@ def schedule_from_pipeline(*, path: str, min_snr_gamma: float | None = None) -> 
     """The noise schedule a pipeline was trained with (`process=pretrained`, path: usually ${model.pretrained})."""
     if path in (None, "", "???"):
         raise ConfigError("process=pretrained needs schedule.path (or model.pretrained) = a pipeline folder or Hub id")
-    return NoiseSchedule(**schedule_kwargs(read_scheduler_config(str(path))), min_snr_gamma=min_snr_gamma)
+    config = read_scheduler_config(str(path))
+    if config.get("_class_name") == FLOW_SCHEDULER:
+        raise ConfigError(
+            f"process=pretrained: {path} is a flow-matching pipeline ({FLOW_SCHEDULER}); use process=pretrained_flow "
+            "(experiment=sd3_lora / flux_lora set it)"
+        )
+    return NoiseSchedule(**schedule_kwargs(config), min_snr_gamma=min_snr_gamma)
+
+
+# --- flow-matching pipelines (SD3, Flux) ----------------------------------------------------------------------------
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# options of FlowMatchEulerDiscreteScheduler that change its sigmas in ways the Flow process does not model
+_FLOW_UNSUPPORTED = dict(invert_sigmas=False, shift_terminal=None, use_karras_sigmas=False,
+                         use_exponential_sigmas=False, use_beta_sigmas=False, stochastic_sampling=False)  # fmt: skip
+
+
+def read_part_config(path: Path, part: str, key: str) -> dict:
+    """The config.json of a pipeline's part (a local folder or a Hub id)."""
+    if not path.is_dir():
+        try:
+            return dict(_diffusers_class("DiffusionPipeline").load_config(str(path), subfolder=part))
+        except Exception as e:  # noqa: BLE001 - report the Hub's reason in one line
+            raise PathError(
+                f"{key}={path}: could not read {part}/config.json ({' '.join(str(e).split())[:200]})"
+            ) from None
+    file = path / part / "config.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise MissingPathError(f"{key}={path} holds no {part}/config.json") from e
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{file} is not JSON ({e})") from e
+
+
+def resolution_shift(config: dict, *, image_seq_len: int) -> float:
+    """Flux's resolution-dependent shift: exp(mu), mu linear in the image's token count from (base_image_seq_len,
+    base_shift) to (max_image_seq_len, max_shift), as FluxPipeline computes it; exp(mu) / (exp(mu) + 1 / t - 1),
+    the scheduler's exponential time shift, is `shift_time(t, exp(mu))`."""
+    lo, hi = int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096))
+    base, top = float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15))
+    mu = base + (top - base) * (image_seq_len - lo) / (hi - lo)
+    return math.exp(mu)
+
+
+def flow_from_pipeline(
+    *,
+    path: str,
+    image_size: int | None = None,
+    t_sampling: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    weighting: str = "none",
+):
+    """The flow process an SD3 / Flux pipeline was trained with (`process=pretrained_flow`), from its scheduler
+    config (FlowMatchEulerDiscreteScheduler): the time scale (num_train_timesteps: the network is given 1000 t),
+    the shift and whether training levels are shifted too (SD3: `shift`, applied to the scheduler's training grid;
+    Flux, `use_dynamic_shifting`: training levels unshifted, sampling shifted by exp(mu) at `image_size`'s token
+    count). The training distribution and loss weight are this run's choice (diffusers' weighting schemes)."""
+    from diffusion.process.flow import Flow
+
+    if path in (None, "", "???"):
+        raise ConfigError("process=pretrained_flow needs process.path (or model.pretrained) = a pipeline folder")
+    config = read_scheduler_config(str(path))
+    if config.get("_class_name") != FLOW_SCHEDULER:
+        raise ConfigError(
+            f"process=pretrained_flow: {path}'s scheduler is a {config.get('_class_name')}, not a {FLOW_SCHEDULER}; "
+            "use process=pretrained"
+        )
+    for name, default in _FLOW_UNSUPPORTED.items():
+        if config.get(name, default) not in (default, None):
+            raise ConfigError(f"process.path={path}: its scheduler sets {name}={config[name]}, which is not supported")
+    if config.get("time_shift_type", "exponential") != "exponential":
+        raise ConfigError(f"process.path={path}: time_shift_type={config['time_shift_type']!r} is not supported")
+    if config.get("use_dynamic_shifting"):
+        if not image_size:
+            raise ConfigError("process=pretrained_flow: a resolution-shifted (Flux) scheduler needs process.image_size")
+        blocks = read_part_config(Path(str(path)).expanduser(), "vae", "process.path")["block_out_channels"]
+        factor = 2 ** (len(blocks) - 1) * 2  # the VAE's downsampling, then Flux's 2x2 patches
+        shift, train_shift = resolution_shift(config, image_seq_len=(int(image_size) // factor) ** 2), False
+    else:
+        shift, train_shift = float(config.get("shift", 1.0)), True
+    return Flow(
+        t_sampling=t_sampling,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        shift=shift,
+        time_scale=float(config.get("num_train_timesteps", 1000)),
+        mode_scale=mode_scale,
+        weighting=weighting,
+        train_shift=train_shift,
+    )

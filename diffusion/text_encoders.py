@@ -13,9 +13,10 @@ one (a begin-of-text token), so masked attention never sees an all-padding row.
   local folder (a `save_pretrained` folder, or a Stable Diffusion folder with `text_encoder/` and `tokenizer/`)
   or a Hub id; frozen, optionally in bf16/fp16. Checkpoints name it by path or id; its weights are not copied.
 - `PipelineTextEncoder`: the frozen text encoders of a diffusers pipeline folder (Stable Diffusion: one CLIP;
-  SDXL: two), run as the pipeline's `encode_prompt` runs them and combined by the pipeline kind's rule
-  (`PIPELINE_TEXT`: which encoders, and how their hidden states and pooled embeddings become the network's
-  `context` and `pooled`). A new pipeline kind adds a rule, not a class. Returns a dict of network arguments.
+  SDXL: two CLIPs; SD3: two CLIPs and an optional T5; Flux: CLIP and T5), run as the pipeline's `encode_prompt`
+  runs them and combined by the pipeline kind's rule (`PIPELINE_TEXT`: which encoders, and how their hidden states
+  and pooled embeddings become the network's `context` and `pooled`). A new pipeline kind adds a rule, not a
+  class. Returns a dict of network arguments.
 """
 
 from __future__ import annotations
@@ -370,25 +371,55 @@ class TowerOutput:
     mask: Tensor
 
 
-def sd_text(towers: list[TowerOutput]) -> dict[str, Tensor]:
+@dataclass(frozen=True)
+class TextShape:
+    """What a combine rule needs besides the towers: the batch size, the context width (the network's; SD3 pads
+    the CLIP states to it and fills a left-out T5 with zeros of it) and T5's token count."""
+
+    n: int
+    dim: int | None
+    long_length: int
+
+
+def sd_text(towers: list[TowerOutput | None], shape: TextShape) -> dict[str, Tensor]:
     """Stable Diffusion 1.x / 2.x: the one CLIP encoder's last hidden state is the context."""
     return {"context": towers[0].last}
 
 
-def sdxl_text(towers: list[TowerOutput]) -> dict[str, Tensor]:
+def sdxl_text(towers: list[TowerOutput | None], shape: TextShape) -> dict[str, Tensor]:
     """SDXL (Podell et al. 2023): both CLIP encoders' penultimate hidden states, concatenated on the feature axis
     (768 + 1280 = 2048), are the context; the second encoder's projected pooled embedding is `pooled`."""
     return {"context": torch.cat([t.hidden_states[-2] for t in towers], dim=-1), "pooled": towers[1].pooled}
 
 
+def sd3_text(towers: list[TowerOutput | None], shape: TextShape) -> dict[str, Tensor]:
+    """SD3 (Esser et al. 2024): [CLIP-L's and CLIP-G's penultimate states concatenated on features, zero-padded to
+    T5's width ; T5's last hidden state] along the sequence, (B, 77 + L, D); pooled = both CLIPs' projected pooled
+    embeddings concatenated (768 + 1280). Without T5 (left out, or a pipeline saved without text_encoder_3) its
+    part is L zero tokens, as StableDiffusion3Pipeline does."""
+    clip_l, clip_g, t5 = towers
+    clip = torch.cat([clip_l.hidden_states[-2], clip_g.hidden_states[-2]], dim=-1)  # (B, 77, D_l + D_g)
+    clip = nn.functional.pad(clip, (0, shape.dim - clip.shape[-1]))  # zeros up to T5's width: (B, 77, D)
+    long = t5.last.to(clip.dtype) if t5 is not None else clip.new_zeros(shape.n, shape.long_length, shape.dim)
+    return {"context": torch.cat([clip, long], dim=1), "pooled": torch.cat([clip_l.pooled, clip_g.pooled], dim=-1)}
+
+
+def flux_text(towers: list[TowerOutput | None], shape: TextShape) -> dict[str, Tensor]:
+    """Flux: T5's last hidden state is the context (B, L, 4096); CLIP-L's pooled output is `pooled` (B, 768)."""
+    return {"context": towers[1].last, "pooled": towers[0].pooled}
+
+
 @dataclass(frozen=True)
 class PipelineText:
     """How a pipeline kind conditions on text: its text encoders' subfolders (each with its tokenizer in the
-    subfolder named with "tokenizer" for "text_encoder") and the rule that combines their outputs into the
-    network's `context` (and `pooled`, where the network takes one)."""
+    subfolder named with "tokenizer" for "text_encoder"), which of them may be left out (SD3's T5), the T5 token
+    count its pipeline uses (`max_sequence_length`), and the rule that combines their outputs into the network's
+    `context` (and `pooled`, where the network takes one)."""
 
     encoders: tuple[str, ...]
-    combine: Callable[[list[TowerOutput]], dict[str, Tensor]]
+    combine: Callable[[list[TowerOutput | None], TextShape], dict[str, Tensor]]
+    optional: tuple[str, ...] = ()
+    long_length: int = 0
 
 
 # pipeline kind (`diffusion.pipeline.pipeline_kind`) -> its text encoders and combine rule; a new pipeline kind is
@@ -396,31 +427,43 @@ class PipelineText:
 PIPELINE_TEXT: dict[str, PipelineText] = {
     "sd": PipelineText(encoders=("text_encoder",), combine=sd_text),
     "sdxl": PipelineText(encoders=("text_encoder", "text_encoder_2"), combine=sdxl_text),
+    "sd3": PipelineText(
+        encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),
+        combine=sd3_text,
+        optional=("text_encoder_3",),
+        long_length=256,
+    ),
+    "flux": PipelineText(encoders=("text_encoder", "text_encoder_2"), combine=flux_text, long_length=512),
 }
 
 
 class PipelineTextEncoder(nn.Module):
-    """The frozen text encoders of a diffusers pipeline (Stable Diffusion 1.x / 2.x: one CLIP; SDXL: two), run as the
-    pipeline's `encode_prompt` does and combined by the pipeline kind's rule (`PIPELINE_TEXT`).
+    """The frozen text encoders of a diffusers pipeline (Stable Diffusion 1.x / 2.x: one CLIP; SDXL: two CLIPs;
+    SD3: two CLIPs and T5; Flux: CLIP and T5), run as the pipeline's `encode_prompt` does and combined by the
+    pipeline kind's rule (`PIPELINE_TEXT`).
 
     Called as `encoder(captions) -> {"context": (B, L, D), "context_mask": (B, L), "pooled": (B, P) where the kind
-    has one}`. The mask is all True: these U-Nets attend to every one of the tokenizer's max_length positions,
+    has one}`. The mask is all True: these networks attend to every one of the tokenizers' max_length positions,
     padding included, as they were trained. `zero_null` is the pipeline's `force_zeros_for_empty_prompt` (SDXL):
     its null condition (guidance's unconditional branch, dropped captions) is all-zero embeddings, not the empty
     prompt's, as diffusers' pipeline does when no negative prompt is given.
 
     Args:
         pretrained: a pipeline folder written by `save_pretrained` (with model_index.json) or a Hub id.
-        max_length: tokens per caption, at most each tokenizer's own (77 for CLIP); longer captions are
-            truncated, with a warning once. Default each tokenizer's `model_max_length`.
+        max_length: T5's tokens per caption for the kinds with T5 (SD3: 256, Flux: 512 by default; the pipelines'
+            `max_sequence_length`); else the CLIP tokens, at most each tokenizer's own (77). CLIP always pads to
+            its own length where T5 is there, as those pipelines do. Longer captions are truncated, with a warning.
+        t5: false leaves T5 out where the pipeline allows it (SD3: its part becomes zeros, much less memory).
         dtype: the frozen models' weights: "fp32", "bf16" or "fp16" (the embeddings come out in it).
     """
 
     trainable = False
 
-    def __init__(self, *, pretrained: str, max_length: int | None = None, dtype: TextDtype = "fp32") -> None:
+    def __init__(
+        self, *, pretrained: str, max_length: int | None = None, t5: bool = True, dtype: TextDtype = "fp32"
+    ) -> None:
         super().__init__()
-        from diffusion.pipeline import pipeline_kind, read_model_index
+        from diffusion.pipeline import pipeline_kind, read_model_index, read_part_config
 
         if pretrained in (None, "", "???"):
             raise ConfigError("conditioning.encoder.pretrained is not set: a pipeline folder or a Hub id")
@@ -437,16 +480,17 @@ class PipelineTextEncoder(nn.Module):
                 f"{key}={pretrained} holds no model_index.json: not a pipeline folder written by diffusers"
             )
         kind = pipeline_kind(source, key=key, index=index)
-        if kind not in PIPELINE_TEXT:
-            raise ConfigError(
-                f"{key}={pretrained} is a {kind} pipeline; its text encoders are read for {', '.join(PIPELINE_TEXT)}"
-            )
-        transformers = require("transformers", feature="a pipeline's text encoders (model.pretrained)")
         self.kind, self.rule = kind, PIPELINE_TEXT[kind]
-        self.models, self.tokenizers = nn.ModuleList(), []
+        transformers = require("transformers", feature="a pipeline's text encoders (model.pretrained)")
+        self.models, self.tokenizers, self.present = nn.ModuleList(), [], []
         for sub in self.rule.encoders:
             entry = index.get(sub)
             cls_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+            if sub in self.rule.optional and (cls_name is None or not t5):  # left out: the rule fills it in
+                self.present.append(False)
+                continue
+            if not t5 and cls_name == "T5EncoderModel":
+                raise ConfigError(f"conditioning.encoder.t5=false: a {kind} pipeline needs its T5 text encoder")
             if cls_name not in TEXT_MODEL_CLASSES:
                 raise ConfigError(
                     f"{key}={pretrained}: its {sub} is {cls_name!r}, not one of {', '.join(TEXT_MODEL_CLASSES)}"
@@ -460,14 +504,26 @@ class PipelineTextEncoder(nn.Module):
                 raise PathError(f"cannot load {sub}/ and {tok_sub}/ of {pretrained}: {first}") from None
             self.models.append(model.requires_grad_(False).eval())
             self.tokenizers.append(tokenizer)
-        self.max_lengths = [min(max_length or t.model_max_length, t.model_max_length) for t in self.tokenizers]
+            self.present.append(True)
+        long_length = max_length or self.rule.long_length  # T5's tokens, for the kinds that have one
+        self.max_lengths = [
+            long_length
+            if type(m).__name__ == "T5EncoderModel"
+            else min((None if self.rule.long_length else max_length) or t.model_max_length, t.model_max_length)
+            for m, t in zip(self.models, self.tokenizers, strict=True)
+        ]
+        # the context width: the network's where a rule pads to it (SD3: the transformer's joint_attention_dim)
+        width = None
+        if kind == "sd3":
+            width = int(read_part_config(Path(source), "transformer", key)["joint_attention_dim"])
+        self.shape = dict(dim=width, long_length=long_length)
         self.zero_null = bool(index.get("force_zeros_for_empty_prompt", False))
         self._warned_long = False
         with torch.no_grad():  # the widths, from one caption (the combine rule decides them)
             probe = self([""])
         self.dim = int(probe["context"].shape[-1])
         self.pooled_dim = int(probe["pooled"].shape[-1]) if "pooled" in probe else None
-        self.config = dict(pretrained=str(pretrained), max_length=max_length, dtype=dtype)
+        self.config = dict(pretrained=str(pretrained), max_length=max_length, t5=t5, dtype=dtype)
 
     def train(self, mode: bool = True) -> PipelineTextEncoder:
         super().train(mode)
@@ -485,7 +541,7 @@ class PipelineTextEncoder(nn.Module):
         ids = torch.tensor(tokens["input_ids"], device=device)
         mask = torch.tensor(tokens["attention_mask"], device=device).bool()
         # no attention mask, as diffusers' pipelines call these encoders: the padding positions are part of the
-        # context the U-Net was trained on
+        # context the network was trained on
         out = model(input_ids=ids, output_hidden_states=True)
         pooled = getattr(out, "text_embeds", None)
         if pooled is None:
@@ -495,6 +551,9 @@ class PipelineTextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, captions: list[str]) -> dict[str, Tensor]:
         captions = list(captions)
-        out = self.rule.combine([self.tower(i, captions) for i in range(len(self.models))])
-        context = out["context"]
-        return {"context_mask": torch.ones(context.shape[:2], dtype=torch.bool, device=context.device), **out}
+        loaded = iter(range(len(self.models)))
+        towers = [self.tower(next(loaded), captions) if here else None for here in self.present]
+        out = self.rule.combine(towers, TextShape(n=len(captions), **self.shape))
+        context = out.pop("context")
+        mask = torch.ones(context.shape[:2], dtype=torch.bool, device=context.device)
+        return {"context": context, "context_mask": mask, **out}

@@ -208,3 +208,115 @@ def save_tiny_sdxl(folder: Path, seed: int = 0, *, force_zeros_for_empty_prompt:
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return Path(folder)
+
+
+# --- SD3 and Flux (flow-matching transformers, 16-channel VAEs, CLIP + T5 text encoders) ---------------------------
+FLOW_LATENT_CHANNELS = 16
+T5_DIM = 32
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)  # fmt: skip
+
+
+def tiny_t5(seed: int = 0):
+    """A tiny T5EncoderModel and a T5 tokenizer built here from a word list (a Unigram vocabulary with scores, as
+    T5's sentencepiece model holds; no download), padding with <pad> and ending each caption with </s>."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    words = ["a", "red", "blue", "digit", "photo", "of", "the", "sks", "dog"]
+    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in words] + [(c, -5.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    model = T5EncoderModel(
+        T5Config(
+            vocab_size=len(vocab),
+            d_model=T5_DIM,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )  # fmt: skip
+    )
+    return model, tokenizer
+
+
+def tiny_clip(hidden: int, *, projection: int | None, seed: int):
+    """A tiny CLIP text model (with a projection head when `projection` is set) and SD's tiny CLIP tokenizer."""
+    import tempfile
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=16)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=16, projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config), tokenizer
+
+
+def tiny_flow_vae(seed: int = 0):
+    """A tiny AutoencoderKL with SD3 / Flux's 16 latent channels and their shift_factor and scaling_factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=FLOW_LATENT_CHANNELS, norm_num_groups=8, sample_size=16, scaling_factor=1.5305,
+        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )  # fmt: skip
+
+
+def save_tiny_sd3(folder: Path, seed: int = 0, *, t5: bool = True) -> Path:
+    """Write a tiny StableDiffusion3Pipeline folder (CLIP-L 8 wide, CLIP-G 16 wide, T5 32 wide; without T5 when
+    `t5` is false) and return it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_l, tokenizer = tiny_clip(8, projection=8, seed=seed + 1)
+    clip_g, tokenizer_2 = tiny_clip(16, projection=12, seed=seed + 2)
+    text_encoder_3, tokenizer_3 = tiny_t5(seed + 3) if t5 else (None, None)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=FLOW_LATENT_CHANNELS, out_channels=FLOW_LATENT_CHANNELS,
+        num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
+        caption_projection_dim=16, pooled_projection_dim=20, pos_embed_max_size=16,
+    )  # fmt: skip
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=tiny_flow_vae(seed),
+        text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )  # fmt: skip
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def save_tiny_flux(folder: Path, seed: int = 0, *, guidance_embeds: bool = True) -> Path:
+    """Write a tiny FluxPipeline folder (CLIP 16 wide, T5 32 wide; FLUX.1-dev's guidance embedding unless
+    `guidance_embeds` is false) and return it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    clip, tokenizer = tiny_clip(16, projection=None, seed=seed + 1)
+    text_encoder_2, tokenizer_2 = tiny_t5(seed + 3)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * FLOW_LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=16, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    )  # fmt: skip
+    pipe = FluxPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=tiny_flow_vae(seed),
+        text_encoder=clip, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+    )  # fmt: skip
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

@@ -25,7 +25,7 @@ from diffusion.errors import ConfigError, UserError, user_error_message
 from diffusion.extras import config_tree, run_tags
 from tests import fabricate
 from tests.conftest import CONF, ROOT, compose_train, run_cli, run_train, write_image
-from tests.pipelines import save_tiny_sd, save_tiny_sdxl
+from tests.pipelines import save_tiny_flux, save_tiny_sd, save_tiny_sd3, save_tiny_sdxl
 from tests.test_loggers import read_wandb_records
 from tests.test_recipes import FID, SHRINK, check_run
 
@@ -50,6 +50,15 @@ EXPERIMENT_EXTRAS: dict[str, list[str]] = {
     "sdxl_lora": [*SD_EXTRAS, "model.pretrained={sdxl}"],
     "sdxl_full": [*SD_EXTRAS, "model.pretrained={sdxl}"],
 }
+# SD3 / Flux: tiny pipeline folders of their own, T5 cut to 16 tokens
+FLOW_EXTRAS = [
+    "data.path={captioned}",
+    "data.image_size=16",
+    "data.val_fraction=0.25",
+    "conditioning.encoder.max_length=16",
+]
+EXPERIMENT_EXTRAS.update({f"{kind}_{ft}": [f"model.pretrained={{{kind}}}", *FLOW_EXTRAS]
+                          for kind in ("sd3", "flux") for ft in ("lora", "full")})  # fmt: skip
 DEBUG_EXTRAS: dict[str, list[str]] = {
     "overfit": ["trainer.max_steps=40", "trainer.val_check_interval=20", "callbacks.sample_grid.every_n_steps=20"],
 }
@@ -97,6 +106,7 @@ def sweep(tmp_path: Path, group: str, names: list[str], extras: dict, default: l
             sdxl=tmp_path / "sdxl",
             captioned=tmp_path / "captioned",
         )
+        places.update(sd3=tmp_path / "sd3", flux=tmp_path / "flux")
         values = [v.format(**places) for v in extras.get(name, default)]
         body = OmegaConf.to_container(OmegaConf.from_dotlist(values)) if values else {}
         text = f"# @package _global_\ndefaults:\n  - override /{group}: {name}\n  - _self_\n"
@@ -136,6 +146,8 @@ def test_every_experiment_runs_in_one_sweep(tmp_path):
     fabricate.celeba(data, train=12, valid=4, test=2)
     save_tiny_sd(tmp_path / "sd")
     save_tiny_sdxl(tmp_path / "sdxl")
+    save_tiny_sd3(tmp_path / "sd3")
+    save_tiny_flux(tmp_path / "flux")
     for i in range(16):
         write_image(tmp_path / "captioned" / f"{i}.png", (20, 20), seed=i)
     (tmp_path / "captioned" / "metadata.jsonl").write_text(

@@ -138,6 +138,7 @@ def check_run(run: Path, steps: int = STEPS) -> list[dict]:
 # sample and export them on a tiny fabricated one, and tests/test_conventions.py runs them in the sweep over every
 # experiment.
 PIPELINE_RECIPES = {"sd_lora", "sd_full", "sdxl_lora", "sdxl_full", "dreambooth"}
+PIPELINE_RECIPES |= {"sd3_lora", "sd3_full", "flux_lora", "flux_full"}  # trained in tests/test_sd3_flux.py
 
 
 @pytest.mark.parametrize("name", sorted(set(EXPERIMENTS) - PIPELINE_RECIPES))
