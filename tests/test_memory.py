@@ -132,33 +132,49 @@ def test_fsdp_two_cpu_processes_then_sample_export_and_resume_in_one(tmp_path, s
     assert after["callbacks"] and after["ema_state_dict"].keys() == ckpt["ema_state_dict"].keys()
 
 
-def test_text_embeddings_cached_on_disk_free_the_encoder(tmp_path, sd_pipeline):  # noqa: F811
-    """conditioning.cache_dir: prepare() writes every caption's embedding to the folder and frees the encoder's
-    weights; the table answers those captions with the encoder's own outputs bit for bit, a second conditioning
-    reads the file without encoding, and a caption outside the table loads the encoder again."""
+@pytest.mark.parametrize("kind", ["clip", "sdxl"])
+def test_text_embeddings_cached_on_disk_free_the_encoder(tmp_path, sd_pipeline, kind):  # noqa: F811
+    """conditioning.cache_dir: prepare() writes every caption's embedding (every key the encoder gives: SDXL's
+    pooled one too) to the folder and frees the encoder's weights; the table answers those captions with the
+    encoder's own outputs bit for bit, a second conditioning reads the file without encoding, and a caption outside
+    the table loads the encoder again."""
     from types import SimpleNamespace
 
     from diffusion.conditioning import TextConditioning
-    from diffusion.text_encoders import CLIPTextEncoder
+    from diffusion.text_encoders import CLIPTextEncoder, PipelineTextEncoder
+    from tests.pipelines import save_tiny_sdxl
+
+    if kind == "sdxl":
+        folder = save_tiny_sdxl(tmp_path / "sdxl")
+
+        def encoder():
+            return PipelineTextEncoder(pretrained=str(folder))
+    else:
+
+        def encoder():
+            return CLIPTextEncoder(pretrained=str(sd_pipeline))
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
 
     captions = ["a red digit", "a blue digit", "a photo of a digit"]
     datamodule = SimpleNamespace(caption_corpus=lambda: captions * 2)
-    plain = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache=False)
-    cached = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache_dir=str(tmp_path / "emb"))
+    plain = TextConditioning(encoder=encoder(), cache=False)
+    cached = TextConditioning(encoder=encoder(), cache_dir=str(tmp_path / "emb"))
     weights = sum(p.numel() for p in cached.encoder.parameters())
     cached.prepare(datamodule)
     assert weights > 0 and sum(p.numel() for p in cached.encoder.parameters()) == 0  # freed
     assert len(list((tmp_path / "emb").glob("text_embeddings-*.safetensors"))) == 1
     batch = ["a blue digit", "", "a red digit", "a blue digit"]
-    for mine, theirs in zip(cached.encode(batch), plain.encode(batch), strict=True):
-        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs)
+    assert same(cached.encode(batch), plain.encode(batch))
+    assert ("pooled" in plain.encode(batch)) == (kind == "sdxl")
     # a second run with the same encoder and captions reads the file: its encoder never runs
-    again = TextConditioning(encoder=CLIPTextEncoder(pretrained=str(sd_pipeline)), cache_dir=str(tmp_path / "emb"))
+    again = TextConditioning(encoder=encoder(), cache_dir=str(tmp_path / "emb"))
     again.encoder.forward = None  # calling it would raise TypeError
     again.prepare(datamodule)
-    assert torch.equal(again.encode(batch)[0], plain.encode(batch)[0])
+    assert same(again.encode(batch), plain.encode(batch))
     # a caption outside the table: the encoder's weights come back, and its output is the plain one
-    assert torch.equal(cached.encode(["a new caption"])[0], plain.encode(["a new caption"])[0])
+    assert same(cached.encode(["a new caption"]), plain.encode(["a new caption"]))
     assert sum(p.numel() for p in cached.encoder.parameters()) == weights
 
 
