@@ -159,7 +159,7 @@ def test_text_embeddings_cached_on_disk_free_the_encoder(tmp_path, sd_pipeline, 
 
     captions = ["a red digit", "a blue digit", "a photo of a digit"]
     datamodule = SimpleNamespace(caption_corpus=lambda: captions * 2)
-    plain = TextConditioning(encoder=encoder(), cache=False)
+    plain = TextConditioning(encoder=encoder())  # the in-memory cache: one caption per call, as the table
     cached = TextConditioning(encoder=encoder(), cache_dir=str(tmp_path / "emb"))
     weights = sum(p.numel() for p in cached.encoder.parameters())
     cached.prepare(datamodule)
