@@ -26,19 +26,23 @@ EXTRAS = {  # import name -> the extra that installs it
 }
 
 
-def require(name: str, *, feature: str) -> ModuleType:
+def require(name: str, *, feature: str, extra: str | None = None) -> ModuleType:
     """Module `name` (e.g. "peft" or "diffusers.utils"); a MissingPackageError naming `feature` (what the user
-    asked for, e.g. "finetune=lora") and the extra to install when its package is absent."""
+    asked for, e.g. "finetune=lora") and the extra to install when its package is absent: `extra` where the
+    feature needs more than this package (a pipeline: diffusers and transformers, the "text" extra), else the
+    package's own (`EXTRAS`)."""
     package = name.split(".")[0]
     try:
         return importlib.import_module(name)
     except ImportError as e:
         if str(getattr(e, "name", None) or package).split(".")[0] != package:
             raise  # the package is there but one of its own dependencies is broken: a real traceback
-        extra = EXTRAS[package]
+        extra = extra or EXTRAS[package]
         raise MissingPackageError(f'{feature} needs {package}: pip install -e ".[{extra}]"') from e
 
 
-def import_diffusers(feature: str = "model=diffusers_unet, export.py format=diffusers") -> ModuleType:
+def import_diffusers(
+    feature: str = "model=diffusers_unet, export.py format=diffusers", *, extra: str | None = None
+) -> ModuleType:
     """The diffusers module (see `require`)."""
-    return require("diffusers", feature=feature)
+    return require("diffusers", feature=feature, extra=extra)

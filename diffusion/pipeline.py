@@ -33,7 +33,8 @@ def _offline() -> bool:
 
 
 def _diffusers_class(name: str):
-    return getattr(import_diffusers("a diffusers pipeline (model.pretrained, codec=vae)"), name)
+    # a pipeline's parts need transformers too (its text encoders): the "text" extra installs both
+    return getattr(import_diffusers("a diffusers pipeline (model.pretrained, codec=vae)", extra="text"), name)
 
 
 def load_component(

@@ -175,11 +175,18 @@ def _optional_features(tmp_path):
     from diffusion.finetune import LoRANet
     from diffusion.loggers import tensorboard_logger
     from diffusion.module import adamw8bit
+    from diffusion.pipeline import load_component
     from diffusion.text_encoders import CLIPTextEncoder
 
     return [
         ("diffusers", lambda: DiffusersUNet(image_size=8, in_channels=1), "model=diffusers_unet", "diffusers"),
         ("diffusers", lambda: lora_layers(None), "format=lora", "diffusers"),
+        (
+            "diffusers",
+            lambda: load_component("AutoencoderKL", "x/y", subfolder="vae", key="codec.path"),
+            "a diffusers pipeline",
+            "text",
+        ),  # fmt: skip
         ("transformers", lambda: CLIPTextEncoder(pretrained="openai/clip"), "conditioning=clip", "text"),
         ("peft", lambda: LoRANet(base={}, source={}, rank=1, alpha=1, target_modules=[]), "finetune=lora", "text"),
         ("torch_fidelity", lambda: InceptionFeatures(), "callbacks.fid", "fid"),
@@ -190,7 +197,7 @@ def _optional_features(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(10))
 def test_a_missing_optional_package_is_one_line_naming_its_extra(index, tmp_path, monkeypatch):
     """With its package absent (None in sys.modules: `import` raises ModuleNotFoundError), each optional feature
     stops with a user error of one line that names the feature and the extra to install, which the command line
