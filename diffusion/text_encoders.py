@@ -516,6 +516,11 @@ class PipelineTextEncoder(nn.Module):
         width = None
         if kind == "sd3":
             width = int(read_part_config(Path(source), "transformer", key)["joint_attention_dim"])
+            for m in self.models:  # the combine rule pads the CLIP states to T5's width, which must be the network's
+                if type(m).__name__ == "T5EncoderModel" and int(m.config.d_model) != width:
+                    raise ConfigError(
+                        f"{pretrained}: T5's width {m.config.d_model} differs from the transformer's {width}"
+                    )
         self.shape = dict(dim=width, long_length=long_length)
         self.zero_null = bool(index.get("force_zeros_for_empty_prompt", False))
         self._warned_long = False
